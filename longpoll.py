@@ -245,7 +245,7 @@ class Hub:
     placed and is answered from the oldest held message with ``gap`` set.
 
     Methods that may be overridden or used by servers: ``publish``,
-    ``read``, ``wait``, ``take``, ``watch``/``unwatch``, ``prune``, ``close``.
+    ``read``, ``wait``, ``take``, ``watch``, ``prune``, ``close``.
     """
 
     def __init__(self, retention: int = DEFAULT_RETENTION,
@@ -454,27 +454,33 @@ class Hub:
 
     # -- watching (for servers that park requests without a thread) -----------
 
-    def watch(self, channels: str | Iterable[str], wake: Callable[[], None]) -> None:
-        """Call *wake()* once, on the next publish to any of *channels* or on
-        close. It runs in the publisher's thread: keep it short."""
+    def watch(self, channels: str | Iterable[str],
+              wake: Callable[[], None]) -> Callable[[], None]:
+        """Call *wake()* once: on the next publish to any of *channels*, or
+        on close. It runs in the publisher's thread, so keep it short (hand
+        the work to your own loop). Returns a function that cancels it."""
         names = _check_channels(channels)
-        with self._lock:
-            if self._closed:
-                closed = True
-            else:
-                closed = False
-                for name in names:
-                    self._channel(name).waiters.add(wake)
-        if closed:
-            wake()
+        guard = threading.Lock()
 
-    def unwatch(self, channels: str | Iterable[str], wake: Callable[[], None]) -> None:
-        """Forget *wake* on *channels* (harmless if it already fired)."""
+        def cancel() -> None:
+            with self._lock:
+                for name in names:
+                    ch = self._channels.get(name)
+                    if ch is not None:
+                        ch.waiters.discard(once)
+
+        def once() -> None:
+            if guard.acquire(blocking=False):  # the first call wins
+                cancel()
+                wake()
+
         with self._lock:
-            for name in _check_channels(channels):
-                ch = self._channels.get(name)
-                if ch is not None:
-                    ch.waiters.discard(wake)
+            if not self._closed:
+                for name in names:
+                    self._channel(name).waiters.add(once)
+                return cancel
+        once()
+        return cancel
 
     # -- housekeeping ---------------------------------------------------------
 
@@ -591,12 +597,29 @@ class Handler(BaseHTTPRequestHandler):
             if self.request_version == "HTTP/0.9":
                 self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
                 return
+            if self.headers.defects:  # e.g. a header line without a colon
+                self.send_error(HTTPStatus.BAD_REQUEST, "malformed header section")
+                return
             self.dispatch()
             if self._body_unread:  # the next bytes would not be a request
                 self.close_connection = True
+                self.linger()
         except OSError as exc:  # timeouts, resets, broken pipes: routine
             logger.debug("connection from %s closed: %r", self.client_address[0], exc)
             self.close_connection = True
+
+    def linger(self, seconds: float = 2.0, most: int = 16 << 20) -> None:
+        """Read and drop what the client still sends before closing, so that
+        a client busy sending a refused body reads our answer instead of a
+        reset (Apache's "lingering close"). Bounded in time and bytes."""
+        deadline = time.monotonic() + seconds
+        self.connection.shutdown(socket.SHUT_WR)
+        while most > 0 and time.monotonic() < deadline:
+            self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.connection.recv(65536)
+            if not chunk:
+                break
+            most -= len(chunk)
 
     # -- answering ------------------------------------------------------------
 
@@ -926,7 +949,7 @@ class Server(ThreadingHTTPServer):
             self._state.wait_for(lambda: self._active == 0,
                                  max(0.0, deadline - time.monotonic()))
         if self._serving:
-            self.shutdown()
+            self._stop_serving(deadline)
         with self._state:
             for conn in self._connections:  # idle keep-alive: wake its read
                 try:
@@ -938,6 +961,20 @@ class Server(ThreadingHTTPServer):
         self.server_close()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _stop_serving(self, deadline: float) -> None:
+        """``shutdown()``, without waiting out serve_forever's poll interval:
+        a loopback connection wakes its select() once the stop is asked."""
+        stopper = threading.Thread(target=self.shutdown, daemon=True)
+        stopper.start()
+        host, port = self.server_address[:2]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        while stopper.is_alive() and time.monotonic() < deadline:
+            try:
+                socket.create_connection((host, port), timeout=0.2).close()
+            except OSError:
+                pass
+            stopper.join(0.05)
 
     def __enter__(self) -> "Server":
         return self

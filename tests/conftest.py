@@ -1,0 +1,103 @@
+"""Shared fixtures: real longpoll servers on ephemeral ports, real HTTP."""
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import longpoll  # noqa: E402
+
+E2E = os.environ.get("LONGPOLL_E2E") == "1"
+
+
+def wait_until(predicate, timeout=10.0, interval=0.01, what="condition"):
+    """Poll *predicate* until it is true or *timeout* passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+def request(server, method, path, body=None, headers=None, timeout=10, conn=None):
+    """One real HTTP request with http.client; reuses *conn* if given."""
+    own = conn is None
+    if own:
+        host, port = server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        if isinstance(body, str):
+            body = body.encode()
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return Response(resp.status, resp.headers, resp.read())
+    finally:
+        if own:
+            conn.close()
+
+
+def raw(server, data, timeout=5):
+    """Send raw bytes, return everything the server sends before closing."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_raw(data):
+    """(status, json body) of the first response in *data*."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return status, json.loads(body[:length])
+
+
+@pytest.fixture
+def make_server():
+    """Factory: a started server on 127.0.0.1 port 0; closed on teardown."""
+    servers = []
+
+    def factory(hub=None, **options):
+        options.setdefault("read_timeout", 10.0)
+        server = longpoll.make_server("127.0.0.1", 0, hub, **options).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.close()
+        assert server._thread is None or not server._thread.is_alive()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
