@@ -996,39 +996,68 @@ def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
 # Client
 # ---------------------------------------------------------------------------
 
-class _TrackedHTTPConnection(http.client.HTTPConnection):
-    """Records its socket so that another thread can cut a held request."""
+class _Cutoff:
+    """Lets another thread cut the socket of a request in flight.
 
-    def __init__(self, holder: list, *args: Any, **kwargs: Any) -> None:
+    Either ``cut()`` sees the socket, or ``register()`` sees the cut: a
+    request started just as its subscription closes never holds on.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.sockets: list[socket.socket] = []
+
+    def register(self, sock: socket.socket) -> None:
+        self.sockets.append(sock)
+        if self.stopped:
+            self._shut(sock)
+
+    def cut(self) -> None:
+        self.stopped = True
+        for sock in list(self.sockets):
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _TrackedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, cutoff: _Cutoff, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._holder = holder
+        self._cutoff = cutoff
 
     def connect(self) -> None:
         super().connect()
-        self._holder[:] = [self.sock]
+        self._cutoff.register(self.sock)
 
 
 class _TrackedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, holder: list, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, cutoff: _Cutoff, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._holder = holder
+        self._cutoff = cutoff
 
     def connect(self) -> None:
         super().connect()
-        self._holder[:] = [self.sock]
+        self._cutoff.register(self.sock)
 
 
 class _TrackedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
-    def __init__(self, holder: list, context: Any = None) -> None:
+    """urllib's HTTP(S) handler, with connections a ``_Cutoff`` can cut."""
+
+    def __init__(self, cutoff: _Cutoff, context: Any = None) -> None:
         urllib.request.HTTPHandler.__init__(self)
         urllib.request.HTTPSHandler.__init__(self, context=context)
-        self._holder = holder
+        self._cutoff = cutoff
 
     def http_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(functools.partial(_TrackedHTTPConnection, self._holder), req)
+        return self.do_open(functools.partial(_TrackedHTTPConnection, self._cutoff), req)
 
     def https_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(functools.partial(_TrackedHTTPSConnection, self._holder),
+        return self.do_open(functools.partial(_TrackedHTTPSConnection, self._cutoff),
                             req, context=self._context)
 
 
@@ -1119,7 +1148,7 @@ class Client:
         return max(delay, retry_after or 0.0)
 
     def _request(self, method: str, path: str, body: bytes | None,
-                 socket_timeout: float, holder: list | None = None) -> dict[str, Any]:
+                 socket_timeout: float, cutoff: _Cutoff | None = None) -> dict[str, Any]:
         """One HTTP exchange with the current server; raise LongpollError."""
         url = self.urls[self._current] + path
         headers = {"Accept": "application/json",
@@ -1129,7 +1158,7 @@ class Client:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, body, headers, method=method)
-        opener = urllib.request.build_opener(_TrackedHandler([] if holder is None else holder))
+        opener = urllib.request.build_opener(_TrackedHandler(cutoff or _Cutoff()))
         try:
             with opener.open(request, timeout=socket_timeout) as response:
                 return json.loads(response.read())
@@ -1203,7 +1232,7 @@ class Subscription:
         self.gaps = 0
         self.timeout = timeout
         self._stop = threading.Event()
-        self._socket: list = []
+        self._cutoff = _Cutoff()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         client, failures, gap_pending = self.client, 0, False
@@ -1211,7 +1240,7 @@ class Subscription:
             path = client._poll_path(self.channels, self.cursor, self.timeout, None)
             try:
                 batch = client._request("GET", path, None,
-                                        client._socket_timeout(self.timeout), self._socket)
+                                        client._socket_timeout(self.timeout), self._cutoff)
             except LongpollError as error:
                 if self._stop.is_set():
                     break
@@ -1222,7 +1251,7 @@ class Subscription:
                 self._stop.wait(client._delay(failures, _retry_after(error)))
                 continue
             finally:
-                self._socket.clear()
+                self._cutoff.sockets.clear()
             failures = 0
             if batch.get("gap"):
                 self.gaps += 1
@@ -1242,11 +1271,7 @@ class Subscription:
     def close(self) -> None:
         """Stop iterating; cuts a held poll short. Safe from any thread."""
         self._stop.set()
-        for sock in list(self._socket):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._cutoff.cut()
 
     def __enter__(self) -> "Subscription":
         return self
@@ -1280,6 +1305,7 @@ examples:
   echo '{"ok": true}' | python -m longpoll publish news --json
   python -m longpoll subscribe news
   python -m longpoll subscribe news alerts --since 0 --json
+  python -m longpoll subscribe ci --count 1    # wait for the next message, then exit
 """
 
 
@@ -1334,8 +1360,11 @@ def _publish(args: Any) -> int:
 
 def _subscribe(args: Any) -> int:
     client = Client(args.url or [DEFAULT_URL], token=args.token)
-    for message in client.subscribe(args.channels, since=args.since):
-        _print_message(message, args.json)
+    with client.subscribe(args.channels, since=args.since) as subscription:
+        for count, message in enumerate(subscription, 1):
+            _print_message(message, args.json)
+            if count == args.count:
+                break
     return 0
 
 
@@ -1399,6 +1428,8 @@ def main(argv: list[str] | None = None) -> int:
     subscribe.add_argument("--since", help="start after this cursor (0: all held)")
     subscribe.add_argument("--json", action="store_true",
                            help="one JSON object per line, with id, time, title, priority")
+    subscribe.add_argument("--count", type=int, metavar="N",
+                           help="exit after N messages (e.g. wait for one in a script)")
     add_client(subscribe)
 
     args = parser.parse_args(argv)
@@ -1409,9 +1440,14 @@ def main(argv: list[str] | None = None) -> int:
         args.url = [os.environ["LONGPOLL_URL"]]
     level = (logging.DEBUG if args.verbose else logging.WARNING if args.quiet
              else logging.INFO if args.command == "serve" else logging.WARNING)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    # Our own handler on our own logger, for this call only: the CLI's words
+    # reach stderr even inside a process whose logging is set up otherwise.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
     logger.setLevel(level)
+    logger.propagate = False
     run = {"serve": _serve, "publish": _publish, "subscribe": _subscribe}[args.command]
     try:
         return run(args)
@@ -1423,6 +1459,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `longpoll subscribe news | head -1`
         sys.stderr.close()
         return 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _priority_arg(text: str) -> int:
