@@ -583,6 +583,8 @@ class Handler(BaseHTTPRequestHandler):
         self._body_unread = False
         try:
             line = self.rfile.readline(self.max_request_line + 1)
+            if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore one empty line
+                line = self.rfile.readline(self.max_request_line + 1)
             if not line:
                 return
             self._started = time.monotonic()
@@ -591,6 +593,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.requestline, self.command = line[:80].decode("latin-1"), None
                 self.request_version = "HTTP/1.1"
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not str(line, "iso-8859-1").split():  # parse_request would not answer
+                self.requestline, self.command = "", None
+                self.request_version = "HTTP/1.1"
+                self.send_error(HTTPStatus.BAD_REQUEST, "empty request line")
                 return
             if not self.parse_request():  # it has answered with send_error
                 return

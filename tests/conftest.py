@@ -56,20 +56,34 @@ def request(server, method, path, body=None, headers=None, timeout=10, conn=None
 
 
 def raw(server, data, timeout=5):
-    """Send raw bytes, return everything the server sends before closing."""
+    """Send raw bytes; return what the server sends, up to the end of its
+    first complete response or until it closes the connection."""
     host, port = server.server_address[:2]
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(data)
-        chunks = []
-        while True:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before taking it all
+        received = b""
+        while not _complete(received):
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
                 break
             if not chunk:
                 break
-            chunks.append(chunk)
-    return b"".join(chunks)
+            received += chunk
+    return received
+
+
+def _complete(data):
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
 
 
 def parse_raw(data):

@@ -314,6 +314,8 @@ def test_oversized_body_is_refused_before_it_is_sent(make_server):
     (b"POST /channels/x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
     (b"POST /channels/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
     (b"GET /\r\n\r\n", 400),
+    (b"\x1c\r\n\r\n", 400),  # whitespace to str.split(): found by hypothesis
+    (b" \t \r\n\r\n", 400),
 ], ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else None)
 def test_raw_garbage_gets_a_json_error_and_harms_nobody(server, data, status):
     publish(server, "keep", "stored")

@@ -1,0 +1,197 @@
+"""Property-based tests (hypothesis): delivery under random interleavings,
+and random malformed requests against a live server."""
+import json
+import math
+import threading
+import urllib.parse
+import uuid
+
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import longpoll
+from conftest import parse_raw, raw, request, wait_until
+
+CHANNELS = ["a", "b", "c"]
+
+# An operation is ("publish", channel, value) or ("poll", subscriber, limit).
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.sampled_from(CHANNELS), st.integers()),
+        st.tuples(st.just("poll"), st.integers(0, 3), st.integers(1, 5)),
+    ),
+    max_size=60,
+)
+subscriptions = st.lists(
+    st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=3, unique=True),
+    min_size=4, max_size=4)
+
+
+def check_delivery(ops, subs, read):
+    """Run *ops*; every subscriber must end with exactly the messages of its
+    channels, in publish order. *read(channels, cursor, limit)* -> (values, cursor)
+    and *publish(channel, value)* are supplied by the caller's transport."""
+    publish, poll = read
+    cursors = [poll(channels, None, 1)[1] for channels in subs]  # "from now on"
+    got = [[] for _ in subs]
+    published = []
+    for op in ops:
+        if op[0] == "publish":
+            _, channel, value = op
+            published.append((channel, value))
+            publish(channel, value)
+        else:
+            _, n, limit = op
+            values, cursors[n] = poll(subs[n], cursors[n], limit)
+            got[n] += values
+    for n, channels in enumerate(subs):  # drain
+        while True:
+            values, cursors[n] = poll(channels, cursors[n], 5)
+            if not values:
+                break
+            got[n] += values
+        expected = [[c, v] for c, v in published if c in channels]
+        assert got[n] == expected, (channels, got[n], expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=operations, subs=subscriptions)
+def test_hub_delivers_every_message_once_in_order(ops, subs):
+    hub = longpoll.Hub()
+
+    def poll(channels, cursor, limit):
+        batch = hub.read(channels, cursor, limit=limit)
+        assert not batch.gap
+        return [[m.channel, m.message] for m in batch.messages], batch.cursor
+
+    check_delivery(ops, subs, (lambda c, v: hub.publish(c, v), poll))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=operations, subs=subscriptions)
+def test_http_delivers_every_message_once_in_order(server, ops, subs):
+    prefix = uuid.uuid4().hex[:8]  # fresh channels for each example
+
+    def publish(channel, value):
+        resp = request(server, "POST", f"/channels/{prefix}{channel}",
+                       json.dumps({"message": value}), {"Content-Type": "application/json"})
+        assert resp.status == 201
+
+    def poll(channels, cursor, limit):
+        names = ",".join(prefix + c for c in channels)
+        query = {"timeout": "0", "limit": str(limit)}
+        if cursor is not None:
+            query["since"] = cursor
+        body = request(server, "GET", f"/channels/{names}?{urllib.parse.urlencode(query)}").json
+        assert "gap" not in body
+        return [[m["channel"][len(prefix):], m["message"]] for m in body["messages"]], \
+            body["cursor"]
+
+    check_delivery(ops, subs, (publish, poll))
+
+
+# -- malformed requests ---------------------------------------------------------------
+
+def invalid_channel_path(text):
+    names = text.split(",")
+    return len(names) > 32 or any(not longpoll.CHANNEL_RE.match(n) for n in names)
+
+
+def bad_number(text, low, high, integer):
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        return True
+    if integer and not (text.isascii() and text.isdigit()):
+        return True
+    return math.isnan(value) or not low <= value <= high
+
+
+def bad_json_body(data):
+    try:
+        value = json.loads(data, parse_constant=lambda c: 1 / 0)
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return True
+    return not (isinstance(value, dict) and "message" in value)
+
+
+def http(line, headers=b"", body=b""):
+    return line + b"\r\n" + headers + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+garbage_line = st.binary(min_size=1, max_size=300).filter(
+    lambda b: b"\n" not in b and b"\r" not in b and b.strip() != b"")
+query_text = st.text(max_size=30)
+
+malformed = st.one_of(
+    garbage_line.map(lambda line: line + b"\r\n\r\n"),
+    st.text(min_size=0, max_size=80).filter(invalid_channel_path).map(
+        lambda t: http(b"GET /channels/" + urllib.parse.quote(t, safe=",").encode()
+                       + b" HTTP/1.1")),
+    st.tuples(st.sampled_from(["since", "timeout", "limit"]), query_text).filter(
+        lambda p: p[1] != "" if p[0] == "since" else True).filter(
+        lambda p: (not longpoll.CURSOR_RE.match(p[1]) and p[1] != "0") if p[0] == "since"
+        else bad_number(p[1], 0, math.inf, False) if p[0] == "timeout"
+        else bad_number(p[1], 1, 1000, True)).map(
+        lambda p: http(b"GET /channels/x?" + urllib.parse.urlencode({p[0]: p[1]}).encode()
+                       + b" HTTP/1.1")),
+    st.binary(max_size=200).filter(bad_json_body).map(
+        lambda body: http(b"POST /channels/x HTTP/1.1", b"Content-Type: application/json\r\n",
+                          body)),
+    st.binary(min_size=1, max_size=200).filter(
+        lambda b: not _is_utf8(b)).map(lambda body: http(b"POST /channels/x HTTP/1.1", b"", body)),
+    st.sampled_from([b"DELETE", b"PUT", b"PATCH", b"OPTIONS", b"BREW"]).map(
+        lambda m: http(m + b" /channels/x HTTP/1.1")),
+)
+
+
+def _is_utf8(data):
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_strategies_only_make_bad_requests():
+    # guard the guards: a few hand-picked cases for the filters above
+    assert invalid_channel_path("a b") and not invalid_channel_path("a,b")
+    assert bad_number("nan", 0, math.inf, False) and not bad_number("1.5", 0, math.inf, False)
+    assert bad_number("0", 1, 1000, True) and not bad_number("10", 1, 1000, True)
+    assert bad_json_body(b'{"x": 1}') and not bad_json_body(b'{"message": 1}')
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=malformed)
+def test_random_malformed_requests_get_a_4xx_json_error(server, data):
+    status, body = parse_raw(raw(server, data))
+    assert 400 <= status < 500 or status == 505, (status, data)
+    assert isinstance(body["error"], str) and body["error"]
+
+
+def test_server_keeps_serving_through_malformed_requests(server):
+    """A parked client still gets its message, and stored messages are intact,
+    after a burst of random malformed requests."""
+    server.hub.publish("keep", "stored")
+    results = []
+    parked = threading.Thread(target=lambda: results.append(
+        request(server, "GET", "/channels/keep?timeout=60&since=" + server.hub.cursor,
+                timeout=60)))
+    parked.start()
+    wait_until(lambda: server.hub.waiting == 1)
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(data=malformed)
+    def hammer(data):
+        status, _ = parse_raw(raw(server, data))
+        assert status >= 400
+
+    hammer()
+    assert server.hub.waiting == 1
+    server.hub.publish("keep", "delivered")
+    parked.join(10)
+    assert [m["message"] for m in results[0].json["messages"]] == ["delivered"]
+    assert [m.message for m in server.hub.read("keep", "0").messages] == ["stored", "delivered"]
+    assert request(server, "GET", "/health").json["status"] == "ok"
