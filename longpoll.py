@@ -843,8 +843,8 @@ class Handler(BaseHTTPRequestHandler):
         self.respond(HTTPStatus.OK, batch.to_json())
 
     def handle_send(self) -> None:
-        message, _title, _priority = self.parse_publish_body()
-        self.server.hub.publish(DEFAULT_CHANNEL, message)
+        message, title, priority = self.parse_publish_body()
+        self.server.hub.publish(DEFAULT_CHANNEL, message, title=title, priority=priority)
         self.respond_json(HTTPStatus.OK, {"status": "Message sent."})
 
     def handle_receive(self) -> None:
