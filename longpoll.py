@@ -590,14 +590,11 @@ class Handler(BaseHTTPRequestHandler):
             self._started = time.monotonic()
             self.raw_requestline = line
             if len(line) > self.max_request_line:
-                self.requestline, self.command = line[:80].decode("latin-1"), None
-                self.request_version = "HTTP/1.1"
-                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                self.refuse_request_line(HTTPStatus.REQUEST_URI_TOO_LONG,
+                                         "request line too long")
                 return
             if not str(line, "iso-8859-1").split():  # parse_request would not answer
-                self.requestline, self.command = "", None
-                self.request_version = "HTTP/1.1"
-                self.send_error(HTTPStatus.BAD_REQUEST, "empty request line")
+                self.refuse_request_line(HTTPStatus.BAD_REQUEST, "empty request line")
                 return
             if not self.parse_request():  # it has answered with send_error
                 return
@@ -614,6 +611,12 @@ class Handler(BaseHTTPRequestHandler):
         except OSError as exc:  # timeouts, resets, broken pipes: routine
             logger.debug("connection from %s closed: %r", self.client_address[0], exc)
             self.close_connection = True
+
+    def refuse_request_line(self, status: HTTPStatus, message: str) -> None:
+        """Answer a request line that parse_request must not see."""
+        self.requestline = self.raw_requestline[:80].decode("latin-1").rstrip("\r\n")
+        self.command, self.request_version = None, "HTTP/1.1"
+        self.send_error(status, message)
 
     def linger(self, seconds: float = 2.0, most: int = 16 << 20) -> None:
         """Read and drop what the client still sends before closing, so that
@@ -1032,7 +1035,10 @@ class _Cutoff:
             pass
 
 
-class _TrackedHTTPConnection(http.client.HTTPConnection):
+class _CutoffConnection:
+    """Mixed into http.client's connections: registers the socket with a
+    ``_Cutoff`` as soon as it is connected."""
+
     def __init__(self, cutoff: _Cutoff, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cutoff = cutoff
@@ -1042,14 +1048,12 @@ class _TrackedHTTPConnection(http.client.HTTPConnection):
         self._cutoff.register(self.sock)
 
 
-class _TrackedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, cutoff: _Cutoff, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._cutoff = cutoff
+class _TrackedHTTPConnection(_CutoffConnection, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self._cutoff.register(self.sock)
+
+class _TrackedHTTPSConnection(_CutoffConnection, http.client.HTTPSConnection):
+    pass
 
 
 class _TrackedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
