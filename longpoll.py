@@ -44,19 +44,24 @@ __all__ = [
 ]
 
 import bisect
+import collections
+import concurrent.futures
 import email.utils
+import errno
 import functools
 import heapq
 import http.client
+import io
+import itertools
 import json
 import logging
 import os
 import random
 import re
 import secrets
+import selectors
 import signal
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -64,7 +69,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 logger = logging.getLogger("longpoll")
@@ -152,7 +157,8 @@ class Message:
                  "priority", "json", "born")
 
     def __init__(self, seq: int, id: str, channel: str, message: Any,
-                 title: str | None, priority: int | None) -> None:
+                 title: str | None, priority: int | None,
+                 payload: str | None = None) -> None:
         self.seq = seq
         self.id = id
         self.channel = channel
@@ -161,8 +167,15 @@ class Message:
         self.message = message
         self.title = title
         self.priority = priority
-        self.json = json.dumps(self.as_dict(), ensure_ascii=False,
-                               separators=(",", ":")).encode()
+        if payload is None:
+            payload = _encode(message)
+        extra = ""
+        if title is not None:
+            extra += ',"title":' + _encode(title)
+        if priority is not None:
+            extra += f',"priority":{priority}'
+        self.json = (f'{{"id":"{id}","channel":"{channel}","time":{self.time!r},'
+                     f'"message":{payload}{extra}}}').encode()
 
     def as_dict(self) -> dict[str, Any]:
         """The message as every response carries it (PROTOCOL.md)."""
@@ -200,6 +213,20 @@ class Batch(NamedTuple):
 
 
 _seq_of = lambda m: m.seq  # noqa: E731 (the key for bisect and merge)
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                           allow_nan=False).encode
+
+
+class Position(NamedTuple):
+    """A ``since`` placed in a hub's history (see ``Hub.locate``).
+
+    Hashable, so a server can group the requests waiting at one position.
+    """
+
+    after: int            # messages with a larger seq come next
+    everything: bool      # since=0: what is held, with no gap for what is not
+    unplaceable: bool     # another history's cursor: answer with a gap
 
 
 class Channel:
@@ -305,16 +332,16 @@ class Hub:
         if priority is not None and (type(priority) is not int
                                      or not 1 <= priority <= 5):
             raise _bad_request("priority must be an integer from 1 (min) to 5 (urgent)")
-        try:  # refuse what would make invalid JSON for every reader
-            json.dumps(message, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        try:  # encoded once, outside the lock; refuses what is not plain JSON
+            payload = _encode(message)
+        except (TypeError, ValueError, RecursionError) as exc:
             raise _bad_request(f"message is not plain JSON: {exc}") from None
         with self._lock:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
             self._seq += 1
             msg = Message(self._seq, self._cursor(self._seq), channel,
-                          message, title, priority)
+                          message, title, priority, payload)
             ch = self._channel(channel)
             ch.messages.append(msg)
             ch.trim(self.retention, self.max_age)
@@ -326,25 +353,27 @@ class Hub:
 
     # -- reading --------------------------------------------------------------
 
-    def _position(self, since: str | None) -> tuple[int | None, bool, bool]:
-        """Place *since*: (seq or None for "from now on", everything, unplaceable)."""
+    def locate(self, since: "str | None | Position") -> Position:
+        """Place *since* in this hub's history; raise a 400 error if it is
+        malformed. None ("from now on") is fixed at the head, now."""
+        if isinstance(since, Position):
+            return since
         if since is None:
-            return None, False, False
+            return Position(self._seq, False, False)
         if since == "0":
-            return 0, True, False
+            return Position(0, True, False)
         match = CURSOR_RE.match(since) if isinstance(since, str) else None
         if not match:
             raise _bad_request(
                 f"invalid since {since!r}: pass 0 or a cursor this server returned")
         seq = int(match.group(2))
         if match.group(1) != self.history or seq > self._seq:
-            return 0, False, True  # another history: answer from the oldest
-        return seq, False, False
+            return Position(0, False, True)  # another history: answer from the oldest
+        return Position(seq, False, False)
 
-    def _read(self, names: tuple[str, ...], after: int, everything: bool,
-              unplaceable: bool, limit: int) -> Batch:
-        """Read under the lock: messages after *after* in *names*, merged."""
-        gap = unplaceable
+    def _read(self, names: tuple[str, ...], position: Position, limit: int) -> Batch:
+        """Read under the lock: messages after *position* in *names*, merged."""
+        after, everything, gap = position
         runs = []
         for name in names:
             ch = self._channels.get(name)
@@ -367,22 +396,20 @@ class Hub:
             return Batch(messages, messages[-1].id, gap)
         return Batch(available, self._cursor(self._seq), gap)
 
-    def read(self, channels: str | Iterable[str], since: str | None = None,
+    def read(self, channels: str | Iterable[str], since: "str | None | Position" = None,
              limit: int = DEFAULT_LIMIT) -> Batch:
         """Return at once what *channels* hold after cursor *since*.
 
         *since* None means "from now on" (an empty batch with the head
-        cursor), ``"0"`` everything still held, else a cursor returned before.
+        cursor), ``"0"`` everything still held, else a cursor returned
+        before (or a ``Position`` from ``locate``).
         """
         names = _check_channels(channels)
         limit = _check_limit(limit)
         with self._lock:
-            after, everything, unplaceable = self._position(since)
-            if after is None:
-                after = self._seq
-            return self._read(names, after, everything, unplaceable, limit)
+            return self._read(names, self.locate(since), limit)
 
-    def wait(self, channels: str | Iterable[str], since: str | None = None,
+    def wait(self, channels: str | Iterable[str], since: "str | None | Position" = None,
              timeout: float = DEFAULT_TIMEOUT, limit: int = DEFAULT_LIMIT) -> Batch:
         """Like ``read``, but block up to *timeout* seconds for a message.
 
@@ -391,12 +418,10 @@ class Hub:
         names = _check_channels(channels)
         limit = _check_limit(limit)
         with self._lock:
-            after, everything, unplaceable = self._position(since)
-            if after is None:
-                after = self._seq  # "from now on" is fixed when the call starts
+            position = self.locate(since)  # "from now on" is fixed when the call starts
 
         def attempt() -> tuple[bool, Batch]:
-            batch = self._read(names, after, everything, unplaceable, limit)
+            batch = self._read(names, position, limit)
             return bool(batch.messages or batch.gap), batch
 
         return self._block(names, attempt, timeout)
@@ -454,11 +479,13 @@ class Hub:
 
     # -- watching (for servers that park requests without a thread) -----------
 
-    def watch(self, channels: str | Iterable[str],
-              wake: Callable[[], None]) -> Callable[[], None]:
+    def watch(self, channels: str | Iterable[str], wake: Callable[[], None],
+              since: "str | None | Position" = None) -> Callable[[], None]:
         """Call *wake()* once: on the next publish to any of *channels*, or
-        on close. It runs in the publisher's thread, so keep it short (hand
-        the work to your own loop). Returns a function that cancels it."""
+        on close; at once if *since* is given and messages after it are
+        already there (checked under the same lock, so none slips between
+        a read and the watch). It runs in the publisher's thread, so keep it
+        short (hand the work to your own loop). Returns a cancel function."""
         names = _check_channels(channels)
         guard = threading.Lock()
 
@@ -475,7 +502,12 @@ class Hub:
                 wake()
 
         with self._lock:
-            if not self._closed:
+            ready = self._closed
+            if since is not None and not ready:
+                position = self.locate(since)
+                ready = any(ch is not None and ch.messages and ch.messages[-1].seq > position.after
+                            for ch in map(self._channels.get, names))
+            if not ready:
                 for name in names:
                     self._channel(name).waiters.add(once)
                 return cancel
@@ -542,12 +574,36 @@ def _parse_priority(value: str) -> int:
         "priority must be 1-5 or one of min, low, default, high, max, urgent")
 
 
-class Handler(BaseHTTPRequestHandler):
-    """Speaks the longpoll protocol (PROTOCOL.md) over HTTP/1.1 keep-alive.
+def _response(status: HTTPStatus, body: bytes, content_type: str, date: str,
+              headers: Iterable[tuple[str, str]] = (), connection: str | None = None,
+              head_only: bool = False) -> bytes:
+    """A whole HTTP/1.1 response as bytes, ready for one send."""
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}",
+             f"Server: longpoll/{__version__}",
+             f"Date: {date}",
+             f"Content-Type: {content_type}",
+             f"Content-Length: {len(body)}",
+             "Cache-Control: no-store"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if connection:
+        lines.append(f"Connection: {connection}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
 
-    Reaches its hub and settings as ``self.server``. Methods that may be
-    overridden: ``route`` (add paths), ``respond`` (add headers), and the
-    ``handle_*`` methods that serve each route.
+
+class Handler(BaseHTTPRequestHandler):
+    """Parses and answers the requests of one connection (PROTOCOL.md).
+
+    The server's loop owns the socket. It gathers one whole request and calls
+    ``handle_buffered(raw)``, which runs ``http.server``'s own parsing on it
+    and returns the response bytes. A poll with nothing to return parks
+    instead (``self.parked`` is then true) and the loop answers it later.
+    Reaches its hub and settings as ``self.server``.
+
+    Methods that may be overridden: ``route`` (add paths), ``respond`` (add
+    headers) and the ``handle_*`` methods that serve each route. Code in a
+    handler runs on the server's loop (or, for a large body, on a worker):
+    it must not block; park a request with ``self.server.poll`` instead.
     """
 
     protocol_version = "HTTP/1.1"
@@ -555,104 +611,96 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     #: Longest request line accepted, in bytes; longer gets 414.
     max_request_line = 8192
+    #: path -> {method: name of the method that serves it}.
+    routes = {
+        "/": {"GET": "handle_index", "HEAD": "handle_index"},
+        "/health": {"GET": "handle_health", "HEAD": "handle_health"},
+        "/send": {"POST": "handle_send"},
+        "/receive": {"GET": "handle_receive"},
+    }
+    #: Methods of /channels/{names}.
+    channel_routes = {"GET": "handle_poll", "POST": "handle_publish"}
 
     server: "Server"
 
-    # -- connection life ------------------------------------------------------
+    def __init__(self, server: "Server", client_address: tuple, conn: Any = None) -> None:
+        # Deliberately not BaseRequestHandler.__init__, which would read the
+        # socket itself: here the server's loop does the I/O.
+        self.server = server
+        self.client_address = client_address
+        self.conn = conn            # the server's record of the connection
+        self.close_connection = False
+        self.parked = False
+        self.wfile = io.BytesIO()
+        self._body_unread = False
+        self._started = time.monotonic()
 
-    def setup(self) -> None:
-        self.timeout = self.server.read_timeout  # applied by StreamRequestHandler
-        super().setup()
-        try:  # without it a small response can wait 40 ms for a delayed ACK
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        self.server.track(self.connection, True)
+    def handle_buffered(self, raw: bytes) -> bytes:
+        """Answer the one request in *raw*; return the response (b"" if parked)."""
+        self.rfile = io.BytesIO(raw)
+        self.parked = False
+        self.handle_one_request()
+        return self.take_output()
 
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except OSError:
-            pass
-        finally:
-            self.server.track(self.connection, False)
+    def take_output(self) -> bytes:
+        """What the handler has written since the last call."""
+        data = self.wfile.getvalue()
+        if data:
+            self.wfile = io.BytesIO()
+        return data
 
     def handle_one_request(self) -> None:
-        """Read one request and answer it; any socket trouble closes quietly."""
+        """Parse the request in ``self.rfile`` with http.server, and answer it."""
         self.close_connection = True
         self._body_unread = False
-        try:
+        self._started = time.monotonic()
+        line = self.rfile.readline(self.max_request_line + 1)
+        if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore one empty line
             line = self.rfile.readline(self.max_request_line + 1)
-            if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore one empty line
-                line = self.rfile.readline(self.max_request_line + 1)
-            if not line:
-                return
-            self._started = time.monotonic()
-            self.raw_requestline = line
-            if len(line) > self.max_request_line:
-                self.refuse_request_line(HTTPStatus.REQUEST_URI_TOO_LONG,
-                                         "request line too long")
-                return
-            if not str(line, "iso-8859-1").split():  # parse_request would not answer
-                self.refuse_request_line(HTTPStatus.BAD_REQUEST, "empty request line")
-                return
-            if not self.parse_request():  # it has answered with send_error
-                return
-            if self.request_version == "HTTP/0.9":
-                self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
-                return
-            if self.headers.defects:  # e.g. a header line without a colon
-                self.send_error(HTTPStatus.BAD_REQUEST, "malformed header section")
-                return
-            self.dispatch()
-            if self._body_unread:  # the next bytes would not be a request
-                self.close_connection = True
-                self.linger()
-        except OSError as exc:  # timeouts, resets, broken pipes: routine
-            logger.debug("connection from %s closed: %r", self.client_address[0], exc)
+        self.raw_requestline = line
+        if len(line) > self.max_request_line:
+            self.refuse(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+            return
+        if not str(line, "iso-8859-1").split():  # parse_request would not answer
+            self.refuse(HTTPStatus.BAD_REQUEST, "empty request line")
+            return
+        if not self.parse_request():  # it has answered with send_error
+            return
+        if self.request_version == "HTTP/0.9":
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+            return
+        if self.headers.defects:  # e.g. a header line without a colon
+            self.send_error(HTTPStatus.BAD_REQUEST, "malformed header section")
+            return
+        self.dispatch()
+        if self._body_unread:  # the next bytes would not be a request
             self.close_connection = True
 
-    def refuse_request_line(self, status: HTTPStatus, message: str) -> None:
-        """Answer a request line that parse_request must not see."""
+    def refuse(self, status: HTTPStatus, message: str) -> None:
+        """Answer a request that cannot be parsed at all, and close."""
+        self.raw_requestline = getattr(self, "raw_requestline", b"")
         self.requestline = self.raw_requestline[:80].decode("latin-1").rstrip("\r\n")
         self.command, self.request_version = None, "HTTP/1.1"
         self.send_error(status, message)
 
-    def linger(self, seconds: float = 2.0, most: int = 16 << 20) -> None:
-        """Read and drop what the client still sends before closing, so that
-        a client busy sending a refused body reads our answer instead of a
-        reset (Apache's "lingering close"). Bounded in time and bytes."""
-        deadline = time.monotonic() + seconds
-        self.connection.shutdown(socket.SHUT_WR)
-        while most > 0 and time.monotonic() < deadline:
-            self.connection.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = self.connection.recv(65536)
-            if not chunk:
-                break
-            most -= len(chunk)
-
     # -- answering ------------------------------------------------------------
+
+    def connection_header(self) -> str | None:
+        """The Connection header this response needs, if any."""
+        if self.close_connection or self.server.closing:
+            self.close_connection = True
+            return "close"
+        if self.request_version == "HTTP/1.0":
+            return "keep-alive"
+        return None
 
     def respond(self, status: int, body: bytes, *,
                 content_type: str = "application/json",
                 headers: Iterable[tuple[str, str]] = ()) -> None:
-        """Write the whole response in one send (status, headers, body)."""
+        """Write the whole response (status, headers, body) at once."""
         status = HTTPStatus(status)
-        if self.server.closing:
-            self.close_connection = True
-        lines = [f"HTTP/1.1 {status.value} {status.phrase}",
-                 f"Server: {self.server_version}",
-                 f"Date: {email.utils.formatdate(usegmt=True)}",
-                 f"Content-Type: {content_type}",
-                 f"Content-Length: {len(body)}",
-                 "Cache-Control: no-store"]
-        lines += [f"{k}: {v}" for k, v in headers]
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.wfile.write(_response(status, body, content_type, self.server.date(), headers,
+                                   self.connection_header(), self.command == "HEAD"))
         self.log_request(status.value, len(body))
 
     def respond_json(self, status: int, obj: Any, **kwargs: Any) -> None:
@@ -669,61 +717,49 @@ class Handler(BaseHTTPRequestHandler):
                    explain: str | None = None) -> None:
         """http.server's own parse errors (400, 414, 431, 505), as JSON."""
         self.close_connection = True
-        if not hasattr(self, "_started"):
-            self._started = time.monotonic()
         status = HTTPStatus(code)
         self.respond_error(LongpollError(status, message or status.phrase.lower()))
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        elapsed = (time.monotonic() - getattr(self, "_started", time.monotonic())) * 1000
-        logger.info('%s "%s" %s %s %.1fms', self.client_address[0],
-                    self.requestline, code, size, elapsed)
+        if logger.isEnabledFor(logging.INFO):
+            elapsed = (time.monotonic() - self._started) * 1000
+            logger.info('%s "%s" %s %s %.1fms', self.client_address[0],
+                        self.requestline, code, size, elapsed)
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s: " + format, self.client_address[0], *args)
 
     # -- routing --------------------------------------------------------------
 
-    def route(self, path: str) -> tuple[dict[str, Callable[..., None]], tuple]:
-        """Map *path* to {method: handler} and the handler's arguments."""
+    def route(self, path: str) -> tuple[dict[str, str], tuple]:
+        """Map *path* to {method: handler name} and the handler's arguments."""
         if path.startswith("/channels/"):
-            names = urllib.parse.unquote(path[len("/channels/"):]).split(",")
-            return ({"GET": self.handle_poll, "POST": self.handle_publish},
-                    (_check_channels(names),))
-        routes = {
-            "/": {"GET": self.handle_index, "HEAD": self.handle_index},
-            "/health": {"GET": self.handle_health, "HEAD": self.handle_health},
-            "/send": {"POST": self.handle_send},
-            "/receive": {"GET": self.handle_receive},
-        }
-        if path in routes:
-            return routes[path], ()
-        raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+            names = urllib.parse.unquote(path[10:]).split(",")
+            return self.channel_routes, (_check_channels(names),)
+        methods = self.routes.get(path)
+        if methods is None:
+            raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+        return methods, ()
 
     def dispatch(self) -> None:
         self._body_unread = self._has_body()
-        self.server.count_request(+1)
         try:
-            url = urllib.parse.urlsplit(self.path)
-            self.query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
-            methods, args = self.route(url.path)
-            handler = methods.get(self.command)
-            if handler is None:
+            path, _, query = self.path.partition("?")
+            self.query = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+            methods, args = self.route(path)
+            name = methods.get(self.command)
+            if name is None:
                 allow = ", ".join(methods)
                 raise LongpollError(HTTPStatus.METHOD_NOT_ALLOWED,
                                     f"{self.command} is not allowed here; use {allow}",
                                     {"Allow": allow})
-            handler(*args)
+            getattr(self, name)(*args)
         except LongpollError as error:
             self.respond_error(error)
-        except OSError:
-            raise  # the connection broke: nobody to answer
         except Exception:
             logger.exception("error serving %r", self.requestline)
             self.respond_error(LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR,
                                              "internal server error"))
-        finally:
-            self.server.count_request(-1)
 
     # Each method name the protocol knows is routed; route() says 405.
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
@@ -735,13 +771,7 @@ class Handler(BaseHTTPRequestHandler):
                     or self.headers.get("Content-Length", "0").strip() not in ("", "0"))
 
     def handle_expect_100(self) -> bool:
-        """Refuse an oversized body before the client sends it."""
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.server.max_body:
-            self._body_unread = True
-            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
-            return False
-        return super().handle_expect_100()
+        return True  # the server's loop has answered "100 Continue" (or 413) already
 
     def _too_large(self) -> str:
         return f"body too large: the limit is {self.server.max_body} bytes"
@@ -757,13 +787,13 @@ class Handler(BaseHTTPRequestHandler):
         else:
             lengths = set(self.headers.get_all("Content-Length") or ["0"])
             length = lengths.pop().strip() if len(lengths) == 1 else ""
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise _bad_request("Content-Length must be one whole number")
             if int(length) > limit:
                 raise LongpollError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
             body = self.rfile.read(int(length))
             if len(body) < int(length):
-                raise ConnectionResetError("client closed the connection mid-body")
+                raise _bad_request("the body is shorter than its Content-Length")
         self._body_unread = False
         return body
 
@@ -841,9 +871,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_poll(self, names: tuple[str, ...]) -> None:
         since = self.query.get("since") or None  # an empty since means absent
-        timeout, limit = self.param_timeout(), self.param_limit()
-        batch = self.server.hub.wait(names, since, timeout=timeout, limit=limit)
-        self.respond(HTTPStatus.OK, batch.to_json())
+        self.server.poll(self, names, since, self.param_timeout(), self.param_limit())
 
     def handle_send(self) -> None:
         message, title, priority = self.parse_publish_body()
@@ -851,13 +879,12 @@ class Handler(BaseHTTPRequestHandler):
         self.respond_json(HTTPStatus.OK, {"status": "Message sent."})
 
     def handle_receive(self) -> None:
-        msg = self.server.hub.take(DEFAULT_CHANNEL, timeout=self.param_timeout())
-        self.respond_json(HTTPStatus.OK, {"message": None if msg is None else msg.message})
+        self.server.take(self, DEFAULT_CHANNEL, self.param_timeout())
 
     def handle_health(self) -> None:
-        hub = self.server.hub
         self.respond_json(HTTPStatus.OK, {
-            "status": "ok", "waiting": hub.waiting, "channels": hub.channel_count,
+            "status": "ok", "waiting": self.server.waiting,
+            "channels": self.server.hub.channel_count,
             "uptime": round(time.monotonic() - self.server.started, 3)})
 
     def handle_index(self) -> None:
@@ -865,26 +892,95 @@ class Handler(BaseHTTPRequestHandler):
                      content_type="text/plain; charset=utf-8")
 
 
-class Server(ThreadingHTTPServer):
+class _Connection:
+    """The loop's record of one client connection."""
+
+    __slots__ = ("sock", "handler", "inbuf", "outbuf", "closed", "busy", "group",
+                 "taking", "timer", "deadline", "close_after", "linger",
+                 "continue_sent", "partial")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.handler: Handler
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.closed = False
+        self.busy = False            # a worker is handling its request
+        self.group: _Group | None = None  # parked polls waiting together
+        self.taking = False          # parked on /receive
+        self.timer: int | None = None     # id of its live entry in the timer heap
+        self.deadline: float | None = None  # idle, slow request or slow reader
+        self.close_after = False     # close once the output is sent
+        self.linger = 0              # bytes still to read and drop before closing
+        self.continue_sent = False
+        self.partial = 0.0           # when the request now arriving began
+
+
+class _Group:
+    """Parked polls with the same channels, position and limit: they get the
+    same answer, so it is read and encoded once and written to each."""
+
+    __slots__ = ("key", "conns", "cancel")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self.conns: dict[_Connection, None] = {}
+        self.cancel: Callable[[], None] = lambda: None
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit of open files to the hard limit (each
+    client is one), log the result, and return it (0 where unknown)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, ValueError, OSError):
+        return 0
+    clients = max(0, soft - 64)
+    if clients < 10_000:
+        logger.warning("the open-file limit (%d) caps clients at about %d; raise it with "
+                       "`ulimit -n` or LimitNOFILE= to serve more", soft, clients)
+    else:
+        logger.info("open-file limit %d: room for about %d clients at once", soft, clients)
+    return soft
+
+
+class Server:
     """A longpoll HTTP server around a ``Hub`` (``self.hub``).
 
-    ``start()`` serves from a daemon thread; ``close()`` answers every waiting
-    client, closes idle keep-alive connections and releases the port.
-    Class attributes configure it; pass keyword arguments to override.
+    One thread runs a ``selectors`` loop that owns every socket: waiting
+    clients cost a socket and a small record, not a thread. Idle keep-alive
+    connections and parked polls wait in the loop; a publish wakes the
+    polls parked at the same position together, and their answer is read
+    and encoded once. Requests with large bodies are decoded by a small
+    worker pool. ``start()`` runs the loop in a daemon thread;
+    ``serve_forever()`` runs it in the calling one; ``close()`` answers every
+    waiting client, closes every connection and frees the port.
+
+    Class attributes configure it; keyword arguments override the rest.
+    Methods that may be overridden: ``service_actions`` (runs about once a
+    second in the loop), ``poll`` and ``take`` (how requests park).
     """
 
-    daemon_threads = True
-    allow_reuse_address = True
-    #: Listen backlog: room for many clients reconnecting at once.
-    request_queue_size = 1024
+    #: Listen backlog: room for thousands of clients reconnecting at once.
+    request_queue_size = 4096
+    #: Largest request head (request line and headers) in bytes; more is 431.
+    max_head = 64 * 1024
+    #: Bodies larger than this are decoded by a worker, not the loop.
+    inline_body_limit = 64 * 1024
+    #: Seconds between housekeeping sweeps (idle connections, retention).
+    sweep_interval = 1.0
 
     def __init__(self, address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
                  hub: Hub | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT,
                  max_body: int = MAX_BODY, read_timeout: float = 30.0,
-                 handler_class: type[Handler] = Handler) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+                 workers: int = 4, handler_class: type[Handler] = Handler) -> None:
         #: The hub holding this server's channels.
         self.hub = hub if hub is not None else Hub()
         #: Hold, in seconds, of a long-poll that names no timeout.
@@ -893,23 +989,50 @@ class Server(ThreadingHTTPServer):
         self.max_timeout = max_timeout
         #: Largest request body accepted, in bytes (413 beyond).
         self.max_body = max_body
-        #: Seconds a connection may stay silent while a request is expected.
+        #: Seconds a connection may idle between requests, take to send one,
+        #: or take to read an answer, before it is closed.
         self.read_timeout = read_timeout
+        self.handler_class = handler_class
         self.started = time.monotonic()
         self.closing = False
-        self._connections: set[socket.socket] = set()
-        self._active = 0
-        self._state = threading.Condition()
-        self._serving = False
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(self.request_queue_size)
+            self.socket.setblocking(False)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._pending: collections.deque[Callable[[], None]] = collections.deque()
+        self._woken = False
+        self._connections: set[_Connection] = set()
+        self._groups: dict[tuple, _Group] = {}
+        self._takers: collections.deque[_Connection] = collections.deque()
+        self._taker_watch: Callable[[], None] | None = None
+        self._parked = 0
+        self._timers: list[tuple[float, int, _Connection]] = []
+        self._timer_ids = itertools.count()
+        self._stale = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "longpoll-worker")
+        self._loop_thread: int | None = None
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._shutdown_request = False
+        self._closed_all: threading.Event | None = None
         self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._next_sweep = 0.0
         self._next_prune = 0.0
-        super().__init__(address, handler_class)
+        self._date = (0, "")
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN, which can stall
-        # for seconds on a machine without DNS; we never need it.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+    # -- public surface ---------------------------------------------------------
 
     @property
     def url(self) -> str:
@@ -919,72 +1042,85 @@ class Server(ThreadingHTTPServer):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def track(self, conn: socket.socket, is_open: bool) -> None:
-        with self._state:
-            (self._connections.add if is_open else self._connections.discard)(conn)
-            self._state.notify_all()
+    @property
+    def waiting(self) -> int:
+        """How many requests are parked right now."""
+        return self._parked
 
-    def count_request(self, delta: int) -> None:
-        with self._state:
-            self._active += delta
-            self._state.notify_all()
-
-    def service_actions(self) -> None:
-        now = time.monotonic()
-        if now >= self._next_prune:
-            self._next_prune = now + 10.0
-            self.hub.prune()
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._serving = True
-        try:
-            super().serve_forever(poll_interval)
-        finally:
-            self._serving = False
+    def date(self) -> str:
+        """The Date header's value, formatted once a second."""
+        now = int(time.time())
+        if now != self._date[0]:
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return self._date[1]
 
     def start(self) -> "Server":
         """Serve from a daemon thread; return self (so ``make_server().start()``)."""
+        self._stopped.clear()
         self._thread = threading.Thread(target=self.serve_forever,
                                         name="longpoll-server", daemon=True)
         self._thread.start()
         return self
 
+    def serve_forever(self, poll_interval: float = 1.0) -> None:
+        """Run the loop in this thread until ``shutdown()`` or ``close()``."""
+        self._stopped.clear()
+        self._loop_thread = threading.get_ident()
+        self._shutdown_request = False
+        selector = self._selector
+        selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
+        if self._accepting:
+            selector.register(self.socket, selectors.EVENT_READ, self._accept)
+        try:
+            while not self._shutdown_request:
+                for key, mask in selector.select(self._select_timeout(poll_interval)):
+                    self._on_event(key.data, mask)
+                self._run_pending()
+                self._run_timers()
+                if self._closed_all is not None and not self._connections:
+                    self._closed_all.set()
+        finally:
+            for sock in (self._wake_r, self.socket):
+                try:
+                    selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+            self._loop_thread = None
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop the loop and wait for it (connections stay open: ``close()``)."""
+        self._shutdown_request = True
+        self._call_soon(lambda: None)
+        if self._loop_thread not in (None, threading.get_ident()):
+            self._stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket and every connection, at once."""
+        for conn in list(self._connections):
+            self._close(conn)
+        if self._taker_watch is not None:
+            self._taker_watch()
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            sock.close()
+        self._selector.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def close(self, timeout: float = 2.0) -> None:
-        """Stop: wake and answer every parked request, close idle
-        connections, release the port. Returns within about *timeout* s."""
+        """Stop: answer every parked request (with ``Connection: close``),
+        close idle connections, release the port. Returns within about
+        *timeout* seconds. Closes the hub, which wakes its other waiters."""
         deadline = time.monotonic() + timeout
         self.closing = True
-        self.hub.close()  # parked requests answer now, with Connection: close
-        with self._state:
-            self._state.wait_for(lambda: self._active == 0,
-                                 max(0.0, deadline - time.monotonic()))
-        if self._serving:
-            self._stop_serving(deadline)
-        with self._state:
-            for conn in self._connections:  # idle keep-alive: wake its read
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self._state.wait_for(lambda: not self._connections,
-                                 max(0.0, deadline - time.monotonic()))
+        self.hub.close()  # parked polls: their answers are queued to the loop
+        if self._loop_thread is not None:
+            self._closed_all = threading.Event()
+            self._call_soon(self._close_idle)
+            self._closed_all.wait(max(0.0, deadline - time.monotonic()))
+            self.shutdown()
         self.server_close()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
-
-    def _stop_serving(self, deadline: float) -> None:
-        """``shutdown()``, without waiting out serve_forever's poll interval:
-        a loopback connection wakes its select() once the stop is asked."""
-        stopper = threading.Thread(target=self.shutdown, daemon=True)
-        stopper.start()
-        host, port = self.server_address[:2]
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        while stopper.is_alive() and time.monotonic() < deadline:
-            try:
-                socket.create_connection((host, port), timeout=0.2).close()
-            except OSError:
-                pass
-            stopper.join(0.05)
 
     def __enter__(self) -> "Server":
         return self
@@ -992,8 +1128,509 @@ class Server(ThreadingHTTPServer):
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.exception("unexpected error with a connection from %s", client_address[0])
+    # -- parking (called by handlers, on the loop) --------------------------------
+
+    def poll(self, handler: Handler, names: tuple[str, ...], since: str | None,
+             timeout: float, limit: int) -> None:
+        """Answer a long-poll now if there is something to say, else park it."""
+        hub = self.hub
+        position = hub.locate(since)
+        batch = hub.read(names, position, limit)
+        if (batch.messages or batch.gap or timeout <= 0 or hub.closed or self.closing
+                or handler.conn is None):
+            handler.respond(HTTPStatus.OK, batch.to_json())
+            return
+        conn, key = handler.conn, (names, position, limit)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(key)
+            group.cancel = hub.watch(names, functools.partial(
+                self._call_soon, functools.partial(self._fire, group)), since=position)
+        group.conns[conn] = None
+        conn.group = group
+        self._park(conn, timeout)
+
+    def take(self, handler: Handler, channel: str, timeout: float) -> None:
+        """``/receive``: hand over the next untaken message, or park."""
+        head = self.hub.locate(None)
+        msg = self.hub.take(channel, timeout=0)
+        if msg is not None or timeout <= 0 or self.hub.closed or self.closing:
+            handler.respond_json(HTTPStatus.OK, {"message": None if msg is None else msg.message})
+            return
+        handler.conn.taking = True
+        self._takers.append(handler.conn)
+        self._park(handler.conn, timeout)
+        if self._taker_watch is None:
+            self._taker_watch = self.hub.watch(
+                channel, functools.partial(self._call_soon, self._serve_takers), since=head)
+
+    def _park(self, conn: _Connection, timeout: float) -> None:
+        conn.handler.parked = True
+        conn.deadline = None
+        self._parked += 1
+        self._set_timer(conn, time.monotonic() + timeout)
+
+    def _unpark(self, conn: _Connection) -> None:
+        group = conn.group
+        if group is not None:
+            conn.group = None
+            group.conns.pop(conn, None)
+            if not group.conns and self._groups.get(group.key) is group:
+                del self._groups[group.key]
+                group.cancel()
+        elif conn.taking:
+            conn.taking = False
+            try:
+                self._takers.remove(conn)
+            except ValueError:
+                pass
+        else:
+            return
+        self._parked -= 1
+        conn.handler.parked = False
+        self._set_timer(conn, None)
+
+    def _fire(self, group: _Group) -> None:
+        """A publish reached the channels of *group*: answer all its polls."""
+        if self._groups.get(group.key) is not group:
+            return  # answered or abandoned meanwhile
+        names, position, limit = group.key
+        batch = self.hub.read(names, position, limit)
+        if not (batch.messages or batch.gap or self.hub.closed):
+            group.cancel = self.hub.watch(names, functools.partial(
+                self._call_soon, functools.partial(self._fire, group)), since=position)
+            return
+        del self._groups[group.key]
+        body, date, responses = batch.to_json(), self.date(), {}
+        conns = list(group.conns)
+        group.conns.clear()
+        for conn in conns:
+            conn.group = None
+            self._parked -= 1
+            self._set_timer(conn, None)
+            handler = conn.handler
+            handler.parked = False
+            variant = handler.connection_header()
+            data = responses.get(variant)
+            if data is None:
+                data = responses[variant] = _response(
+                    HTTPStatus.OK, body, "application/json", date, (), variant)
+            handler.log_request(200, len(body))
+            self._answered(conn, data)
+        for conn in conns:
+            self._process(conn)
+
+    def _serve_takers(self) -> None:
+        self._taker_watch = None
+        head = self.hub.locate(None)
+        while self._takers:
+            msg = self.hub.take(DEFAULT_CHANNEL, timeout=0)
+            if msg is None and not self.hub.closed:
+                break
+            conn = self._takers[0]
+            self._unpark(conn)
+            conn.handler.respond_json(HTTPStatus.OK,
+                                      {"message": None if msg is None else msg.message})
+            self._answered(conn, conn.handler.take_output())
+            self._process(conn)
+        if self._takers:
+            self._taker_watch = self.hub.watch(
+                DEFAULT_CHANNEL, functools.partial(self._call_soon, self._serve_takers),
+                since=head)
+
+    def _expire(self, conn: _Connection) -> None:
+        """A parked request's hold has ended: answer it as it stands."""
+        handler = conn.handler
+        if conn.group is not None:
+            names, position, limit = conn.group.key
+            self._unpark(conn)
+            handler.respond(HTTPStatus.OK, self.hub.read(names, position, limit).to_json())
+        elif conn.taking:
+            self._unpark(conn)
+            handler.respond_json(HTTPStatus.OK, {"message": None})
+        self._answered(conn, handler.take_output())
+        self._process(conn)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        """Run *callback* on the loop; safe from any thread."""
+        self._pending.append(callback)
+        if threading.get_ident() != self._loop_thread and not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass  # full (it is awake anyway) or closed (it is gone)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _run_pending(self) -> None:
+        self._woken = False
+        pending = self._pending
+        while pending:
+            try:
+                pending.popleft()()
+            except Exception:
+                logger.exception("error in the server loop")
+
+    def _on_event(self, data: Any, mask: int) -> None:
+        if not isinstance(data, _Connection):
+            data()  # the listening socket or the wake-up socket
+            return
+        try:
+            if mask & selectors.EVENT_READ:
+                self._on_readable(data)
+            if mask & selectors.EVENT_WRITE and not data.closed:
+                self._on_writable(data)
+        except Exception:  # a bug must cost one connection, never the server
+            logger.exception("error on a connection from %s", data.handler.client_address[0])
+            self._close(data)
+
+    def _select_timeout(self, poll_interval: float) -> float:
+        if self._pending:
+            return 0.0
+        now = time.monotonic()
+        timeout = min(poll_interval, max(0.0, self._next_sweep - now))
+        timers = self._timers
+        while timers and timers[0][2].timer != timers[0][1]:
+            heapq.heappop(timers)  # cancelled
+            self._stale -= 1
+        if timers:
+            timeout = min(timeout, max(0.0, timers[0][0] - now))
+        return timeout
+
+    def _set_timer(self, conn: _Connection, deadline: float | None) -> None:
+        """Arm (or with None, cancel) the one hold timer of *conn*."""
+        if conn.timer is not None:
+            self._stale += 1
+            conn.timer = None
+        if deadline is not None:
+            conn.timer = next(self._timer_ids)
+            heapq.heappush(self._timers, (deadline, conn.timer, conn))
+        if self._stale > 1024 and self._stale > len(self._timers) // 2:
+            self._timers = [t for t in self._timers if t[2].timer == t[1]]
+            heapq.heapify(self._timers)
+            self._stale = 0
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, timer, conn = heapq.heappop(timers)
+            if conn.timer != timer:
+                self._stale -= 1
+                continue
+            conn.timer = None
+            self._expire(conn)
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval
+            self._sweep(now)
+            self.service_actions()
+
+    def _sweep(self, now: float) -> None:
+        """Close connections past their deadline: idle ones, slow requests,
+        clients that do not read their answer, finished lingering."""
+        for conn in [c for c in self._connections if c.deadline is not None and c.deadline < now]:
+            if conn.partial and not conn.outbuf and not conn.linger and not conn.busy:
+                conn.handler.raw_requestline = bytes(conn.inbuf[:80])
+                conn.inbuf.clear()
+                conn.handler.refuse(HTTPStatus.REQUEST_TIMEOUT,
+                                    "the request was not received in time")
+                self._answered(conn, conn.handler.take_output())
+            else:
+                self._close(conn)
+
+    def service_actions(self) -> None:
+        """Housekeeping, about once a second, on the loop."""
+        now = time.monotonic()
+        if now >= self._next_prune:
+            self._next_prune = now + 10.0
+            self.hub.prune()
+
+    def _accept(self) -> None:
+        for _ in range(512):  # a burst at a time, so the loop keeps serving others
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    logger.warning("cannot accept more connections (%s) with %d open; "
+                                   "pausing for a second (raise `ulimit -n`)",
+                                   exc.strerror, len(self._connections))
+                    self._pause_accepting(1.0)
+                return
+            if self.closing:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            try:  # without it a small answer can wait 40 ms for a delayed ACK
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            conn = _Connection(sock)
+            conn.handler = self.handler_class(self, address, conn)
+            conn.deadline = time.monotonic() + self.read_timeout
+            self._connections.add(conn)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        if self._accepting:
+            self._accepting = False
+            self._selector.unregister(self.socket)
+            timer = threading.Timer(seconds, self._call_soon, (self._resume_accepting,))
+            timer.daemon = True
+            timer.start()
+
+    def _resume_accepting(self) -> None:
+        if not self._accepting and not self.closing:
+            self._accepting = True
+            self._selector.register(self.socket, selectors.EVENT_READ, self._accept)
+
+    def _on_readable(self, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:  # the client has gone (a parked one too)
+            self._close(conn)
+            return
+        if conn.linger:  # draining a refused body before closing
+            conn.linger -= len(data)
+            if conn.linger <= 0:
+                self._close(conn)
+            return
+        conn.inbuf += data
+        if conn.busy or conn.handler.parked or conn.outbuf or conn.close_after:
+            if len(conn.inbuf) > self.max_head + self.max_body:
+                self._close(conn)  # pipelining far ahead of the answers
+            return
+        self._process(conn)
+
+    def _on_writable(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        del conn.outbuf[:sent]
+        if not conn.outbuf:
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            if conn.close_after:
+                self._finish(conn)
+            else:
+                self._process(conn)
+
+    def _process(self, conn: _Connection) -> None:
+        """Handle the requests waiting in *conn*'s input, one at a time."""
+        while not (conn.closed or conn.busy or conn.handler.parked or conn.outbuf
+                   or conn.close_after):
+            raw = self._frame(conn)
+            if raw is None:
+                break
+            conn.partial = 0.0
+            conn.continue_sent = False
+            if len(raw) > self.inline_body_limit and raw[:1] == b"P":  # POST, PUT, PATCH
+                conn.busy = True
+                conn.deadline = None
+                self._pool.submit(self._handle_on_worker, conn, raw)
+                return
+            self._answered(conn, conn.handler.handle_buffered(raw))
+        if not (conn.closed or conn.busy or conn.handler.parked or conn.outbuf or conn.linger):
+            # Idle: from now. A request under way: from its first byte, so a
+            # client trickling bytes (slow loris) cannot push it back.
+            conn.deadline = (conn.partial or time.monotonic()) + self.read_timeout
+
+    def _frame(self, conn: _Connection) -> bytes | None:
+        """Cut one whole request (head and body) off *conn*'s input, or None
+        while it is incomplete. What cannot be framed goes to the handler
+        to be refused, and the connection closes after the answer."""
+        buf = conn.inbuf
+        if not buf:
+            return None
+        if not conn.partial:
+            conn.partial = time.monotonic()
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if buf.find(b"\n", 0, Handler.max_request_line + 1) < 0 < len(buf) - Handler.max_request_line:
+                return self._take_all(conn)  # the handler answers 414
+            if len(buf) > self.max_head:
+                conn.close_after = True
+                handler = conn.handler
+                handler.raw_requestline = bytes(buf[:buf.find(b"\n") + 1])
+                handler.refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                               "request header section too large")
+                buf.clear()
+                self._answered(conn, handler.take_output())
+            return None
+        head_end = end + 4
+        head = bytes(buf[:head_end])
+        lower = head.lower()
+        if b"content-length" not in lower and b"transfer-encoding" not in lower:
+            del buf[:head_end]
+            return head
+        lengths, encoding, expect = set(), None, False
+        for line in lower.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip(), value.strip()
+            if name == b"content-length":
+                lengths.add(value)
+            elif name == b"transfer-encoding":
+                encoding = value
+            elif name == b"expect":
+                expect = value == b"100-continue"
+        if encoding is None and not lengths:
+            del buf[:head_end]  # "content-length" was only in the path or a value
+            return head
+        if encoding is not None:
+            if encoding != b"chunked":
+                return self._take_all(conn)  # refused as unsupported
+            size = _chunked_size(buf, head_end)
+            if size is None:
+                if len(buf) - head_end > self.max_body + 64 * 1024:
+                    return self._take_all(conn)  # the handler answers 413
+                self._send_continue(conn, expect)
+                return None
+            if size < 0:
+                return self._take_all(conn)  # malformed: the handler answers 400
+            total = head_end + size
+        else:
+            length = lengths.pop() if len(lengths) == 1 else b""
+            if not length.isdigit() or int(length) > self.max_body:
+                del buf[:head_end]
+                return head  # the handler answers 400 or 413 without the body
+            total = head_end + int(length)
+            if len(buf) < total:
+                self._send_continue(conn, expect)
+                return None
+        raw = bytes(buf[:total])
+        del buf[:total]
+        return raw
+
+    def _take_all(self, conn: _Connection) -> bytes:
+        raw = bytes(conn.inbuf)
+        conn.inbuf.clear()
+        conn.close_after = True
+        return raw
+
+    def _send_continue(self, conn: _Connection, expect: bool) -> None:
+        if expect and not conn.continue_sent:
+            conn.continue_sent = True
+            self._answered(conn, b"HTTP/1.1 100 Continue\r\n\r\n", final=False)
+
+    def _handle_on_worker(self, conn: _Connection, raw: bytes) -> None:
+        try:
+            out = conn.handler.handle_buffered(raw)
+        except Exception:
+            logger.exception("error serving a request from %s", conn.handler.client_address[0])
+            out, conn.handler.close_connection = b"", True
+        self._call_soon(functools.partial(self._worker_done, conn, out))
+
+    def _worker_done(self, conn: _Connection, out: bytes) -> None:
+        conn.busy = False
+        if not conn.closed:
+            self._answered(conn, out)
+            self._process(conn)
+
+    def _answered(self, conn: _Connection, data: bytes, final: bool = True) -> None:
+        """Send what a handler wrote; if it asked to close, close after it."""
+        if conn.closed:
+            return
+        if final and conn.handler.close_connection and not conn.handler.parked:
+            conn.close_after = True
+            if conn.handler._body_unread and not conn.linger:
+                conn.linger = 16 << 20  # read and drop what the client still sends
+        if data:
+            if conn.outbuf:
+                conn.outbuf += data
+                return
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            if sent < len(data):
+                conn.outbuf += memoryview(data)[sent:]
+                conn.deadline = time.monotonic() + self.read_timeout  # a slow reader
+                self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+                return
+        if final and conn.close_after:
+            self._finish(conn)
+
+    def _finish(self, conn: _Connection) -> None:
+        """The last answer is out: close, after draining a refused body (a
+        "lingering close", so the client reads our answer, not a reset)."""
+        if conn.linger:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._close(conn)
+                return
+            conn.inbuf.clear()
+            conn.deadline = time.monotonic() + 2.0
+        else:
+            self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        self._unpark(conn)
+        conn.closed = True
+        self._connections.discard(conn)
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _close_idle(self) -> None:
+        """Part of close(): stop accepting; close connections with nothing
+        under way (the others close once their answer is out)."""
+        if self._accepting:
+            self._accepting = False
+            self._selector.unregister(self.socket)
+        for conn in list(self._connections):
+            if conn.taking:
+                self._expire(conn)
+            elif not (conn.busy or conn.group or conn.outbuf or conn.linger):
+                self._close(conn)
+
+
+def _chunked_size(buf: bytearray, start: int) -> int | None:
+    """Bytes of the chunked body starting at *start* (trailers included),
+    None while incomplete, -1 if malformed."""
+    pos = start
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None if len(buf) - pos < 1024 else -1
+        try:
+            size = int(bytes(buf[pos:eol]).split(b";")[0].strip(), 16)
+        except ValueError:
+            return -1
+        if size < 0:
+            return -1
+        if size == 0:
+            end = buf.find(b"\r\n\r\n", eol)
+            if end < 0:
+                return None
+            return end + 4 - start
+        pos = eol + 2 + size + 2
+        if pos > len(buf):
+            return None
 
 
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
@@ -1328,6 +1965,7 @@ def _serve(args: Any) -> int:
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
         return 1
+    raise_open_file_limit()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -1338,7 +1976,7 @@ def _serve(args: Any) -> int:
     server.start()
     logger.warning("longpoll %s listening on %s (Ctrl-C to stop)", __version__, server.url)
     stop.wait()
-    logger.warning("shutting down: answering %d waiting clients", hub.waiting)
+    logger.warning("shutting down: answering %d waiting clients", server.waiting)
     server.close()
     return 0
 

@@ -139,7 +139,7 @@ def test_subscribe_waits_for_the_next_message(server, capsys):
     t = threading.Thread(target=lambda: out.append(
         main(["subscribe", "ci", "--count", "1", "--url", server.url])))
     t.start()
-    wait_until(lambda: server.hub.waiting == 1)
+    wait_until(lambda: server.waiting == 1)
     server.hub.publish("ci", "green")
     t.join(10)
     assert out == [0] and capsys.readouterr().out == "green\n"

@@ -81,7 +81,7 @@ def test_empty_plain_body_publishes_empty_string(server):
 def test_poll_without_since_waits_for_the_next_message(server):
     publish(server, "news", "old")
     t, out = in_thread(poll, server, "/channels/news")
-    wait_until(lambda: server.hub.waiting == 1, what="the poll to park")
+    wait_until(lambda: server.waiting == 1, what="the poll to park")
     publish(server, "news", "new")
     t.join(10)
     assert [m["message"] for m in out[0]["messages"]] == ["new"]
@@ -136,7 +136,7 @@ def test_cursor_from_before_a_restart_is_a_gap(make_server):
 
 def test_broadcast_every_waiting_client_gets_every_message(server):
     threads = [in_thread(poll, server, "/channels/b") for _ in range(10)]
-    wait_until(lambda: server.hub.waiting == 10)
+    wait_until(lambda: server.waiting == 10)
     publish(server, "b", "to all")
     for t, out in threads:
         t.join(10)
@@ -199,7 +199,7 @@ def test_send_and_receive_like_the_flask_tutorial(server):
 
 def test_receive_waits_and_each_message_goes_to_one_caller(server):
     threads = [in_thread(request, server, "GET", "/receive?timeout=20") for _ in range(3)]
-    wait_until(lambda: server.hub.waiting == 3)
+    wait_until(lambda: server.waiting == 3)
     for i in range(3):
         request(server, "POST", "/send", json.dumps({"message": i}),
                 {"Content-Type": "application/json"})
@@ -320,7 +320,7 @@ def test_oversized_body_is_refused_before_it_is_sent(make_server):
 def test_raw_garbage_gets_a_json_error_and_harms_nobody(server, data, status):
     publish(server, "keep", "stored")
     parked, out = in_thread(poll, server, "/channels/keep?since=" + server.hub.cursor)
-    wait_until(lambda: server.hub.waiting == 1)
+    wait_until(lambda: server.waiting == 1)
     got, body = parse_raw(raw(server, data))
     assert got == status and body["error"]
     publish(server, "keep", "still delivered")
@@ -369,18 +369,30 @@ def test_http_1_0_gets_an_answer_and_a_close(server):
     assert b"Connection: close" in data
 
 
-def test_a_silent_connection_is_closed_after_the_read_timeout(make_server):
+def test_a_request_not_finished_in_time_gets_408_and_a_close(make_server):
     server = make_server(read_timeout=0.2)
     host, port = server.server_address
     with socket.create_connection((host, port), timeout=5) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\n")  # and then nothing
-        assert sock.recv(100) == b""  # the server hung up (recv would time out at 5 s)
+        data = b""
+        while chunk := sock.recv(4096):  # until the server hangs up (else: 5 s timeout)
+            data += chunk
+    status, body = parse_raw(data)
+    assert status == 408 and body["error"]
+
+
+def test_an_idle_connection_is_closed_after_the_read_timeout(make_server):
+    server = make_server(read_timeout=0.2)
+    host, port = server.server_address
+    with socket.create_connection((host, port), timeout=5) as sock:
+        assert sock.recv(100) == b""  # closed without a word (recv would time out at 5 s)
+    wait_until(lambda: not server._connections)
 
 
 def test_close_answers_every_parked_client(make_server):
     server = make_server()
     threads = [in_thread(request, server, "GET", "/channels/s") for _ in range(20)]
-    wait_until(lambda: server.hub.waiting == 20)
+    wait_until(lambda: server.waiting == 20)
     server.close()
     for t, out in threads:
         t.join(5)

@@ -180,7 +180,7 @@ def test_server_keeps_serving_through_malformed_requests(server):
         request(server, "GET", "/channels/keep?timeout=60&since=" + server.hub.cursor,
                 timeout=60)))
     parked.start()
-    wait_until(lambda: server.hub.waiting == 1)
+    wait_until(lambda: server.waiting == 1)
 
     @settings(max_examples=200, deadline=None, database=None)
     @given(data=malformed)
@@ -189,7 +189,7 @@ def test_server_keeps_serving_through_malformed_requests(server):
         assert status >= 400
 
     hammer()
-    assert server.hub.waiting == 1
+    assert server.waiting == 1
     server.hub.publish("keep", "delivered")
     parked.join(10)
     assert [m["message"] for m in results[0].json["messages"]] == ["delivered"]
