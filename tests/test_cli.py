@@ -206,8 +206,12 @@ def test_a_port_in_use_is_one_clear_error(serve):
 def test_subscribe_exits_0_on_ctrl_c(serve):
     server = serve()
     sub = Process("subscribe", "news", "--url", server.url)
-    wait_until(lambda: get_json(server.url + "/health")["waiting"] == 1)
-    assert sub.stop(signal.SIGINT) == 0
+    try:
+        wait_until(lambda: get_json(server.url + "/health")["waiting"] == 1)
+        assert sub.stop(signal.SIGINT) == 0
+    finally:
+        if sub.proc.poll() is None:
+            sub.proc.kill()
     assert not any("Traceback" in line for line in sub.seen["err"])
 
 
@@ -234,15 +238,21 @@ def test_help_examples_work_when_pasted(serve):
             lines = queue.Queue()
             threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout],
                              daemon=True).start()
-            wait_until(lambda: get_json(server.url + "/health")["waiting"] > before)
-            channel = example.split("subscribe ")[1].split()[0]
-            urllib.request.urlopen(urllib.request.Request(
-                f"{server.url}/channels/{channel}", data=b"pasted", method="POST"), timeout=10)
-            while "pasted" not in lines.get(timeout=10):  # --since 0 prints older ones first
-                pass
-            if "--count" not in example:
-                proc.send_signal(signal.SIGINT)
-            assert proc.wait(10) == 0, example
+            try:
+                wait_until(lambda: get_json(server.url + "/health")["waiting"] > before)
+                channel = example.split("subscribe ")[1].split()[0]
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{server.url}/channels/{channel}", data=b"pasted", method="POST"),
+                    timeout=10)
+                while "pasted" not in lines.get(timeout=10):  # --since 0 prints older first
+                    pass
+                if "--count" not in example:
+                    proc.send_signal(signal.SIGINT)
+                assert proc.wait(10) == 0, example
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
         else:
             done = subprocess.run(command, shell=True, cwd=ROOT, env=env, text=True,
                                   capture_output=True, timeout=20)

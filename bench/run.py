@@ -1,0 +1,391 @@
+"""Benchmark matrix: longpoll against baselines measured in the same run.
+
+    pip install -r bench/requirements.txt      # tornado, for its baseline
+    python bench/run.py                        # the whole matrix, as a Markdown table
+    python bench/run.py --servers longpoll,floor --clients 1000 --idle-seconds 2
+
+Servers (each started fresh for every row, as a subprocess of this script):
+  longpoll   python -m longpoll serve
+  threaded   bench/servers/threaded.py: a blocked thread per waiting client
+  tornado    bench/servers/tornado_server.py: Tornado 6
+  floor      bench/servers/floor.py: writes one pre-encoded answer to every parked socket
+
+Fan-out rows: park N subscribers (raw HTTP/1.1 keep-alive sockets, asyncio),
+wait until /health reports them all waiting, measure the server's CPU over
+--idle-seconds with everyone parked, then publish M messages at R per
+second, each carrying its send time; every subscriber passes back its
+cursor. Reported: delivered/expected (and any repeat), latency p50/p99/max,
+server CPU per delivered message (from /proc/PID/stat), RSS and threads.
+
+Throughput rows: K subscribers parked (0 or 100), then P publishes
+back-to-back over one keep-alive connection: publishes/s, and with K > 0
+deliveries/s (K*P over the time until every subscriber has all P).
+"""
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TICK = os.sysconf("SC_CLK_TCK")
+SERVERS = {
+    "longpoll": [sys.executable, "-m", "longpoll", "serve", "--port", "0", "-q",
+                 "--max-timeout", "3600"],
+    "threaded": [sys.executable, os.path.join(HERE, "servers", "threaded.py"), "--port", "0"],
+    "tornado": [sys.executable, os.path.join(HERE, "servers", "tornado_server.py"), "--port", "0"],
+    "floor": [sys.executable, os.path.join(HERE, "servers", "floor.py"), "--port", "0"],
+}
+LENGTH = re.compile(rb"[Cc]ontent-[Ll]ength:\s*(\d+)")
+CURSOR = re.compile(rb'"cursor":\s*"([^"]*)"')
+SENT = re.compile(rb'"t":\s*([0-9.e+-]+),\s*"i":\s*(\d+)')
+
+
+# -- the server under test ------------------------------------------------------------
+
+class ServerProcess:
+    def __init__(self, name):
+        self.name = name
+        self.proc = subprocess.Popen(SERVERS[name], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            match = re.search(r"listening on http://([\d.]+):(\d+)", line)
+            if match:
+                self.host, self.port = match.group(1), int(match.group(2))
+                break
+        else:
+            raise RuntimeError(f"{name} did not start")
+        self.pid = self.proc.pid
+
+    def cpu(self):
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def status(self):
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                out[key] = value.strip()
+        return int(out["VmRSS"].split()[0]) / 1024, int(out["Threads"])
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+# -- clients ---------------------------------------------------------------------------
+
+def _no_time_wait(transport):
+    """Close with RST, so thousands of client sockets leave no TIME_WAIT
+    behind to exhaust the ephemeral ports for the next row."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class HTTP(asyncio.Protocol):
+    """A raw HTTP/1.1 keep-alive connection that hands each response body on."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _no_time_wait(transport)
+
+    def data_received(self, data):
+        buf = self.buf
+        buf += data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            length = int(LENGTH.search(buf, 0, end).group(1))
+            if len(buf) < end + 4 + length:
+                return
+            body = bytes(buf[end + 4:end + 4 + length])
+            del buf[:end + 4 + length]
+            self.on_body(body)
+
+    def on_body(self, body):
+        raise NotImplementedError
+
+
+class Subscriber(HTTP):
+    def __init__(self, run):
+        super().__init__()
+        self.run, self.cursor, self.seen = run, None, set()
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.poll()
+
+    def poll(self):
+        since = b"" if self.cursor is None else b"&since=" + self.cursor
+        self.transport.write(b"GET /channels/bench?timeout=3000&limit=1000" + since
+                             + b" HTTP/1.1\r\nHost: bench\r\n\r\n")
+
+    def on_body(self, body):
+        now = time.monotonic()
+        run = self.run
+        for sent, index in SENT.findall(body):
+            index = int(index)
+            if index in self.seen:
+                run.repeats += 1
+            else:
+                self.seen.add(index)
+                run.latencies.append(now - float(sent))
+        run.delivered = len(run.latencies)
+        if run.delivered >= run.expected and not run.done.done():
+            run.done.set_result(now)
+        self.cursor = CURSOR.search(body).group(1)
+        self.poll()
+
+
+class Publisher(HTTP):
+    def __init__(self):
+        super().__init__()
+        self.answers = asyncio.Queue()
+
+    def on_body(self, body):
+        self.answers.put_nowait(body)
+
+    async def publish(self, index):
+        payload = b'{"message":{"t":%r,"i":%d}}' % (time.monotonic(), index)
+        self.transport.write(b"POST /channels/bench HTTP/1.1\r\nHost: bench\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % len(payload) + payload)
+        return await self.answers.get()
+
+
+class Run:
+    def __init__(self, expected):
+        self.expected, self.latencies, self.repeats, self.delivered = expected, [], 0, 0
+        self.done = asyncio.get_running_loop().create_future()
+
+
+async def health(host, port):
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    body = await reader.readexactly(int(LENGTH.search(head).group(1)))
+    writer.close()
+    return json.loads(body)
+
+
+async def park(server, run, count, timeout=180):
+    loop = asyncio.get_running_loop()
+    subscribers = []
+    for start in range(0, count, 250):  # in waves, within the listen backlog
+        results = await asyncio.gather(*(
+            loop.create_connection(lambda: Subscriber(run), server.host, server.port)
+            for _ in range(start, min(count, start + 250))))
+        subscribers += [protocol for _, protocol in results]
+    deadline = time.monotonic() + timeout
+    while (await health(server.host, server.port))["waiting"] < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name}: not all {count} subscribers parked")
+        await asyncio.sleep(0.1)
+    return subscribers
+
+
+async def connect_publisher(server):
+    _, publisher = await asyncio.get_running_loop().create_connection(
+        Publisher, server.host, server.port)
+    return publisher
+
+
+def close_all(protocols):
+    for protocol in protocols:
+        if protocol.transport is not None:
+            protocol.transport.close()
+
+
+# -- the two kinds of row -----------------------------------------------------------
+
+async def fanout(name, clients, messages, rate, idle_seconds, drain):
+    server = ServerProcess(name)
+    subscribers = []
+    try:
+        run = Run(clients * messages)
+        subscribers = await park(server, run, clients)
+        cpu0, t0 = server.cpu(), time.monotonic()
+        await asyncio.sleep(idle_seconds)
+        idle = (server.cpu() - cpu0) / (time.monotonic() - t0)
+        rss, threads = server.status()
+        publisher = await connect_publisher(server)
+        cpu0 = server.cpu()
+        start = time.monotonic()
+        for index in range(messages):
+            await asyncio.sleep(max(0.0, start + index / rate - time.monotonic()))
+            await publisher.publish(index)
+        try:
+            await asyncio.wait_for(asyncio.shield(run.done), drain)
+        except asyncio.TimeoutError:
+            pass
+        cpu = server.cpu() - cpu0
+        close_all(subscribers + [publisher])
+        latencies = sorted(run.latencies) or [float("nan")]
+        return {
+            "server": name, "clients": clients, "delivered": run.delivered,
+            "expected": run.expected, "repeats": run.repeats,
+            "p50": statistics.median(latencies),
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "max": latencies[-1],
+            "cpu_us": cpu / max(1, run.delivered) * 1e6,
+            "rss": rss, "threads": threads, "idle": idle,
+        }
+    finally:
+        close_all(subscribers)
+        server.stop()
+
+
+async def throughput(name, subscribers_count, publishes, drain):
+    server = ServerProcess(name)
+    subscribers = []
+    try:
+        run = Run(subscribers_count * publishes)
+        subscribers = await park(server, run, subscribers_count)
+        publisher = await connect_publisher(server)
+        await publisher.publish(-1)  # warm the connection up; not counted
+        run.latencies.clear()
+        run.delivered = 0
+        start = time.monotonic()
+        for index in range(publishes):
+            await publisher.publish(index)
+        published = time.monotonic()
+        if subscribers_count:
+            try:
+                await asyncio.wait_for(asyncio.shield(run.done), drain)
+            except asyncio.TimeoutError:
+                pass
+        finished = run.done.result() if run.done.done() else time.monotonic()
+        close_all(subscribers + [publisher])
+        return {
+            "server": name, "subscribers": subscribers_count,
+            "publishes_per_s": publishes / (published - start),
+            "deliveries_per_s": run.delivered / (finished - start) if subscribers_count else None,
+            "delivered": run.delivered, "expected": run.expected, "repeats": run.repeats,
+        }
+    finally:
+        close_all(subscribers)
+        server.stop()
+
+
+# -- the report ----------------------------------------------------------------------
+
+def ms(seconds):
+    return f"{seconds * 1000:,.0f}" if seconds == seconds else "–"
+
+
+def fanout_table(rows):
+    out = ["| server | N | delivered | latency p50 / p99 / max (ms) | CPU µs per delivery "
+           "| vs floor | vs tornado | RSS MB | threads | idle CPU % |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        peers = {r["server"]: r for r in rows if r["clients"] == row["clients"]}
+
+        def ratio(peer):
+            other = peers.get(peer)
+            return f"{row['cpu_us'] / other['cpu_us']:.2f}×" if other and other["delivered"] else "–"
+
+        delivered = f"{row['delivered']:,}/{row['expected']:,}"
+        if row["repeats"]:
+            delivered += f" ({row['repeats']} repeated)"
+        out.append(
+            f"| {row['server']} | {row['clients']:,} | {delivered} | {ms(row['p50'])} / "
+            f"{ms(row['p99'])} / {ms(row['max'])} | {row['cpu_us']:.1f} | {ratio('floor')} | "
+            f"{ratio('tornado')} | {row['rss']:.0f} | {row['threads']} | {row['idle'] * 100:.2f} |")
+    return "\n".join(out)
+
+
+def throughput_table(rows):
+    out = ["| server | K subscribers | publishes/s | vs tornado | deliveries/s | vs tornado | delivered |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        peer = next((r for r in rows if r["server"] == "tornado"
+                     and r["subscribers"] == row["subscribers"]), None)
+        pub_ratio = f"{row['publishes_per_s'] / peer['publishes_per_s']:.1f}×" if peer else "–"
+        if row["deliveries_per_s"] is None:
+            deliveries, del_ratio, delivered = "–", "–", "–"
+        else:
+            deliveries = f"{row['deliveries_per_s']:,.0f}"
+            del_ratio = (f"{row['deliveries_per_s'] / peer['deliveries_per_s']:.1f}×"
+                         if peer and peer["deliveries_per_s"] else "–")
+            delivered = f"{row['delivered']:,}/{row['expected']:,}"
+            if row["repeats"]:
+                delivered += f" ({row['repeats']} repeated)"
+        out.append(f"| {row['server']} | {row['subscribers']} | {row['publishes_per_s']:,.0f} | "
+                   f"{pub_ratio} | {deliveries} | {del_ratio} | {delivered} |")
+    return "\n".join(out)
+
+
+async def main_async(args):
+    servers = args.servers.split(",")
+    fanout_rows, throughput_rows = [], []
+    if not args.throughput_only:
+        for clients in (int(n) for n in args.clients.split(",")):
+            for name in servers:
+                print(f"fan-out: {name}, N={clients} ...", file=sys.stderr, flush=True)
+                try:
+                    fanout_rows.append(await fanout(name, clients, args.messages, args.rate,
+                                                    args.idle_seconds, args.drain))
+                except Exception as exc:  # one server failing must not end the matrix
+                    print(f"  {name} failed at N={clients}: {exc!r}", file=sys.stderr)
+    if not args.fanout_only:
+        for count in (int(k) for k in args.subscribers.split(",")):
+            for name in servers:
+                print(f"throughput: {name}, K={count} ...", file=sys.stderr, flush=True)
+                try:
+                    throughput_rows.append(await throughput(name, count, args.publishes, args.drain))
+                except Exception as exc:
+                    print(f"  {name} failed at K={count}: {exc!r}", file=sys.stderr)
+    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    print(f"`{command.strip()}` — {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    if fanout_rows:
+        print(f"Fan-out: {args.messages} messages at {args.rate:g}/s to N parked subscribers "
+              f"(idle CPU over {args.idle_seconds:g} s with all parked).\n")
+        print(fanout_table(fanout_rows) + "\n")
+    if throughput_rows:
+        print(f"Throughput: {args.publishes} publishes back-to-back over one keep-alive "
+              "connection, K subscribers parked.\n")
+        print(throughput_table(throughput_rows))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default="longpoll,floor,tornado,threaded")
+    parser.add_argument("--clients", default="1000,5000,10000", help="N for the fan-out rows")
+    parser.add_argument("--messages", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=10.0)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--drain", type=float, default=60.0,
+                        help="seconds to wait for the last deliveries")
+    parser.add_argument("--subscribers", default="0,100", help="K for the throughput rows")
+    parser.add_argument("--publishes", type=int, default=2000)
+    parser.add_argument("--fanout-only", action="store_true")
+    parser.add_argument("--throughput-only", action="store_true")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
