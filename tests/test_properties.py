@@ -195,3 +195,47 @@ def test_server_keeps_serving_through_malformed_requests(server):
     assert [m["message"] for m in results[0].json["messages"]] == ["delivered"]
     assert [m.message for m in server.hub.read("keep", "0").messages] == ["stored", "delivered"]
     assert request(server, "GET", "/health").json["status"] == "ok"
+
+
+# -- the fast request parser agrees with http.server's -------------------------------
+
+token = st.text(alphabet="!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                min_size=1, max_size=20)
+header_value = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=255,
+                                              blacklist_characters="\x7f"), max_size=40)
+
+
+def _parse(raw, fast):
+    from http.server import BaseHTTPRequestHandler
+    import io
+    handler = longpoll.Handler(None, ("127.0.0.1", 0))
+    handler.rfile = io.BytesIO(raw)
+    handler.raw_requestline = handler.rfile.readline(65537)
+    handler.close_connection = True
+    ok = (longpoll.Handler.parse_request(handler) if fast
+          else BaseHTTPRequestHandler.parse_request(handler))
+    return ok, handler
+
+
+@settings(max_examples=300, deadline=None)
+@given(method=st.sampled_from(["GET", "POST", "HEAD", "PUT"]),
+       path=st.text(alphabet="/abc?&=%09xyz", min_size=1, max_size=30).map(lambda p: "/" + p),
+       version=st.sampled_from(["HTTP/1.1", "HTTP/1.0"]),
+       headers=st.lists(st.tuples(token, header_value), max_size=12),
+       connection=st.sampled_from([None, "close", "keep-alive", "Keep-Alive", "CLOSE", "x"]))
+def test_fast_parse_request_matches_http_server(method, path, version, headers, connection):
+    if connection is not None:
+        headers = headers + [("Connection", connection)]
+    raw = (f"{method} {path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+           + "\r\nbody").encode("latin-1")
+    fast_ok, fast = _parse(raw, fast=True)
+    slow_ok, slow = _parse(raw, fast=False)
+    assert fast_ok and slow_ok
+    assert (fast.command, fast.path, fast.request_version, fast.close_connection) == \
+        (slow.command, slow.path, slow.request_version, slow.close_connection)
+    assert fast.headers.items() == slow.headers.items()
+    for name, _ in headers:
+        assert fast.headers.get(name) == slow.headers.get(name)
+        assert fast.headers.get_all(name) == slow.headers.get_all(name)
+    assert fast.headers.get_content_type() == slow.headers.get_content_type()
+    assert fast.rfile.read() == slow.rfile.read() == b"body"
