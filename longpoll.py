@@ -136,6 +136,13 @@ def check_channel(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
+def _channels_in_path(text: str) -> tuple[str, ...]:
+    """The channel names of a /channels/{names} path, checked (cached: the
+    same few paths come back with every poll; errors are not cached)."""
+    return _check_channels(urllib.parse.unquote(text).split(","))
+
+
 def _check_channels(channels: str | Iterable[str]) -> tuple[str, ...]:
     names = (channels,) if isinstance(channels, str) else tuple(channels)
     if not names:
@@ -292,6 +299,7 @@ class Hub:
         self._seq = 0
         self._waiting = 0
         self._closed = False
+        self._positions: dict[str, Position] = {}  # settled cursors, placed once
 
     # -- state --------------------------------------------------------------
 
@@ -364,6 +372,9 @@ class Hub:
             return Position(self._seq, False, False)
         if since == "0":
             return Position(0, True, False)
+        position = self._positions.get(since)
+        if position is not None:
+            return position
         match = CURSOR_RE.match(since) if isinstance(since, str) else None
         if not match:
             raise _bad_request(
@@ -371,7 +382,10 @@ class Hub:
         seq = int(match.group(2))
         if match.group(1) != self.history or seq > self._seq:
             return Position(0, False, True)  # another history: answer from the oldest
-        return Position(seq, False, False)
+        if len(self._positions) >= 1024:  # a cursor of ours never changes place
+            self._positions.clear()
+        position = self._positions[since] = Position(seq, False, False)
+        return position
 
     def _read(self, names: tuple[str, ...], position: Position, limit: int) -> Batch:
         """Read under the lock: messages after *position* in *names*, merged."""
@@ -588,11 +602,15 @@ def _parse_priority(value: str) -> int:
         "priority must be 1-5 or one of min, low, default, high, max, urgent")
 
 
-def _response(status: HTTPStatus, body: bytes, content_type: str, date: str,
+_STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}"
+                 for status in HTTPStatus}
+
+
+def _response(status: int, body: bytes, content_type: str, date: str,
               headers: Iterable[tuple[str, str]] = (), connection: str | None = None,
               head_only: bool = False) -> bytes:
     """A whole HTTP/1.1 response as bytes, ready for one send."""
-    lines = [f"HTTP/1.1 {status.value} {status.phrase}",
+    lines = [_STATUS_LINES[status],
              f"Server: longpoll/{__version__}",
              f"Date: {date}",
              f"Content-Type: {content_type}",
@@ -719,9 +737,6 @@ class Handler(BaseHTTPRequestHandler):
         if len(line) > self.max_request_line:
             self.refuse(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
             return
-        if not str(line, "iso-8859-1").split():  # parse_request would not answer
-            self.refuse(HTTPStatus.BAD_REQUEST, "empty request line")
-            return
         if not self.parse_request():  # it has answered with send_error
             return
         if self.request_version == "HTTP/0.9":
@@ -741,6 +756,9 @@ class Handler(BaseHTTPRequestHandler):
         versions) goes to http.server's own parser, errors and all."""
         requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = requestline.split()
+        if not words:  # http.server would return False without answering
+            self.refuse(HTTPStatus.BAD_REQUEST, "empty request line")
+            return False
         rfile = self.rfile
         start = rfile.tell()
         if len(words) == 3 and words[2] in ("HTTP/1.1", "HTTP/1.0"):
@@ -796,10 +814,9 @@ class Handler(BaseHTTPRequestHandler):
                 content_type: str = "application/json",
                 headers: Iterable[tuple[str, str]] = ()) -> None:
         """Write the whole response (status, headers, body) at once."""
-        status = HTTPStatus(status)
         self.wfile.write(_response(status, body, content_type, self.server.date(), headers,
                                    self.connection_header(), self.command == "HEAD"))
-        self.log_request(status.value, len(body))
+        self.log_request(int(status), len(body))
 
     def respond_json(self, status: int, obj: Any, **kwargs: Any) -> None:
         self.respond(status, _json_body(obj), **kwargs)
@@ -832,8 +849,7 @@ class Handler(BaseHTTPRequestHandler):
     def route(self, path: str) -> tuple[dict[str, str], tuple]:
         """Map *path* to {method: handler name} and the handler's arguments."""
         if path.startswith("/channels/"):
-            names = urllib.parse.unquote(path[10:]).split(",")
-            return self.channel_routes, (_check_channels(names),)
+            return self.channel_routes, (_channels_in_path(path[10:]),)
         methods = self.routes.get(path)
         if methods is None:
             raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
@@ -1339,10 +1355,13 @@ class Server:
         body, date, responses = batch.to_json(), self.date(), {}
         conns = list(group.conns)
         group.conns.clear()
-        for conn in conns:
+        self._parked -= len(conns)
+        log = logger.isEnabledFor(logging.INFO)
+        for conn in conns:  # the hot loop of every fan-out: kept lean
             conn.group = None
-            self._parked -= 1
-            self._set_timer(conn, None)
+            if conn.timer is not None:
+                self._stale += 1
+                conn.timer = None
             handler = conn.handler
             handler.parked = False
             variant = handler.connection_header()
@@ -1350,10 +1369,15 @@ class Server:
             if data is None:
                 data = responses[variant] = _response(
                     HTTPStatus.OK, body, "application/json", date, (), variant)
-            handler.log_request(200, len(body))
+            if log:
+                handler.log_request(200, len(body))
             self._answered(conn, data)
+        deadline = time.monotonic() + self.read_timeout
         for conn in conns:
-            self._process(conn)
+            if conn.inbuf or conn.closed or conn.outbuf or conn.close_after:
+                self._process(conn)  # pipelined input, or something unusual
+            else:
+                conn.deadline = deadline  # idle until its next poll
 
     def _serve_takers(self) -> None:
         self._taker_watch = None
