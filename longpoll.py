@@ -39,6 +39,7 @@ __all__ = [
     "Hub",
     "LongpollError",
     "Message",
+    "Position",
     "Server",
     "Subscription",
     "main",
@@ -281,7 +282,8 @@ class Hub:
     placed and is answered from the oldest held message with ``gap`` set.
 
     Methods that may be overridden or used by servers: ``publish``,
-    ``read``, ``wait``, ``take``, ``watch``, ``prune``, ``close``.
+    ``read``, ``wait``, ``take``, ``watch``, ``prune``, ``close``; and for
+    a server's hot path ``locate`` (place a cursor once) and ``read_checked``.
     """
 
     def __init__(self, retention: int = DEFAULT_RETENTION,
@@ -310,7 +312,8 @@ class Hub:
 
     @property
     def waiting(self) -> int:
-        """How many ``wait``/``take`` calls (and watchers) are parked now."""
+        """How many blocking ``wait``/``take`` calls are parked now (a
+        server's parked requests are counted by ``Server.waiting``)."""
         return self._waiting
 
     @property

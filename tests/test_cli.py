@@ -236,7 +236,7 @@ def test_help_examples_work_when_pasted(serve):
                                     text=True, stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL)
             lines = queue.Queue()
-            threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout],
+            threading.Thread(target=lambda q=lines, out=proc.stdout: [q.put(x) for x in out],
                              daemon=True).start()
             try:
                 wait_until(lambda: get_json(server.url + "/health")["waiting"] > before)

@@ -6,7 +6,7 @@ import threading
 import urllib.parse
 import uuid
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import longpoll
