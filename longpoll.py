@@ -1930,10 +1930,12 @@ class Client:
                           None, self._socket_timeout(hold))
 
     def subscribe(self, channels: str | Iterable[str], since: str | None = None, *,
-                  timeout: float | None = None) -> "Subscription":
+                  timeout: float | None = None,
+                  on_connection: Callable[[bool, LongpollError | None], None] | None = None
+                  ) -> "Subscription":
         """An endless iterator of messages (dicts); see ``Subscription``."""
         return Subscription(self, channels, since,
-                            self.timeout if timeout is None else timeout)
+                            self.timeout if timeout is None else timeout, on_connection)
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/health", None, self._socket_timeout(0))
@@ -2029,14 +2031,18 @@ class Subscription:
     Keeps its cursor (``self.cursor``), so no message is lost or repeated
     across polls, reconnects and failovers between servers that share
     history. Connection errors, 5xx and 429 are retried forever with
-    backoff. When the server reports that messages were lost (retention
-    dropped them, or it restarted), the next message carries ``"gap": True``
-    and ``self.gaps`` counts it. Other errors (e.g. 403) are raised.
-    Usable as a context manager.
+    backoff; *on_connection(connected, error)*, if given, is called when
+    the connection is lost and when it is back. When the server reports that
+    messages were lost (retention dropped them, or it restarted), the next
+    message carries ``"gap": True`` and ``self.gaps`` counts it. Other
+    errors (e.g. 403) are raised. ``batches()`` gives each server answer
+    whole instead. Usable as a context manager.
     """
 
     def __init__(self, client: Client, channels: str | Iterable[str],
-                 since: str | None, timeout: float) -> None:
+                 since: str | None, timeout: float,
+                 on_connection: Callable[[bool, LongpollError | None], None] | None = None
+                 ) -> None:
         self.client = client
         self.channels = _check_channels(channels)
         #: Where the next poll starts: pass it as ``since`` to resume later.
@@ -2044,42 +2050,57 @@ class Subscription:
         #: How many times the server reported lost messages.
         self.gaps = 0
         self.timeout = timeout
+        self.on_connection = on_connection
         self._stop = threading.Event()
         self._cutoff = _Cutoff()
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        client, failures, gap_pending = self.client, 0, False
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Each server answer that says something, as received:
+        ``{"messages": [...], "cursor": ..., "gap"?: true}``. The cursor
+        moves past an answer when the next one is asked for."""
+        client, failures, connected, gap_pending = self.client, 0, None, False
         while not self._stop.is_set():
             path = client._poll_path(self.channels, self.cursor, self.timeout, None)
             try:
-                batch = client._request("GET", path, None,
-                                        client._socket_timeout(self.timeout), self._cutoff)
+                answer = client._request("GET", path, None,
+                                         client._socket_timeout(self.timeout), self._cutoff)
             except LongpollError as error:
                 if self._stop.is_set():
                     break
                 if not client._retryable(error, safe=True):
                     raise
+                if connected is not False and self.on_connection is not None:
+                    self.on_connection(False, error)
+                connected = False
                 failures += 1
                 client._failover(error)
                 self._stop.wait(client._delay(failures, _retry_after(error)))
                 continue
             finally:
                 self._cutoff.sockets.clear()
-            failures = 0
-            if batch.get("gap"):
+            if connected is False and self.on_connection is not None:
+                self.on_connection(True, None)
+            connected, failures = True, 0
+            messages = answer.setdefault("messages", [])
+            if answer.get("gap"):
                 self.gaps += 1
                 gap_pending = True
                 logger.warning("messages on %s were lost before they could be read",
                                ",".join(self.channels))
-            for message in batch.get("messages", []):
-                if gap_pending:
-                    message["gap"], gap_pending = True, False
+            if messages or answer.get("gap"):
+                if gap_pending and messages:
+                    messages[0]["gap"], gap_pending = True, False
+                yield answer
+            self.cursor = answer["cursor"]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for answer in self.batches():
+            for message in answer["messages"]:
                 if len(self.channels) == 1:  # a message id is a cursor too
                     self.cursor = message["id"]
                 yield message
                 if self._stop.is_set():
                     return
-            self.cursor = batch["cursor"]
 
     def close(self) -> None:
         """Stop iterating; cuts a held poll short. Safe from any thread."""

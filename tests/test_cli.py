@@ -268,3 +268,6 @@ def test_console_script_is_installed():
         pytest.skip("longpoll is not pip-installed in this environment")
     done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=20)
     assert done.returncode == 0 and longpoll.__version__ in done.stdout
+    done = subprocess.run([script + "-notify", "--help"], capture_output=True, text=True,
+                          timeout=20)
+    assert done.returncode == 0 and "--min-priority" in done.stdout

@@ -1,0 +1,155 @@
+"""A real, private desktop-notification stack for tests: Xvfb + a session
+D-Bus of our own + dunst (recipe: ../shared/E2E-RECIPES.md)."""
+import json
+import os
+import select
+import shutil
+import subprocess
+import time
+
+TOOLS = ("Xvfb", "dbus-daemon", "dbus-send", "dunst", "dunstctl", "busctl", "import", "identify")
+
+# Like the stock session.conf, but with no service directories: nothing is
+# ever D-Bus-activated behind our back (the stock one would start a dunst).
+BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:tmpdir=/tmp</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
+# Never merge duplicates, keep a long history, and render the urgency into
+# each notification's text (dunstctl history has no urgency field).
+DUNSTRC = """[global]
+    font = DejaVu Sans 11
+    width = 420
+    origin = top-right
+    offset = 10x10
+    notification_limit = 0
+    stack_duplicates = false
+    history_length = 1000
+    sticky_history = yes
+    idle_threshold = 0
+    show_indicators = no
+[urgency_low]
+    timeout = 0
+    format = "LOW|%s|%b"
+[urgency_normal]
+    timeout = 0
+    format = "NORMAL|%s|%b"
+[urgency_critical]
+    timeout = 0
+    format = "CRITICAL|%s|%b"
+"""
+
+
+def missing_tools():
+    return [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
+def _read_line(fd, timeout, what):
+    buf, deadline = b"", time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise RuntimeError(f"timed out waiting for {what}")
+        chunk = os.read(fd, 256)
+        if not chunk:
+            raise RuntimeError(f"{what} exited before it was ready")
+        buf += chunk
+    return buf.decode().strip()
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+class NotifyStack:
+    def __init__(self, tmp, dunstrc=DUNSTRC):
+        self.tmp, self.procs, self.env, self.dunstrc = tmp, [], None, dunstrc
+
+    def start(self):
+        (self.tmp / "bus.conf").write_text(BUS_CONF)
+        (self.tmp / "dunstrc").write_text(self.dunstrc)
+        r, w = os.pipe()
+        with open(self.tmp / "xvfb.log", "w") as log:
+            xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "1280x720x24",
+                                     "-nolisten", "tcp"], pass_fds=(w,),
+                                    stdout=subprocess.DEVNULL, stderr=log)
+        self.procs.append(xvfb)
+        os.close(w)
+        display = ":" + _read_line(r, 15, "Xvfb")
+        os.close(r)
+        with open(self.tmp / "dbus.log", "w") as log:
+            bus = subprocess.Popen(["dbus-daemon", f"--config-file={self.tmp / 'bus.conf'}",
+                                    "--nofork", "--nopidfile", "--print-address=1"],
+                                   stdout=subprocess.PIPE, stderr=log)
+        self.procs.append(bus)
+        address = _read_line(bus.stdout.fileno(), 10, "dbus-daemon")
+        self.env = dict(os.environ, DISPLAY=display, DBUS_SESSION_BUS_ADDRESS=address)
+        self.env.pop("WAYLAND_DISPLAY", None)
+        with open(self.tmp / "dunst.log", "w") as log:
+            dunst = subprocess.Popen(["dunst", "-config", str(self.tmp / "dunstrc")],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(dunst)
+        deadline = time.monotonic() + 10
+        while "true" not in self.run("dbus-send", "--session", "--print-reply=literal",
+                                     "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                     "org.freedesktop.DBus.NameHasOwner",
+                                     "string:org.freedesktop.Notifications"):
+            if dunst.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("dunst did not come up: " + (self.tmp / "dunst.log").read_text())
+            time.sleep(0.05)
+        return self
+
+    def stop(self):
+        for proc in reversed(self.procs):  # dunst, the bus, then Xvfb
+            _stop(proc)
+
+    def run(self, *args):
+        return subprocess.run(args, env=self.env, check=True, capture_output=True, text=True,
+                              timeout=10).stdout
+
+    def history(self):
+        """Every notification dunst received, newest first (close-all first:
+        dunstctl history lists only closed ones)."""
+        self.run("dunstctl", "close-all")
+        raw = json.loads(self.run("dunstctl", "history"))
+        return [{k: v["data"] for k, v in n.items()} for n in raw["data"][0]]
+
+    def wait_for(self, summary, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            for n in self.history():
+                if n["summary"] == summary:
+                    return n
+            if time.monotonic() > deadline:
+                raise AssertionError(f"dunst never got {summary!r}: {self.history()[:5]}")
+            time.sleep(0.05)
+
+    def screenshot(self, path):
+        """Screenshot the whole screen; return its number of colours (1: black)."""
+        deadline = time.monotonic() + 5
+        while int(self.run("dunstctl", "count", "displayed")) < 1:
+            assert time.monotonic() < deadline, "no popup displayed"
+            time.sleep(0.05)
+        time.sleep(0.3)  # let dunst paint before the picture (not synchronisation)
+        subprocess.run(["import", "-window", "root", str(path)], env=self.env, check=True,
+                       timeout=20)
+        return int(subprocess.run(["identify", "-format", "%k", str(path)], check=True,
+                                  capture_output=True, text=True).stdout)
