@@ -247,7 +247,8 @@ def desktop_notify(app_name: str = "longpoll") -> Notify:
                                 "(on Linux: a notification daemon and D-Bus; or use --print)"
                                 ) from None
         except Exception as exc:  # dbus.exceptions.DBusException and friends
-            raise NotifierError(f"could not show a notification: {exc}") from None
+            raise NotifierError(f"could not show a notification ({exc}); is a notification "
+                                "daemon running on this desktop? Or use --print") from None
 
     return notify
 

@@ -208,3 +208,22 @@ def test_python_m_notifier_and_bad_channel(server):
     done = subprocess.run([sys.executable, "-m", "notifier", "bad name!", "--print"],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "invalid channel name" in done.stderr
+
+
+def test_no_working_backend_is_one_clear_line(server):
+    pytest.importorskip("plyer")
+    env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS="unix:path=/nonexistent/bus", PATH="/nonexistent")
+    env.pop("DISPLAY", None)
+    proc = subprocess.Popen([sys.executable, "notifier.py", "news", "--no-state", "--url",
+                             server.url], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: server.waiting == 1)
+        server.hub.publish("news", "nobody to show this")
+        assert proc.wait(15) == 1
+        err = proc.stderr.read()
+        assert err.startswith("longpoll-notify: ") and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
