@@ -605,6 +605,13 @@ def _parse_priority(value: str) -> int:
         "priority must be 1-5 or one of min, low, default, high, max, urgent")
 
 
+def _sse_events(batch: Batch) -> bytes:
+    """A batch as Server-Sent Events: a gap event, then one event per message."""
+    parts = [b"event: gap\ndata: {}\n\n"] if batch.gap else []
+    parts += [b"id: " + m.id.encode() + b"\ndata: " + m.json + b"\n\n" for m in batch.messages]
+    return b"".join(parts)
+
+
 _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}"
                  for status in HTTPStatus}
 
@@ -804,6 +811,18 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- answering ------------------------------------------------------------
 
+    def cors_headers(self) -> tuple[tuple[str, str], ...]:
+        """CORS headers for this request's Origin, if the server allows it."""
+        allowed = self.server.cors_origins
+        origin = self.headers.get("Origin") if allowed else None
+        if not origin:
+            return ()
+        if "*" in allowed:
+            return (("Access-Control-Allow-Origin", "*"),)
+        if origin in allowed:
+            return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
+        return ()
+
     def connection_header(self) -> str | None:
         """The Connection header this response needs, if any."""
         if self.close_connection or self.server.closing:
@@ -817,6 +836,7 @@ class Handler(BaseHTTPRequestHandler):
                 content_type: str = "application/json",
                 headers: Iterable[tuple[str, str]] = ()) -> None:
         """Write the whole response (status, headers, body) at once."""
+        headers = (*headers, *self.cors_headers()) if self.server.cors_origins else headers
         self.wfile.write(_response(status, body, content_type, self.server.date(), headers,
                                    self.connection_header(), self.command == "HEAD"))
         self.log_request(int(status), len(body))
@@ -852,6 +872,8 @@ class Handler(BaseHTTPRequestHandler):
     def route(self, path: str) -> tuple[dict[str, str], tuple]:
         """Map *path* to {method: handler name} and the handler's arguments."""
         if path.startswith("/channels/"):
+            if path.endswith("/events"):
+                return {"GET": "handle_events"}, (_channels_in_path(path[10:-7]),)
             return self.channel_routes, (_channels_in_path(path[10:]),)
         methods = self.routes.get(path)
         if methods is None:
@@ -864,6 +886,9 @@ class Handler(BaseHTTPRequestHandler):
             path, _, query = self.path.partition("?")
             self.query = _parse_query(query)
             methods, args = self.route(path)
+            if self.command == "OPTIONS" and self.cors_headers():
+                self.respond_preflight(methods)
+                return
             name = methods.get(self.command)
             if name is None:
                 allow = ", ".join(methods)
@@ -877,6 +902,15 @@ class Handler(BaseHTTPRequestHandler):
             logger.exception("error serving %r", self.requestline)
             self.respond_error(LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR,
                                              "internal server error"))
+
+    def respond_preflight(self, methods: dict[str, str]) -> None:
+        """A CORS preflight from an allowed origin: 204 with what may follow."""
+        requested = self.headers.get("Access-Control-Request-Headers")
+        self.respond(HTTPStatus.NO_CONTENT, b"", headers=(
+            ("Access-Control-Allow-Methods", ", ".join([*methods, "OPTIONS"])),
+            ("Access-Control-Allow-Headers", requested or "Content-Type, Authorization, "
+             "Last-Event-ID, Title, Priority, X-Title, X-Priority"),
+            ("Access-Control-Max-Age", "86400")))
 
     # Each method name the protocol knows is routed; route() says 405.
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
@@ -987,8 +1021,16 @@ class Handler(BaseHTTPRequestHandler):
                           {"id": msg.id, "channel": msg.channel, "time": msg.time})
 
     def handle_poll(self, names: tuple[str, ...]) -> None:
+        if "text/event-stream" in self.headers.get("Accept", ""):
+            self.handle_events(names)
+            return
         since = self.query.get("since") or None  # an empty since means absent
         self.server.poll(self, names, since, self.param_timeout(), self.param_limit())
+
+    def handle_events(self, names: tuple[str, ...]) -> None:
+        """Server-Sent Events: resume from Last-Event-ID, else ``since``."""
+        since = self.headers.get("Last-Event-ID") or self.query.get("since") or None
+        self.server.stream(self, names, since)
 
     def handle_send(self) -> None:
         message, title, priority = self.parse_publish_body()
@@ -1014,7 +1056,7 @@ class _Connection:
 
     __slots__ = ("sock", "handler", "inbuf", "outbuf", "closed", "busy", "group",
                  "taking", "timer", "deadline", "close_after", "linger",
-                 "continue_sent", "partial")
+                 "continue_sent", "partial", "stream")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -1031,6 +1073,7 @@ class _Connection:
         self.linger = 0              # bytes still to read and drop before closing
         self.continue_sent = False
         self.partial = 0.0           # when the request now arriving began
+        self.stream = False          # an event stream (SSE): answered until it closes
 
 
 class _Group:
@@ -1096,12 +1139,15 @@ class Server:
     #: seconds, so each answer carries a batch instead of one message; a
     #: poll is never held back longer than this. 0 turns it off.
     coalesce = 0.005
+    #: Seconds between keepalive comments on event streams (SSE).
+    keepalive = 15.0
 
     def __init__(self, address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
                  hub: Hub | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT,
                  max_body: int = MAX_BODY, read_timeout: float = 30.0,
-                 workers: int = 4, handler_class: type[Handler] = Handler) -> None:
+                 cors_origins: Iterable[str] = (), workers: int = 4,
+                 handler_class: type[Handler] = Handler) -> None:
         #: The hub holding this server's channels.
         self.hub = hub if hub is not None else Hub()
         #: Hold, in seconds, of a long-poll that names no timeout.
@@ -1113,6 +1159,8 @@ class Server:
         #: Seconds a connection may idle between requests, take to send one,
         #: or take to read an answer, before it is closed.
         self.read_timeout = read_timeout
+        #: Origins whose pages may call this server from a browser ("*": any).
+        self.cors_origins = frozenset(cors_origins)
         self.handler_class = handler_class
         self.started = time.monotonic()
         self.closing = False
@@ -1137,6 +1185,8 @@ class Server:
         self._groups: dict[tuple, _Group] = {}
         self._fired: dict[_Group, None] = {}   # groups to answer at the next fan-out
         self._last_fanout = 0.0
+        self._streams = 0
+        self._next_keepalive = 0.0
         self._takers: collections.deque[_Connection] = collections.deque()
         self._taker_watch: Callable[[], None] | None = None
         self._parked = 0
@@ -1276,17 +1326,42 @@ class Server:
             return
         # Nothing yet: park until a publish. Or a burst is on: join the next
         # fan-out (within `coalesce` seconds), to take a batch.
-        key = (names, position, limit)
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = _Group(key)
-            group.cancel = hub.watch(names, functools.partial(
-                self._call_soon, functools.partial(self._wake, group)), since=position)
-        group.conns[handler.conn] = None
-        handler.conn.group = group
+        group = self._join(handler.conn, (names, position, limit))
         self._park(handler.conn, timeout)
         if ready:
             self._fired[group] = None
+
+    def stream(self, handler: Handler, names: tuple[str, ...], since: str | None) -> None:
+        """Start an event stream: what is there after *since*, then every
+        message as it comes, until the client goes (or the server closes)."""
+        position = self.hub.locate(since)
+        head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8", self.date(),
+                         (("X-Accel-Buffering", "no"), *handler.cors_headers()), "close",
+                         head_only=True)
+        head = head.replace(b"Content-Length: 0\r\n", b"")  # the body ends at the close
+        handler.close_connection = True
+        handler.wfile.write(head + b": connected\n\n")
+        handler.log_request(200, "-")
+        conn = handler.conn
+        if self.closing or self.hub.closed or conn is None:
+            return
+        conn.stream = True
+        self._streams += 1
+        group = self._join(conn, (names, position, MAX_LIMIT))
+        self._park(conn, None)
+        self._fired[group] = None  # send what is already there at the next fan-out
+
+    def _join(self, conn: _Connection, key: tuple) -> "_Group":
+        """Put *conn* in the group waiting at *key* (made, and watched, if new)."""
+        group = self._groups.get(key)
+        if group is None:
+            names, position, _ = key
+            group = self._groups[key] = _Group(key)
+            group.cancel = self.hub.watch(names, functools.partial(
+                self._call_soon, functools.partial(self._wake, group)), since=position)
+        group.conns[conn] = None
+        conn.group = group
+        return group
 
     def take(self, handler: Handler, channel: str, timeout: float) -> None:
         """``/receive``: hand over the next untaken message, or park."""
@@ -1302,11 +1377,11 @@ class Server:
             self._taker_watch = self.hub.watch(
                 channel, functools.partial(self._call_soon, self._serve_takers), since=head)
 
-    def _park(self, conn: _Connection, timeout: float) -> None:
+    def _park(self, conn: _Connection, timeout: float | None) -> None:
         conn.handler.parked = True
         conn.deadline = None
         self._parked += 1
-        self._set_timer(conn, time.monotonic() + timeout)
+        self._set_timer(conn, None if timeout is None else time.monotonic() + timeout)
 
     def _unpark(self, conn: _Connection) -> None:
         group = conn.group
@@ -1360,23 +1435,40 @@ class Server:
         group.conns.clear()
         self._parked -= len(conns)
         log = logger.isEnabledFor(logging.INFO)
+        events: bytes | None = None
         for conn in conns:  # the hot loop of every fan-out: kept lean
             conn.group = None
             if conn.timer is not None:
                 self._stale += 1
                 conn.timer = None
             handler = conn.handler
+            if conn.stream:  # an event stream: send the events, wait at the next position
+                if events is None:
+                    events = _sse_events(batch)
+                    after = (names, self.hub.locate(batch.cursor), limit)
+                self._answered(conn, events, final=False)
+                if self.closing or self.hub.closed:
+                    conn.close_after = True
+                    if not conn.outbuf:
+                        self._close(conn)
+                elif not conn.closed:
+                    self._join(conn, after)
+                    self._parked += 1
+                continue
             handler.parked = False
-            variant = handler.connection_header()
+            variant = (handler.connection_header(),
+                       handler.cors_headers() if self.cors_origins else ())
             data = responses.get(variant)
             if data is None:
                 data = responses[variant] = _response(
-                    HTTPStatus.OK, body, "application/json", date, (), variant)
+                    HTTPStatus.OK, body, "application/json", date, variant[1], variant[0])
             if log:
                 handler.log_request(200, len(body))
             self._answered(conn, data)
         deadline = time.monotonic() + self.read_timeout
         for conn in conns:
+            if conn.stream:
+                continue
             if conn.inbuf or conn.closed or conn.outbuf or conn.close_after:
                 self._process(conn)  # pipelined input, or something unusual
             else:
@@ -1462,6 +1554,8 @@ class Server:
         timeout = min(poll_interval, max(0.0, self._next_sweep - now))
         if self._fired:
             timeout = min(timeout, max(0.0, self._last_fanout + self.coalesce - now))
+        if self._streams:
+            timeout = min(timeout, max(0.0, self._next_keepalive - now))
         timers = self._timers
         while timers and timers[0][2].timer != timers[0][1]:
             heapq.heappop(timers)  # cancelled
@@ -1497,6 +1591,10 @@ class Server:
             self._next_sweep = now + self.sweep_interval
             self._sweep(now)
             self.service_actions()
+        if self._streams and now >= self._next_keepalive:
+            self._next_keepalive = now + self.keepalive
+            for conn in [c for c in self._connections if c.stream]:
+                self._answered(conn, b": keepalive\n\n", final=False)
 
     def _sweep(self, now: float) -> None:
         """Close connections past their deadline: idle ones, slow requests,
@@ -1752,6 +1850,9 @@ class Server:
     def _close(self, conn: _Connection) -> None:
         if conn.closed:
             return
+        if conn.stream:
+            conn.stream = False
+            self._streams -= 1
         self._unpark(conn)
         conn.closed = True
         self._connections.discard(conn)
@@ -1770,6 +1871,8 @@ class Server:
         for conn in list(self._connections):
             if conn.taking:
                 self._expire(conn)
+            elif conn.stream and not conn.outbuf:
+                self._close(conn)
             elif not (conn.busy or conn.group or conn.outbuf or conn.linger):
                 self._close(conn)
 
@@ -2147,7 +2250,8 @@ def _serve(args: Any) -> int:
     hub = Hub(retention=args.retention, max_age=args.max_age or None)
     try:
         server = make_server(args.host, args.port, hub, timeout=args.timeout,
-                             max_timeout=args.max_timeout, max_body=args.max_body)
+                             max_timeout=args.max_timeout, max_body=args.max_body,
+                             cors_origins=args.cors_origin)
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
         return 1
@@ -2241,6 +2345,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds a message is kept, 0 for no limit (default 86400)")
     serve.add_argument("--max-body", type=int, default=MAX_BODY,
                        help="largest request body in bytes (default 1048576)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let pages from ORIGIN (e.g. https://example.com) publish and "
+                            "subscribe; repeatable; * for any")
     add_logging(serve)
 
     publish = commands.add_parser(
