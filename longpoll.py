@@ -1047,8 +1047,15 @@ class Handler(BaseHTTPRequestHandler):
             "uptime": round(time.monotonic() - self.server.started, 3)})
 
     def handle_index(self) -> None:
-        self.respond(HTTPStatus.OK, INDEX_TEXT.format(version=__version__).encode(),
-                     content_type="text/plain; charset=utf-8")
+        """The live page for browsers; a short help text for curl and friends."""
+        if "text/html" in self.headers.get("Accept", ""):
+            self.respond(HTTPStatus.OK, INDEX_HTML.encode(), content_type="text/html; charset=utf-8",
+                         headers=(("Content-Security-Policy",
+                                   "default-src 'self'; script-src 'unsafe-inline'; "
+                                   "style-src 'unsafe-inline'"),))
+        else:
+            self.respond(HTTPStatus.OK, INDEX_TEXT.format(version=__version__).encode(),
+                         content_type="text/plain; charset=utf-8")
 
 
 class _Connection:
@@ -2228,6 +2235,125 @@ Publish:   curl -d 'hello' HOST/channels/NAME
 Read:      curl 'HOST/channels/NAME?since=0'
 Wait:      curl HOST/channels/NAME      (holds until the next message)
 Health:    curl HOST/health
+Watch:     open HOST/?channel=NAME in a browser
+"""
+
+# The live page: watch a channel, publish to it. No build step, no outside
+# asset; every message is shown with textContent, never parsed as HTML.
+INDEX_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>longpoll</title>
+<style>
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto;
+       padding: 0 1rem; color: #222; }
+header { display: flex; gap: .75rem; align-items: center; flex-wrap: wrap; }
+h1 { font-size: 1.3rem; margin: 0; }
+input, button { font: inherit; padding: .3rem .5rem; }
+#state { margin-left: auto; font-size: .85rem; padding: .1rem .6rem; border-radius: 1rem;
+         background: #ddd; }
+#state.connected { background: #c9efc9; } #state.reconnecting { background: #ffe2a8; }
+#state.offline, #state.error { background: #f6c0c0; }
+form { display: flex; gap: .5rem; margin: 1rem 0; } #message { flex: 1; }
+ol { list-style: none; padding: 0; margin: 0; }
+li { border-bottom: 1px solid #eee; padding: .45rem 0; overflow-wrap: anywhere; }
+time { color: #888; font-size: .85rem; margin-right: .6rem; }
+.title { font-weight: 600; margin-right: .5rem; } .notice { color: #9a5800; font-style: italic; }
+</style></head>
+<body>
+<header><h1>longpoll</h1>
+  <label>Channel <input id="channel" size="16" autocomplete="off"></label>
+  <span id="state">connecting</span></header>
+<form id="publish">
+  <input id="title" placeholder="title (optional)" size="14">
+  <input id="message" placeholder="message" required autocomplete="off">
+  <button>Publish</button></form>
+<ol id="log"></ol>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let channel = new URLSearchParams(location.search).get("channel") || "news";
+let cursor = null;      // where the next poll starts: null is "from now on"
+let generation = 0;     // switching channel ends the loop of the old one
+$("channel").value = channel;
+
+function setState(name, text) { $("state").className = name; $("state").textContent = text || name; }
+
+function add(...parts) {            // newest first; text only, never HTML
+  const li = document.createElement("li");
+  li.append(...parts);
+  $("log").prepend(li);
+  return li;
+}
+
+function span(className, text) {
+  const node = document.createElement(className === "time" ? "time" : "span");
+  if (className !== "time") node.className = className;
+  node.textContent = text;
+  return node;
+}
+
+function showMessage(m) {
+  const parts = [span("time", new Date(m.time * 1000).toLocaleTimeString())];
+  if (m.title) parts.push(span("title", m.title));
+  parts.push(span("body", typeof m.message === "string" ? m.message : JSON.stringify(m.message)));
+  add(...parts);
+}
+
+function notice(text) { add(span("notice", text)); }
+
+async function poll(mine) {         // the long-poll loop: cursor kept, backoff on errors
+  let failures = 0;
+  while (mine === generation) {
+    const query = new URLSearchParams({timeout: "30"});
+    if (cursor !== null) query.set("since", cursor);
+    if (failures === 0) setState("connected");
+    try {
+      const r = await fetch(`/channels/${encodeURIComponent(channel)}?${query}`, {cache: "no-store"});
+      const answer = await r.json();
+      if (mine !== generation) return;
+      if (r.status >= 400 && r.status < 500 && r.status !== 429) {
+        setState("error", answer.error); return;
+      }
+      if (!r.ok) throw new Error(answer.error);
+      if (answer.gap) notice("Some messages were lost before they could be shown " +
+                             "(they expired, or the server restarted).");
+      answer.messages.forEach(showMessage);
+      cursor = answer.cursor;
+      failures = 0;
+    } catch (error) {
+      failures += 1;
+      setState(navigator.onLine === false ? "offline" : "reconnecting");
+      const ceiling = Math.min(30000, 500 * 2 ** Math.min(failures, 6));
+      await new Promise((done) => setTimeout(done, ceiling / 2 + Math.random() * ceiling / 2));
+    }
+  }
+}
+
+$("publish").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const body = {message: $("message").value};
+  if ($("title").value) body.title = $("title").value;
+  try {
+    const r = await fetch(`/channels/${encodeURIComponent(channel)}`, {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+    if (!r.ok) throw new Error((await r.json()).error);
+    $("message").value = "";
+  } catch (error) { notice(`Not published: ${error.message}`); }
+});
+
+$("channel").addEventListener("change", () => {
+  channel = $("channel").value.trim() || "news";
+  cursor = null;
+  generation += 1;
+  $("log").replaceChildren();
+  history.replaceState(null, "", `?channel=${encodeURIComponent(channel)}`);
+  poll(generation);
+});
+
+poll(generation);
+</script>
+</body></html>
 """
 
 
@@ -2252,6 +2378,7 @@ def _serve(args: Any) -> int:
         server = make_server(args.host, args.port, hub, timeout=args.timeout,
                              max_timeout=args.max_timeout, max_body=args.max_body,
                              cors_origins=args.cors_origin)
+        server.keepalive = args.keepalive
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
         return 1
@@ -2345,6 +2472,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds a message is kept, 0 for no limit (default 86400)")
     serve.add_argument("--max-body", type=int, default=MAX_BODY,
                        help="largest request body in bytes (default 1048576)")
+    serve.add_argument("--keepalive", type=float, default=Server.keepalive, metavar="SECONDS",
+                       help="seconds between keepalive comments on event streams (default 15)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="let pages from ORIGIN (e.g. https://example.com) publish and "
                             "subscribe; repeatable; * for any")

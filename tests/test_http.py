@@ -415,3 +415,15 @@ def test_close_does_not_hang_on_idle_keep_alive_connections(make_server):
 def test_port_zero_reports_the_real_port(server):
     host, port = server.server_address
     assert port != 0 and server.url == f"http://127.0.0.1:{port}"
+
+
+def test_three_channels_interleaved_come_in_publish_order_and_resume_with_one_cursor(server):
+    for i in range(9):
+        publish(server, "abc"[i % 3] + "3", str(i))
+    first = poll(server, "/channels/a3,b3,c3?since=0&limit=4")
+    assert [m["message"] for m in first["messages"]] == ["0", "1", "2", "3"]
+    for i in range(9, 12):
+        publish(server, "abc"[i % 3] + "3", str(i))
+    rest = poll(server, f"/channels/a3,b3,c3?since={first['cursor']}")
+    assert [m["message"] for m in rest["messages"]] == [str(i) for i in range(4, 12)]
+    assert [m["channel"] for m in rest["messages"]] == ["b3", "c3", "a3"] * 2 + ["b3", "c3"]

@@ -1,0 +1,129 @@
+"""The live page in a real browser: Debian's Chromium driven by Playwright
+(launch recipe: ../shared/E2E-RECIPES.md), against real servers."""
+import os
+import shutil
+import urllib.request
+
+import pytest
+
+import longpoll
+from conftest import E2E, wait_until
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--no-proxy-server"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    problem = None
+    if not shutil.which(CHROMIUM):
+        problem = f"{CHROMIUM} is missing (apt-get install chromium)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            problem = "playwright is missing (pip install playwright)"
+    if problem:
+        if E2E:
+            pytest.fail(problem)
+        pytest.skip(problem)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True,
+                                    timeout=60_000)
+        yield browser
+        browser.close()
+
+
+class Page:
+    def __init__(self, browser, url):
+        self.page = browser.new_page(viewport={"width": 900, "height": 520})
+        self.errors, self.dialogs = [], []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.goto(url)
+
+    def texts(self):
+        return self.page.locator("#log li .body").all_inner_texts()
+
+    def wait_text(self, text, timeout=5000):
+        self.page.locator("#log li .body", has_text=text).first.wait_for(timeout=timeout)
+
+
+def publish(server, channel, text, title=None):
+    headers = {"Title": title} if title else {}
+    req = urllib.request.Request(f"{server.url}/channels/{channel}", data=text.encode(),
+                                 headers=headers, method="POST")
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+def test_a_message_published_with_curl_appears_within_1_s(browser, server):
+    page = Page(browser, f"{server.url}/?channel=live")
+    wait_until(lambda: server.waiting == 1, what="the page to subscribe")
+    assert page.page.locator("#state").inner_text() == "connected"
+    publish(server, "live", "build done", title="CI")
+    page.wait_text("build done", timeout=1000)
+    assert page.page.locator("#log li .title").first.inner_text() == "CI"
+    assert not page.errors
+
+
+def test_two_pages_publish_to_each_other(browser, server):
+    one, two = (Page(browser, f"{server.url}/?channel=chat") for _ in range(2))
+    wait_until(lambda: server.waiting == 2)
+    one.page.fill("#title", "Ada")
+    one.page.fill("#message", "hello from page one")
+    one.page.click("button")
+    two.wait_text("hello from page one")
+    one.wait_text("hello from page one")
+    assert one.page.input_value("#message") == ""
+    shot = os.environ.get("PAGE_SHOT")
+    if shot:
+        publish(server, "chat", '{"build": 1042, "ok": true}')
+        two.wait_text("1042")
+        two.page.screenshot(path=shot)
+
+
+def test_html_in_a_message_is_shown_as_text_and_runs_nothing(browser, server):
+    page = Page(browser, f"{server.url}/?channel=xss")
+    wait_until(lambda: server.waiting == 1)
+    payload = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    publish(server, "xss", payload, title="<b>bold?</b>")
+    page.wait_text("<img")
+    assert page.texts() == [payload]
+    assert page.page.locator("#log img, #log script, #log b").count() == 0
+    assert not page.dialogs and not page.errors
+
+
+def test_the_page_survives_a_server_restart(browser, make_server):
+    first = make_server()
+    port = first.server_address[1]
+    page = Page(browser, f"{first.url}/?channel=restart")
+    wait_until(lambda: first.waiting == 1)
+    publish(first, "restart", "before")
+    page.wait_text("before")
+    first.close()
+    page.page.locator("#state.reconnecting").wait_for(timeout=5000)
+    second = longpoll.make_server("127.0.0.1", port).start()
+    try:
+        wait_until(lambda: second.waiting == 1, timeout=15, what="the page to come back")
+        publish(second, "restart", "after")
+        page.wait_text("after")
+        assert page.page.locator("#state").inner_text() == "connected"
+        assert page.page.locator("#log .notice").count() == 1  # the restart lost history
+    finally:
+        second.close()
+
+
+def test_switching_channel_and_a_bad_name(browser, server):
+    page = Page(browser, f"{server.url}/?channel=first")
+    wait_until(lambda: server.waiting == 1)
+    page.page.fill("#channel", "second")
+    page.page.press("#channel", "Enter")
+    wait_until(lambda: "channel=second" in page.page.url)
+    publish(server, "second", "on the second")
+    page.wait_text("on the second")
+    page.page.fill("#channel", "not valid!")
+    page.page.press("#channel", "Enter")
+    page.page.locator("#state.error").wait_for(timeout=5000)
+    assert "invalid channel name" in page.page.locator("#state").inner_text()
