@@ -19,9 +19,10 @@ messages with cursors, no HTTP), the ``Server`` (the wire protocol over
 
 Limits, stated honestly:
 
-- SECURITY WARNING: the server has no authentication. Anyone who can reach
-  its port can publish to and read every channel. It binds to 127.0.0.1 by
-  default; do not expose it to a network you do not trust.
+- SECURITY WARNING: without ``serve --auth FILE`` anyone who can reach the
+  port can publish to and read every channel. It binds to 127.0.0.1 by
+  default. It has no rate limits and no TLS yet: do not expose it to a
+  network you do not trust without a proxy in front.
 - Messages live in memory. A restart loses them; clients holding an old
   cursor are told so (``"gap": true``) instead of getting wrong data.
 - One process, one loop: a waiting client costs a socket and a small record
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Batch",
     "Client",
+    "Auth",
     "Handler",
     "Hub",
     "LongpollError",
@@ -51,8 +53,10 @@ import collections
 import concurrent.futures
 import email.utils
 import errno
+import fnmatch
 import functools
 import heapq
+import hmac
 import http.client
 import io
 import itertools
@@ -302,6 +306,8 @@ class Hub:
         self._waiting = 0
         self._closed = False
         self._positions: dict[str, Position] = {}  # settled cursors, placed once
+        #: Messages published since the hub started.
+        self.published = 0
 
     # -- state --------------------------------------------------------------
 
@@ -353,6 +359,7 @@ class Hub:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
             self._seq += 1
+            self.published += 1
             msg = Message(self._seq, self._cursor(self._seq), channel,
                           message, title, priority, payload)
             ch = self._channel(channel)
@@ -572,6 +579,86 @@ def _check_limit(limit: int) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Accounting: who may do what
+# ---------------------------------------------------------------------------
+
+class Auth:
+    """Tokens and the channels they may read or write (``serve --auth FILE``)::
+
+        {"tokens": {"s3cret": {"read": ["news", "ci-*"], "write": ["ci-*"]}},
+         "anonymous": {"read": ["public"], "write": []}}
+
+    Patterns are ``fnmatch`` globs. A token may do what it lists and what
+    anyone may. No credentials and not allowed: 401; an unknown token: 401;
+    a known token not allowed: 403. Tokens are compared in constant time.
+    """
+
+    ACTIONS = ("read", "write")
+
+    def __init__(self, tokens: dict[str, dict[str, list[str]]],
+                 anonymous: dict[str, list[str]] | None = None) -> None:
+        self.tokens = [(token.encode(), rules) for token, rules in tokens.items()]
+        self.anonymous = anonymous or {}
+
+    @classmethod
+    def from_file(cls, path: str) -> "Auth":
+        """Read and check *path*; raise ValueError naming what is wrong."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as exc:
+            raise ValueError(f"cannot read the auth file {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ValueError(f"the auth file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or set(data) - {"tokens", "anonymous"}:
+            raise ValueError(f'{path}: expected an object with "tokens" and "anonymous"')
+        tokens = data.get("tokens", {})
+        if not isinstance(tokens, dict):
+            raise ValueError(f'{path}: "tokens" must map each token to its rules')
+        for token, rules in tokens.items():
+            if not token:
+                raise ValueError(f"{path}: an empty token")
+            cls._check_rules(rules, f"{path}: token …{token[-2:]}")
+        anonymous = data.get("anonymous", {})
+        cls._check_rules(anonymous, f'{path}: "anonymous"')
+        return cls(tokens, anonymous)
+
+    @classmethod
+    def _check_rules(cls, rules: Any, where: str) -> None:
+        if not isinstance(rules, dict) or set(rules) - set(cls.ACTIONS):
+            raise ValueError(f'{where}: expected {{"read": [...], "write": [...]}}')
+        for action, patterns in rules.items():
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"{where}: {action!r} must be a list of channel patterns")
+
+    @staticmethod
+    def _allows(rules: dict[str, list[str]], action: str, channel: str) -> bool:
+        return any(fnmatch.fnmatchcase(channel, p) for p in rules.get(action, ()))
+
+    def check(self, token: str | None, action: str, channels: Iterable[str]) -> None:
+        """Raise a 401 or 403 ``LongpollError`` unless *token* may *action* all *channels*."""
+        rules = None
+        if token:
+            given = token.encode()
+            for known, known_rules in self.tokens:  # every one compared: constant time
+                if hmac.compare_digest(given, known):
+                    rules = known_rules
+            if rules is None:
+                raise LongpollError(HTTPStatus.UNAUTHORIZED, "invalid token",
+                                    {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        for channel in channels:
+            if self._allows(self.anonymous, action, channel):
+                continue
+            if rules is None:
+                raise LongpollError(HTTPStatus.UNAUTHORIZED,
+                                    f"a token is needed to {action} {channel}",
+                                    {"WWW-Authenticate": "Bearer"})
+            if not self._allows(rules, action, channel):
+                raise LongpollError(HTTPStatus.FORBIDDEN,
+                                    f"this token may not {action} {channel}")
+
+
+# ---------------------------------------------------------------------------
 # HTTP server
 # ---------------------------------------------------------------------------
 
@@ -701,6 +788,7 @@ class Handler(BaseHTTPRequestHandler):
     routes = {
         "/": {"GET": "handle_index", "HEAD": "handle_index"},
         "/health": {"GET": "handle_health", "HEAD": "handle_health"},
+        "/metrics": {"GET": "handle_metrics"},
         "/send": {"POST": "handle_send"},
         "/receive": {"GET": "handle_receive"},
     }
@@ -720,6 +808,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile = io.BytesIO()
         self._body_unread = False
         self._started = time.monotonic()
+        self.route_name = "invalid"  # which route answered, for /metrics
 
     def handle_buffered(self, raw: bytes) -> bytes:
         """Answer the one request in *raw*; return the response (b"" if parked)."""
@@ -740,6 +829,7 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._body_unread = False
         self._started = time.monotonic()
+        self.route_name = "invalid"  # until dispatch knows better
         line = self.rfile.readline(self.max_request_line + 1)
         if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore one empty line
             line = self.rfile.readline(self.max_request_line + 1)
@@ -859,10 +949,19 @@ class Handler(BaseHTTPRequestHandler):
         self.respond_error(LongpollError(status, message or status.phrase.lower()))
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Count the answer (for /metrics) and write the access-log line."""
+        self.server.requests[self.route_name, int(code)] += 1
+        self.log_line(code, size)
+
+    def log_line(self, code: int | str, size: int | str) -> None:
+        """The access-log line alone; tokens in the query are masked."""
         if logger.isEnabledFor(logging.INFO):
             elapsed = (time.monotonic() - self._started) * 1000
-            logger.info('%s "%s" %s %s %.1fms', self.client_address[0],
-                        self.requestline, code, size, elapsed)
+            line = self.requestline
+            if "token=" in line:  # tokens are never logged
+                line = re.sub(r"([?&]token=)[^&\s]*", r"\1***", line)
+            logger.info('%s "%s" %s %s %.1fms', self.client_address[0], line, code, size,
+                        elapsed)
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s: " + format, self.client_address[0], *args)
@@ -895,6 +994,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise LongpollError(HTTPStatus.METHOD_NOT_ALLOWED,
                                     f"{self.command} is not allowed here; use {allow}",
                                     {"Allow": allow})
+            self.route_name = name[7:]  # "handle_poll" -> "poll"
             getattr(self, name)(*args)
         except LongpollError as error:
             self.respond_error(error)
@@ -1012,9 +1112,23 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes ---------------------------------------------------------------
 
+    def token(self) -> str | None:
+        """The credentials sent: ``Authorization: Bearer``, else ``?token=``."""
+        header = self.headers.get("Authorization", "")
+        if header[:7].lower() == "bearer ":
+            return header[7:].strip()
+        return self.query.get("token")
+
+    def authorize(self, action: str, names: Iterable[str]) -> None:
+        """Raise 401/403 unless this request may *action* the channels."""
+        auth = self.server.auth
+        if auth is not None:
+            auth.check(self.token(), action, names)
+
     def handle_publish(self, names: tuple[str, ...]) -> None:
         if len(names) != 1:
             raise _bad_request("publish to one channel at a time")
+        self.authorize("write", names)
         message, title, priority = self.parse_publish_body()
         msg = self.server.hub.publish(names[0], message, title=title, priority=priority)
         self.respond_json(HTTPStatus.CREATED,
@@ -1025,19 +1139,23 @@ class Handler(BaseHTTPRequestHandler):
             self.handle_events(names)
             return
         since = self.query.get("since") or None  # an empty since means absent
+        self.authorize("read", names)
         self.server.poll(self, names, since, self.param_timeout(), self.param_limit())
 
     def handle_events(self, names: tuple[str, ...]) -> None:
         """Server-Sent Events: resume from Last-Event-ID, else ``since``."""
         since = self.headers.get("Last-Event-ID") or self.query.get("since") or None
+        self.authorize("read", names)
         self.server.stream(self, names, since)
 
     def handle_send(self) -> None:
+        self.authorize("write", (DEFAULT_CHANNEL,))
         message, title, priority = self.parse_publish_body()
         self.server.hub.publish(DEFAULT_CHANNEL, message, title=title, priority=priority)
         self.respond_json(HTTPStatus.OK, {"status": "Message sent."})
 
     def handle_receive(self) -> None:
+        self.authorize("read", (DEFAULT_CHANNEL,))
         self.server.take(self, DEFAULT_CHANNEL, self.param_timeout())
 
     def handle_health(self) -> None:
@@ -1045,6 +1163,11 @@ class Handler(BaseHTTPRequestHandler):
             "status": "ok", "waiting": self.server.waiting,
             "channels": self.server.hub.channel_count,
             "uptime": round(time.monotonic() - self.server.started, 3)})
+
+    def handle_metrics(self) -> None:
+        """Prometheus text exposition format, version 0.0.4."""
+        self.respond(HTTPStatus.OK, self.server.metrics_text().encode(),
+                     content_type="text/plain; version=0.0.4; charset=utf-8")
 
     def handle_index(self) -> None:
         """The live page for browsers; a short help text for curl and friends."""
@@ -1153,7 +1276,7 @@ class Server:
                  hub: Hub | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT,
                  max_body: int = MAX_BODY, read_timeout: float = 30.0,
-                 cors_origins: Iterable[str] = (), workers: int = 4,
+                 cors_origins: Iterable[str] = (), auth: Auth | None = None, workers: int = 4,
                  handler_class: type[Handler] = Handler) -> None:
         #: The hub holding this server's channels.
         self.hub = hub if hub is not None else Hub()
@@ -1166,6 +1289,8 @@ class Server:
         #: Seconds a connection may idle between requests, take to send one,
         #: or take to read an answer, before it is closed.
         self.read_timeout = read_timeout
+        #: Who may read and write which channels (None: everyone, everything).
+        self.auth = auth
         #: Origins whose pages may call this server from a browser ("*": any).
         self.cors_origins = frozenset(cors_origins)
         self.handler_class = handler_class
@@ -1194,6 +1319,10 @@ class Server:
         self._last_fanout = 0.0
         self._streams = 0
         self._next_keepalive = 0.0
+        #: Requests answered, by (route, status).
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        #: Messages delivered to clients (one message to ten clients: ten).
+        self.delivered = 0
         self._takers: collections.deque[_Connection] = collections.deque()
         self._taker_watch: Callable[[], None] | None = None
         self._parked = 0
@@ -1226,6 +1355,29 @@ class Server:
     def waiting(self) -> int:
         """How many requests are parked right now."""
         return self._parked
+
+    def metrics_text(self) -> str:
+        """The server's counters in Prometheus text format."""
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
+            lines.append(f"# HELP longpoll_{name} {help_text}")
+            lines.append(f"# TYPE longpoll_{name} {kind}")
+            lines.extend(f"longpoll_{name}{labels} {value}" for labels, value in samples)
+
+        lines: list[str] = []
+        metric("waiting_clients", "gauge", "Requests parked right now (polls and streams).",
+               [("", self.waiting)])
+        metric("connections", "gauge", "Open client connections.", [("", len(self._connections))])
+        metric("channels", "gauge", "Channels the hub holds.", [("", self.hub.channel_count)])
+        metric("messages_published_total", "counter", "Messages published.",
+               [("", self.hub.published)])
+        metric("messages_delivered_total", "counter",
+               "Messages delivered to clients, once per client.", [("", self.delivered)])
+        metric("requests_total", "counter", "Requests answered, by route and status.",
+               [(f'{{route="{route}",status="{status}"}}', count)
+                for (route, status), count in sorted(self.requests.items())])
+        metric("uptime_seconds", "gauge", "Seconds since the server started.",
+               [("", round(time.monotonic() - self.started, 3))])
+        return "\n".join(lines) + "\n"
 
     def date(self) -> str:
         """The Date header's value, formatted once a second."""
@@ -1325,10 +1477,12 @@ class Server:
         position = hub.locate(since)
         batch = hub.read_checked(names, position, limit)
         if timeout <= 0 or hub.closed or self.closing or handler.conn is None:
+            self.delivered += len(batch.messages)
             handler.respond(HTTPStatus.OK, batch.to_json())
             return
         ready = bool(batch.messages or batch.gap)
         if ready and time.monotonic() >= self._last_fanout + self.coalesce:
+            self.delivered += len(batch.messages)
             handler.respond(HTTPStatus.OK, batch.to_json())
             return
         # Nothing yet: park until a publish. Or a burst is on: join the next
@@ -1348,7 +1502,7 @@ class Server:
         head = head.replace(b"Content-Length: 0\r\n", b"")  # the body ends at the close
         handler.close_connection = True
         handler.wfile.write(head + b": connected\n\n")
-        handler.log_request(200, "-")
+        handler.log_request(200, 0)
         conn = handler.conn
         if self.closing or self.hub.closed or conn is None:
             return
@@ -1441,6 +1595,10 @@ class Server:
         conns = list(group.conns)
         group.conns.clear()
         self._parked -= len(conns)
+        self.delivered += len(batch.messages) * len(conns)
+        polls = sum(1 for conn in conns if not conn.stream)
+        if polls:
+            self.requests["poll", 200] += polls
         log = logger.isEnabledFor(logging.INFO)
         events: bytes | None = None
         for conn in conns:  # the hot loop of every fan-out: kept lean
@@ -1470,7 +1628,7 @@ class Server:
                 data = responses[variant] = _response(
                     HTTPStatus.OK, body, "application/json", date, variant[1], variant[0])
             if log:
-                handler.log_request(200, len(body))
+                handler.log_line(200, len(body))
             self._answered(conn, data)
         deadline = time.monotonic() + self.read_timeout
         for conn in conns:
@@ -1505,8 +1663,9 @@ class Server:
         if conn.group is not None:
             names, position, limit = conn.group.key
             self._unpark(conn)
-            handler.respond(HTTPStatus.OK,
-                            self.hub.read_checked(names, position, limit).to_json())
+            batch = self.hub.read_checked(names, position, limit)
+            self.delivered += len(batch.messages)
+            handler.respond(HTTPStatus.OK, batch.to_json())
         elif conn.taking:
             self._unpark(conn)
             handler.respond_json(HTTPStatus.OK, {"message": None})
@@ -2272,7 +2431,9 @@ time { color: #888; font-size: .85rem; margin-right: .6rem; }
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
-let channel = new URLSearchParams(location.search).get("channel") || "news";
+const params = new URLSearchParams(location.search);
+let channel = params.get("channel") || "news";
+const auth = params.get("token") ? {Authorization: `Bearer ${params.get("token")}`} : {};
 let cursor = null;      // where the next poll starts: null is "from now on"
 let generation = 0;     // switching channel ends the loop of the old one
 $("channel").value = channel;
@@ -2309,7 +2470,8 @@ async function poll(mine) {         // the long-poll loop: cursor kept, backoff 
     if (cursor !== null) query.set("since", cursor);
     if (failures === 0) setState("connected");
     try {
-      const r = await fetch(`/channels/${encodeURIComponent(channel)}?${query}`, {cache: "no-store"});
+      const r = await fetch(`/channels/${encodeURIComponent(channel)}?${query}`,
+                            {cache: "no-store", headers: auth});
       const answer = await r.json();
       if (mine !== generation) return;
       if (r.status >= 400 && r.status < 500 && r.status !== 429) {
@@ -2336,7 +2498,7 @@ $("publish").addEventListener("submit", async (event) => {
   if ($("title").value) body.title = $("title").value;
   try {
     const r = await fetch(`/channels/${encodeURIComponent(channel)}`, {method: "POST",
-      headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+      headers: {"Content-Type": "application/json", ...auth}, body: JSON.stringify(body)});
     if (!r.ok) throw new Error((await r.json()).error);
     $("message").value = "";
   } catch (error) { notice(`Not published: ${error.message}`); }
@@ -2347,7 +2509,8 @@ $("channel").addEventListener("change", () => {
   cursor = null;
   generation += 1;
   $("log").replaceChildren();
-  history.replaceState(null, "", `?channel=${encodeURIComponent(channel)}`);
+  params.set("channel", channel);
+  history.replaceState(null, "", `?${params}`);
   poll(generation);
 });
 
@@ -2375,9 +2538,14 @@ examples:
 def _serve(args: Any) -> int:
     hub = Hub(retention=args.retention, max_age=args.max_age or None)
     try:
+        auth = Auth.from_file(args.auth) if args.auth else None
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    try:
         server = make_server(args.host, args.port, hub, timeout=args.timeout,
                              max_timeout=args.max_timeout, max_body=args.max_body,
-                             cors_origins=args.cors_origin)
+                             cors_origins=args.cors_origin, auth=auth)
         server.keepalive = args.keepalive
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
@@ -2388,8 +2556,17 @@ def _serve(args: Any) -> int:
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
+    def on_hangup(signum: int, frame: Any) -> None:
+        try:
+            server.auth = Auth.from_file(args.auth)
+            logger.warning("reloaded %s", args.auth)
+        except ValueError as exc:
+            logger.error("kept the previous auth rules: %s", exc)
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if args.auth and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hangup)
     server.start()
     logger.warning("longpoll %s listening on %s (Ctrl-C to stop)", __version__, server.url)
     stop.wait()
@@ -2472,6 +2649,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds a message is kept, 0 for no limit (default 86400)")
     serve.add_argument("--max-body", type=int, default=MAX_BODY,
                        help="largest request body in bytes (default 1048576)")
+    serve.add_argument("--auth", metavar="FILE",
+                       help="JSON file of tokens and the channels they may read and write "
+                            "(reloaded on SIGHUP); without it the server is open to anyone "
+                            "who can reach it")
     serve.add_argument("--keepalive", type=float, default=Server.keepalive, metavar="SECONDS",
                        help="seconds between keepalive comments on event streams (default 15)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
