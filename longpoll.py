@@ -55,6 +55,7 @@ import email.utils
 import errno
 import fnmatch
 import functools
+import hashlib
 import heapq
 import hmac
 import http.client
@@ -62,6 +63,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -658,6 +660,31 @@ class Auth:
                                     f"this token may not {action} {channel}")
 
 
+class RateLimit:
+    """Token buckets, one per client key: *rate* per second, up to *burst*."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}   # key -> (tokens, when)
+
+    def take(self, key: str) -> float:
+        """Spend one token of *key*: 0.0 if it had one, else seconds to wait."""
+        now = time.monotonic()
+        tokens, then = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens >= 1:
+            self.buckets[key] = (tokens - 1, now)
+            return 0.0
+        self.buckets[key] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+    def prune(self) -> None:
+        """Forget buckets that have filled up again (they would start full)."""
+        now = time.monotonic()
+        self.buckets = {k: (t, w) for k, (t, w) in self.buckets.items()
+                        if t + (now - w) * self.rate < self.burst}
+
+
 # ---------------------------------------------------------------------------
 # HTTP server
 # ---------------------------------------------------------------------------
@@ -764,6 +791,9 @@ def _parse_query(query: str) -> dict[str, str]:
     return params
 
 
+_UNSET = object()
+
+
 class Handler(BaseHTTPRequestHandler):
     """Parses and answers the requests of one connection (PROTOCOL.md).
 
@@ -809,6 +839,7 @@ class Handler(BaseHTTPRequestHandler):
         self._body_unread = False
         self._started = time.monotonic()
         self.route_name = "invalid"  # which route answered, for /metrics
+        self._key: Any = _UNSET
 
     def handle_buffered(self, raw: bytes) -> bytes:
         """Answer the one request in *raw*; return the response (b"" if parked)."""
@@ -984,6 +1015,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             path, _, query = self.path.partition("?")
             self.query = _parse_query(query)
+            self._key = _UNSET
             methods, args = self.route(path)
             if self.command == "OPTIONS" and self.cors_headers():
                 self.respond_preflight(methods)
@@ -995,6 +1027,8 @@ class Handler(BaseHTTPRequestHandler):
                                     f"{self.command} is not allowed here; use {allow}",
                                     {"Allow": allow})
             self.route_name = name[7:]  # "handle_poll" -> "poll"
+            if name not in ("handle_health", "handle_metrics"):
+                self.limit(self.server.request_limit, "requests")
             getattr(self, name)(*args)
         except LongpollError as error:
             self.respond_error(error)
@@ -1119,6 +1153,36 @@ class Handler(BaseHTTPRequestHandler):
             return header[7:].strip()
         return self.query.get("token")
 
+    def client_key(self) -> str | None:
+        """Who is asking, for limits: the token, else the address (from
+        X-Forwarded-For with --trust-proxy). None for loopback: exempt.
+        Worked out once per request."""
+        if self._key is not _UNSET:
+            return self._key
+        self._key = self._client_key()
+        return self._key
+
+    def _client_key(self) -> str | None:
+        token = self.token()
+        if token:
+            return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+        address = self.client_address[0]
+        if self.server.trust_proxy:
+            forwarded = self.headers.get("X-Forwarded-For", "")
+            address = forwarded.rsplit(",", 1)[-1].strip() or address
+        return None if address in ("127.0.0.1", "::1") or address.startswith("127.") else address
+
+    def limit(self, limiter: "RateLimit | None", what: str) -> None:
+        """429 with Retry-After when this client has spent its budget."""
+        key = self.client_key() if limiter is not None else None
+        if key is not None:
+            wait = limiter.take(key)
+            if wait:
+                self.server.rate_limited += 1
+                raise LongpollError(HTTPStatus.TOO_MANY_REQUESTS,
+                                    f"too many {what}: slow down",
+                                    {"Retry-After": str(max(1, math.ceil(wait)))})
+
     def authorize(self, action: str, names: Iterable[str]) -> None:
         """Raise 401/403 unless this request may *action* the channels."""
         auth = self.server.auth
@@ -1129,6 +1193,7 @@ class Handler(BaseHTTPRequestHandler):
         if len(names) != 1:
             raise _bad_request("publish to one channel at a time")
         self.authorize("write", names)
+        self.limit(self.server.publish_limit, "publishes")
         message, title, priority = self.parse_publish_body()
         msg = self.server.hub.publish(names[0], message, title=title, priority=priority)
         self.respond_json(HTTPStatus.CREATED,
@@ -1150,6 +1215,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_send(self) -> None:
         self.authorize("write", (DEFAULT_CHANNEL,))
+        self.limit(self.server.publish_limit, "publishes")
         message, title, priority = self.parse_publish_body()
         self.server.hub.publish(DEFAULT_CHANNEL, message, title=title, priority=priority)
         self.respond_json(HTTPStatus.OK, {"status": "Message sent."})
@@ -1186,7 +1252,7 @@ class _Connection:
 
     __slots__ = ("sock", "handler", "inbuf", "outbuf", "closed", "busy", "group",
                  "taking", "timer", "deadline", "close_after", "linger",
-                 "continue_sent", "partial", "stream")
+                 "continue_sent", "partial", "stream", "owner")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -1204,6 +1270,7 @@ class _Connection:
         self.continue_sent = False
         self.partial = 0.0           # when the request now arriving began
         self.stream = False          # an event stream (SSE): answered until it closes
+        self.owner: str | None = None  # the client key its parked request counts against
 
 
 class _Group:
@@ -1276,7 +1343,11 @@ class Server:
                  hub: Hub | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT,
                  max_body: int = MAX_BODY, read_timeout: float = 30.0,
-                 cors_origins: Iterable[str] = (), auth: Auth | None = None, workers: int = 4,
+                 cors_origins: Iterable[str] = (), auth: Auth | None = None,
+                 publish_rate: float | None = 50.0, publish_burst: int = 200,
+                 request_rate: float | None = 500.0, request_burst: int = 1000,
+                 max_waiting: int = 100_000, max_waiting_per_client: int = 1000,
+                 trust_proxy: bool = False, workers: int = 4,
                  handler_class: type[Handler] = Handler) -> None:
         #: The hub holding this server's channels.
         self.hub = hub if hub is not None else Hub()
@@ -1291,6 +1362,15 @@ class Server:
         self.read_timeout = read_timeout
         #: Who may read and write which channels (None: everyone, everything).
         self.auth = auth
+        #: Token buckets per client (None: no limit); loopback is exempt.
+        self.publish_limit = RateLimit(publish_rate, publish_burst) if publish_rate else None
+        self.request_limit = RateLimit(request_rate, request_burst) if request_rate else None
+        #: Parked requests allowed at once, in all and per client (503 beyond).
+        self.max_waiting, self.max_waiting_per_client = max_waiting, max_waiting_per_client
+        #: Read the client's address from X-Forwarded-For (set by your proxy).
+        self.trust_proxy = trust_proxy
+        self.rate_limited = 0
+        self._parked_by: collections.Counter[str] = collections.Counter()
         #: Origins whose pages may call this server from a browser ("*": any).
         self.cors_origins = frozenset(cors_origins)
         self.handler_class = handler_class
@@ -1375,6 +1455,8 @@ class Server:
         metric("requests_total", "counter", "Requests answered, by route and status.",
                [(f'{{route="{route}",status="{status}"}}', count)
                 for (route, status), count in sorted(self.requests.items())])
+        metric("rate_limited_total", "counter", "Requests refused with 429.",
+               [("", self.rate_limited)])
         metric("uptime_seconds", "gauge", "Seconds since the server started.",
                [("", round(time.monotonic() - self.started, 3))])
         return "\n".join(lines) + "\n"
@@ -1487,6 +1569,7 @@ class Server:
             return
         # Nothing yet: park until a publish. Or a burst is on: join the next
         # fan-out (within `coalesce` seconds), to take a batch.
+        self.admit(handler)
         group = self._join(handler.conn, (names, position, limit))
         self._park(handler.conn, timeout)
         if ready:
@@ -1496,6 +1579,7 @@ class Server:
         """Start an event stream: what is there after *since*, then every
         message as it comes, until the client goes (or the server closes)."""
         position = self.hub.locate(since)
+        self.admit(handler)
         head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8", self.date(),
                          (("X-Accel-Buffering", "no"), *handler.cors_headers()), "close",
                          head_only=True)
@@ -1531,6 +1615,7 @@ class Server:
         if msg is not None or timeout <= 0 or self.hub.closed or self.closing:
             handler.respond_json(HTTPStatus.OK, {"message": None if msg is None else msg.message})
             return
+        self.admit(handler)
         handler.conn.taking = True
         self._takers.append(handler.conn)
         self._park(handler.conn, timeout)
@@ -1538,7 +1623,21 @@ class Server:
             self._taker_watch = self.hub.watch(
                 channel, functools.partial(self._call_soon, self._serve_takers), since=head)
 
+    def admit(self, handler: Handler) -> None:
+        """503 with Retry-After when the server, or this client, has as many
+        requests parked as it may."""
+        key = handler.client_key()
+        if self._parked >= self.max_waiting or (
+                key is not None and self._parked_by[key] >= self.max_waiting_per_client):
+            raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                "too many waiting requests: try again shortly",
+                                {"Retry-After": "5"})
+        if handler.conn is not None:
+            handler.conn.owner = key
+
     def _park(self, conn: _Connection, timeout: float | None) -> None:
+        if conn.owner is not None:
+            self._parked_by[conn.owner] += 1
         conn.handler.parked = True
         conn.deadline = None
         self._parked += 1
@@ -1561,8 +1660,16 @@ class Server:
         else:
             return
         self._parked -= 1
+        self._release(conn)
         conn.handler.parked = False
         self._set_timer(conn, None)
+
+    def _release(self, conn: _Connection) -> None:
+        """One parked request of this client's is over."""
+        if conn.owner is not None:
+            self._parked_by[conn.owner] -= 1
+            if not self._parked_by[conn.owner]:
+                del self._parked_by[conn.owner]
 
     def _wake(self, group: _Group) -> None:
         """A publish reached the channels of *group*: answer it at the next fan-out."""
@@ -1596,13 +1703,14 @@ class Server:
         group.conns.clear()
         self._parked -= len(conns)
         self.delivered += len(batch.messages) * len(conns)
-        polls = sum(1 for conn in conns if not conn.stream)
-        if polls:
-            self.requests["poll", 200] += polls
+        polls = len(conns) - self._streams_in(conns) if self._streams else len(conns)
+        self.requests["poll", 200] += polls
         log = logger.isEnabledFor(logging.INFO)
         events: bytes | None = None
         for conn in conns:  # the hot loop of every fan-out: kept lean
             conn.group = None
+            if conn.owner is not None:
+                self._release(conn)
             if conn.timer is not None:
                 self._stale += 1
                 conn.timer = None
@@ -1619,6 +1727,8 @@ class Server:
                 elif not conn.closed:
                     self._join(conn, after)
                     self._parked += 1
+                    if conn.owner is not None:
+                        self._parked_by[conn.owner] += 1
                 continue
             handler.parked = False
             variant = (handler.connection_header(),
@@ -1638,6 +1748,10 @@ class Server:
                 self._process(conn)  # pipelined input, or something unusual
             else:
                 conn.deadline = deadline  # idle until its next poll
+
+    @staticmethod
+    def _streams_in(conns: list[_Connection]) -> int:
+        return sum(1 for conn in conns if conn.stream)
 
     def _serve_takers(self) -> None:
         self._taker_watch = None
@@ -1781,6 +1895,9 @@ class Server:
         if now >= self._next_prune:
             self._next_prune = now + 10.0
             self.hub.prune()
+            for limiter in (self.publish_limit, self.request_limit):
+                if limiter is not None:
+                    limiter.prune()
 
     def _accept(self) -> None:
         for _ in range(512):  # a burst at a time, so the loop keeps serving others
@@ -2545,7 +2662,13 @@ def _serve(args: Any) -> int:
     try:
         server = make_server(args.host, args.port, hub, timeout=args.timeout,
                              max_timeout=args.max_timeout, max_body=args.max_body,
-                             cors_origins=args.cors_origin, auth=auth)
+                             cors_origins=args.cors_origin, auth=auth,
+                             publish_rate=args.publish_rate or None,
+                             publish_burst=args.publish_burst,
+                             request_rate=args.request_rate or None,
+                             request_burst=args.request_burst, max_waiting=args.max_waiting,
+                             max_waiting_per_client=args.max_waiting_per_client,
+                             trust_proxy=args.trust_proxy)
         server.keepalive = args.keepalive
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
@@ -2653,6 +2776,21 @@ def main(argv: list[str] | None = None) -> int:
                        help="JSON file of tokens and the channels they may read and write "
                             "(reloaded on SIGHUP); without it the server is open to anyone "
                             "who can reach it")
+    serve.add_argument("--publish-rate", type=float, default=50.0, metavar="PER_SECOND",
+                       help="publishes per second per client, 0 for no limit (default 50)")
+    serve.add_argument("--publish-burst", type=int, default=200, metavar="N",
+                       help="publishes a client may make at once (default 200)")
+    serve.add_argument("--request-rate", type=float, default=500.0, metavar="PER_SECOND",
+                       help="requests per second per client, 0 for no limit (default 500)")
+    serve.add_argument("--request-burst", type=int, default=1000, metavar="N",
+                       help="requests a client may make at once (default 1000)")
+    serve.add_argument("--max-waiting", type=int, default=100_000, metavar="N",
+                       help="parked requests in all before 503 (default 100000)")
+    serve.add_argument("--max-waiting-per-client", type=int, default=1000, metavar="N",
+                       help="parked requests per client before 503 (default 1000)")
+    serve.add_argument("--trust-proxy", action="store_true",
+                       help="take the client address from X-Forwarded-For (only behind "
+                            "your own proxy)")
     serve.add_argument("--keepalive", type=float, default=Server.keepalive, metavar="SECONDS",
                        help="seconds between keepalive comments on event streams (default 15)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
