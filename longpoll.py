@@ -101,6 +101,10 @@ MAX_BODY = 1 << 20              # bytes in a request body
 MAX_TITLE = 256                 # characters in a title
 MAX_CHANNELS_PER_REQUEST = 32
 DEFAULT_CHANNEL = "default"     # where /send publishes and /receive takes
+# Per-client limits: generous enough that no honest client notices.
+DEFAULT_PUBLISH_RATE, DEFAULT_PUBLISH_BURST = 50.0, 200      # publishes/s, at once
+DEFAULT_REQUEST_RATE, DEFAULT_REQUEST_BURST = 500.0, 1000    # requests/s, at once
+DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT = 100_000, 1000
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 # A cursor names the hub's history and a position in it: "<history>-<seq>".
@@ -1344,9 +1348,12 @@ class Server:
                  timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT,
                  max_body: int = MAX_BODY, read_timeout: float = 30.0,
                  cors_origins: Iterable[str] = (), auth: Auth | None = None,
-                 publish_rate: float | None = 50.0, publish_burst: int = 200,
-                 request_rate: float | None = 500.0, request_burst: int = 1000,
-                 max_waiting: int = 100_000, max_waiting_per_client: int = 1000,
+                 publish_rate: float | None = DEFAULT_PUBLISH_RATE,
+                 publish_burst: int = DEFAULT_PUBLISH_BURST,
+                 request_rate: float | None = DEFAULT_REQUEST_RATE,
+                 request_burst: int = DEFAULT_REQUEST_BURST,
+                 max_waiting: int = DEFAULT_MAX_WAITING,
+                 max_waiting_per_client: int = DEFAULT_MAX_WAITING_PER_CLIENT,
                  trust_proxy: bool = False, workers: int = 4,
                  handler_class: type[Handler] = Handler) -> None:
         #: The hub holding this server's channels.
@@ -2776,18 +2783,20 @@ def main(argv: list[str] | None = None) -> int:
                        help="JSON file of tokens and the channels they may read and write "
                             "(reloaded on SIGHUP); without it the server is open to anyone "
                             "who can reach it")
-    serve.add_argument("--publish-rate", type=float, default=50.0, metavar="PER_SECOND",
-                       help="publishes per second per client, 0 for no limit (default 50)")
-    serve.add_argument("--publish-burst", type=int, default=200, metavar="N",
-                       help="publishes a client may make at once (default 200)")
-    serve.add_argument("--request-rate", type=float, default=500.0, metavar="PER_SECOND",
-                       help="requests per second per client, 0 for no limit (default 500)")
-    serve.add_argument("--request-burst", type=int, default=1000, metavar="N",
-                       help="requests a client may make at once (default 1000)")
-    serve.add_argument("--max-waiting", type=int, default=100_000, metavar="N",
-                       help="parked requests in all before 503 (default 100000)")
-    serve.add_argument("--max-waiting-per-client", type=int, default=1000, metavar="N",
-                       help="parked requests per client before 503 (default 1000)")
+    for kind, plural, rate, burst in (
+            ("publish", "publishes", DEFAULT_PUBLISH_RATE, DEFAULT_PUBLISH_BURST),
+            ("request", "requests", DEFAULT_REQUEST_RATE, DEFAULT_REQUEST_BURST)):
+        serve.add_argument(f"--{kind}-rate", type=float, default=rate, metavar="PER_SECOND",
+                           help=f"{plural} per second per client, 0 for no limit "
+                                f"(default {rate:g})")
+        serve.add_argument(f"--{kind}-burst", type=int, default=burst, metavar="N",
+                           help=f"{plural} a client may make at once (default {burst})")
+    serve.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
+                       help=f"parked requests in all before 503 (default {DEFAULT_MAX_WAITING})")
+    serve.add_argument("--max-waiting-per-client", type=int, metavar="N",
+                       default=DEFAULT_MAX_WAITING_PER_CLIENT,
+                       help="parked requests per client before 503 "
+                            f"(default {DEFAULT_MAX_WAITING_PER_CLIENT})")
     serve.add_argument("--trust-proxy", action="store_true",
                        help="take the client address from X-Forwarded-For (only behind "
                             "your own proxy)")
