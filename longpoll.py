@@ -21,8 +21,8 @@ Limits, stated honestly:
 
 - SECURITY WARNING: without ``serve --auth FILE`` anyone who can reach the
   port can publish to and read every channel. It binds to 127.0.0.1 by
-  default. It has no rate limits and no TLS yet: do not expose it to a
-  network you do not trust without a proxy in front.
+  default. Without ``--certfile`` it speaks plain HTTP: tokens and
+  messages cross the network readable by anyone on the path.
 - Messages live in memory. A restart loses them; clients holding an old
   cursor are told so (``"gap": true``) instead of getting wrong data.
 - One process, one loop: a waiting client costs a socket and a small record
@@ -81,7 +81,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+try:
+    import ssl
+except ImportError:  # a Python built without OpenSSL still serves plain HTTP
+    ssl = None  # type: ignore[assignment]
+
 logger = logging.getLogger("longpoll")
+# What a non-blocking send or recv raises when it must wait (TLS adds two).
+_WOULD_BLOCK: tuple[type[Exception], ...] = (BlockingIOError, InterruptedError) + (
+    (ssl.SSLWantReadError, ssl.SSLWantWriteError) if ssl else ())
 
 
 # ---------------------------------------------------------------------------
@@ -105,6 +113,7 @@ DEFAULT_CHANNEL = "default"     # where /send publishes and /receive takes
 DEFAULT_PUBLISH_RATE, DEFAULT_PUBLISH_BURST = 50.0, 200      # publishes/s, at once
 DEFAULT_REQUEST_RATE, DEFAULT_REQUEST_BURST = 500.0, 1000    # requests/s, at once
 DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT = 100_000, 1000
+DEFAULT_MAX_CHANNELS = 100_000  # channels a hub holds at once (503 beyond)
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 # A cursor names the hub's history and a position in it: "<history>-<seq>".
@@ -297,13 +306,19 @@ class Hub:
     """
 
     def __init__(self, retention: int = DEFAULT_RETENTION,
-                 max_age: float | None = DEFAULT_MAX_AGE) -> None:
+                 max_age: float | None = DEFAULT_MAX_AGE,
+                 max_channels: int = DEFAULT_MAX_CHANNELS) -> None:
         if retention < 1:
             raise ValueError("retention must be at least 1 message")
         #: Messages kept per channel; older ones are dropped first.
         self.retention = retention
         #: Seconds a message is kept (None or 0: no age limit).
         self.max_age = max_age
+        #: Channels held at once (with messages, or waited on); a new one
+        #: past it is refused with 503 until retention frees room.
+        self.max_channels = max_channels
+        self._pruned = 0.0
+        self._forgotten = 0  # newest message dropped from a channel since forgotten
         #: Names this hub's history in every cursor it hands out.
         self.history = secrets.token_hex(4)
         self._lock = threading.Lock()
@@ -345,6 +360,17 @@ class Hub:
             channel = self._channels[name] = Channel(name)
         return channel
 
+    def _make_room(self, names: Iterable[str]) -> None:
+        """Under the lock: refuse (503) channels that would pass max_channels."""
+        new = sum(name not in self._channels for name in names)
+        if new and len(self._channels) + new > self.max_channels:
+            if time.monotonic() > self._pruned + 1.0:  # at most once a second
+                self._prune()
+            if len(self._channels) + new > self.max_channels:
+                raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                    f"no room for new channels: this server holds "
+                                    f"{self.max_channels}, its maximum", {"Retry-After": "10"})
+
     # -- publishing -----------------------------------------------------------
 
     def publish(self, channel: str, message: Any, *, title: str | None = None,
@@ -364,6 +390,7 @@ class Hub:
         with self._lock:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
+            self._make_room((channel,))
             self._seq += 1
             self.published += 1
             msg = Message(self._seq, self._cursor(self._seq), channel,
@@ -410,6 +437,8 @@ class Hub:
         for name in names:
             ch = self._channels.get(name)
             if ch is None:
+                if self._forgotten > after and not everything:
+                    gap = True  # it may have been one of the channels forgotten
                 continue
             ch.trim(self.retention, self.max_age)
             if ch.dropped > after and not everything:
@@ -476,6 +505,7 @@ class Hub:
         check_channel(channel)
 
         def attempt() -> tuple[bool, Message | None]:
+            self._make_room((channel,))
             ch = self._channel(channel)
             pending = ch.read_after(ch.taken)
             if pending:
@@ -501,6 +531,7 @@ class Hub:
                     done, result = attempt()
                     if done or self._closed or time.monotonic() >= deadline:
                         return result
+                    self._make_room(names)
                     for name in names:
                         self._channel(name).waiters.add(wake)
                     if not parked:
@@ -548,6 +579,7 @@ class Hub:
                 ready = any(ch is not None and ch.messages and ch.messages[-1].seq > position.after
                             for ch in map(self._channels.get, names))
             if not ready:
+                self._make_room(names)
                 for name in names:
                     self._channel(name).waiters.add(once)
                 return cancel
@@ -557,13 +589,20 @@ class Hub:
     # -- housekeeping ---------------------------------------------------------
 
     def prune(self) -> None:
-        """Apply age retention everywhere and forget channels that never held
-        anything and that nobody waits on. Servers call this now and then."""
+        """Apply age retention everywhere and forget channels that hold
+        nothing and that nobody waits on (a read of one with a cursor from
+        before its last message expired still gets ``gap``). Servers call
+        this now and then."""
         with self._lock:
-            for name, ch in list(self._channels.items()):
-                ch.trim(self.retention, self.max_age)
-                if not (ch.messages or ch.waiters or ch.dropped or ch.taken):
-                    del self._channels[name]
+            self._prune()
+
+    def _prune(self) -> None:
+        self._pruned = time.monotonic()
+        for name, ch in list(self._channels.items()):
+            ch.trim(self.retention, self.max_age)
+            if not (ch.messages or ch.waiters):
+                del self._channels[name]
+                self._forgotten = max(self._forgotten, ch.dropped)
 
     def close(self) -> None:
         """Wake every waiter; from now on waits return at once and publishing
@@ -1256,7 +1295,7 @@ class _Connection:
 
     __slots__ = ("sock", "handler", "inbuf", "outbuf", "closed", "busy", "group",
                  "taking", "timer", "deadline", "close_after", "linger",
-                 "continue_sent", "partial", "stream", "owner")
+                 "continue_sent", "partial", "stream", "owner", "handshaking")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -1275,6 +1314,7 @@ class _Connection:
         self.partial = 0.0           # when the request now arriving began
         self.stream = False          # an event stream (SSE): answered until it closes
         self.owner: str | None = None  # the client key its parked request counts against
+        self.handshaking = False     # TLS: the handshake is not done yet
 
 
 class _Group:
@@ -1354,7 +1394,7 @@ class Server:
                  request_burst: int = DEFAULT_REQUEST_BURST,
                  max_waiting: int = DEFAULT_MAX_WAITING,
                  max_waiting_per_client: int = DEFAULT_MAX_WAITING_PER_CLIENT,
-                 trust_proxy: bool = False, workers: int = 4,
+                 trust_proxy: bool = False, ssl_context: Any = None, workers: int = 4,
                  handler_class: type[Handler] = Handler) -> None:
         #: The hub holding this server's channels.
         self.hub = hub if hub is not None else Hub()
@@ -1376,6 +1416,8 @@ class Server:
         self.max_waiting, self.max_waiting_per_client = max_waiting, max_waiting_per_client
         #: Read the client's address from X-Forwarded-For (set by your proxy).
         self.trust_proxy = trust_proxy
+        #: An ``ssl.SSLContext`` to serve HTTPS with (see ``tls_context``).
+        self.ssl_context = ssl_context
         self.rate_limited = 0
         self._parked_by: collections.Counter[str] = collections.Counter()
         #: Origins whose pages may call this server from a browser ("*": any).
@@ -1436,7 +1478,8 @@ class Server:
         host, port = self.server_address[:2]
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     @property
     def waiting(self) -> int:
@@ -1587,6 +1630,10 @@ class Server:
         message as it comes, until the client goes (or the server closes)."""
         position = self.hub.locate(since)
         self.admit(handler)
+        conn = handler.conn
+        live = not (self.closing or self.hub.closed or conn is None)
+        if live:  # joined before the head is written: it may refuse (503)
+            group = self._join(conn, (names, position, MAX_LIMIT))
         head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8", self.date(),
                          (("X-Accel-Buffering", "no"), *handler.cors_headers()), "close",
                          head_only=True)
@@ -1594,12 +1641,10 @@ class Server:
         handler.close_connection = True
         handler.wfile.write(head + b": connected\n\n")
         handler.log_request(200, 0)
-        conn = handler.conn
-        if self.closing or self.hub.closed or conn is None:
+        if not live:
             return
         conn.stream = True
         self._streams += 1
-        group = self._join(conn, (names, position, MAX_LIMIT))
         self._park(conn, None)
         self._fired[group] = None  # send what is already there at the next fan-out
 
@@ -1608,9 +1653,10 @@ class Server:
         group = self._groups.get(key)
         if group is None:
             names, position, _ = key
-            group = self._groups[key] = _Group(key)
-            group.cancel = self.hub.watch(names, functools.partial(
+            group = _Group(key)
+            group.cancel = self.hub.watch(names, functools.partial(  # may refuse: 503
                 self._call_soon, functools.partial(self._wake, group)), since=position)
+            self._groups[key] = group
         group.conns[conn] = None
         conn.group = group
         return group
@@ -1927,11 +1973,49 @@ class Server:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            if self.ssl_context is not None:
+                try:
+                    sock = self.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False)
+                except OSError:
+                    sock.close()
+                    continue
             conn = _Connection(sock)
             conn.handler = self.handler_class(self, address, conn)
-            conn.deadline = time.monotonic() + self.read_timeout
+            conn.deadline = time.monotonic() + self.read_timeout  # the handshake's too
+            conn.handshaking = self.ssl_context is not None
             self._connections.add(conn)
             self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _handshake(self, conn: _Connection) -> None:
+        """Take a TLS handshake one step further, as the socket allows."""
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            return
+        except (OSError, ValueError) as exc:  # not TLS, an untrusted client, a reset
+            logger.debug("TLS handshake with %s failed: %s",
+                         conn.handler.client_address[0], exc)
+            if getattr(exc, "reason", None) == "HTTP_REQUEST":  # plain HTTP: say so, in it
+                conn.handshaking = False
+                conn.handler.refuse(HTTPStatus.BAD_REQUEST,
+                                    "this port speaks HTTPS: use an https:// URL")
+                try:
+                    socket.socket.send(conn.sock, conn.handler.take_output())
+                except OSError:
+                    pass
+                conn.linger = 1 << 16
+                self._finish(conn)
+            else:
+                self._close(conn)
+            return
+        conn.handshaking = False
+        self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        self._on_readable(conn)  # the first request may have come with the handshake
 
     def _pause_accepting(self, seconds: float) -> None:
         if self._accepting:
@@ -1947,11 +2031,17 @@ class Server:
             self._selector.register(self.socket, selectors.EVENT_READ, self._accept)
 
     def _on_readable(self, conn: _Connection) -> None:
+        if conn.handshaking:
+            self._handshake(conn)
+            return
         try:
             data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+            if self.ssl_context is not None:
+                while data and conn.sock.pending():  # decrypted, so select() will not tell
+                    data += conn.sock.recv(65536)
+        except _WOULD_BLOCK:
             return
-        except OSError:
+        except (OSError, ValueError):
             self._close(conn)
             return
         if not data:  # the client has gone (a parked one too)
@@ -1970,11 +2060,14 @@ class Server:
         self._process(conn)
 
     def _on_writable(self, conn: _Connection) -> None:
+        if conn.handshaking:
+            self._handshake(conn)
+            return
         try:
             sent = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             return
-        except OSError:
+        except (OSError, ValueError):
             self._close(conn)
             return
         del conn.outbuf[:sent]
@@ -2110,9 +2203,9 @@ class Server:
                 return
             try:
                 sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK:
                 sent = 0
-            except OSError:
+            except (OSError, ValueError):
                 self._close(conn)
                 return
             if sent < len(data):
@@ -2192,9 +2285,33 @@ def _chunked_size(buf: bytearray, start: int) -> int | None:
 
 
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                hub: Hub | None = None, **options: Any) -> Server:
-    """Bind a ``Server`` (port 0 picks a free port: read ``server.url``)."""
+                hub: Hub | None = None, *, certfile: str | None = None,
+                keyfile: str | None = None, **options: Any) -> Server:
+    """Bind a ``Server`` (port 0 picks a free port: read ``server.url``).
+
+    With *certfile* (a PEM certificate chain, and the key in it or in
+    *keyfile*) it serves HTTPS. Other options go to ``Server``.
+    """
+    if certfile:
+        options["ssl_context"] = _tls_context(certfile, keyfile)
     return Server((host, port), hub, **options)
+
+
+def _tls_context(certfile: str, keyfile: str | None = None) -> Any:
+    """A server's TLS context: TLS 1.2 or later, HTTP/1.1 by ALPN."""
+    if ssl is None:
+        raise LongpollError(None, "this Python has no ssl module, so no TLS")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)  # keeps send/recv simple
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise LongpollError(None, f"cannot load the certificate {certfile}"
+                            f"{' and key ' + keyfile if keyfile else ''}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
 
 
 # ---------------------------------------------------------------------------
@@ -2282,7 +2399,7 @@ class Client:
     def __init__(self, url: str | Iterable[str] = DEFAULT_URL, *,
                  timeout: float = DEFAULT_TIMEOUT, retries: int = 5,
                  backoff: float = 0.5, max_backoff: float = 30.0,
-                 token: str | None = None) -> None:
+                 token: str | None = None, cafile: str | None = None) -> None:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("give at least one server URL")
@@ -2295,6 +2412,10 @@ class Client:
         #: First backoff delay and its cap, in seconds.
         self.backoff, self.max_backoff = backoff, max_backoff
         self.token = token
+        #: Verifies https:// servers: the system's CAs, or those in *cafile*.
+        self.ssl_context = (ssl.create_default_context(cafile=cafile)
+                            if ssl and (cafile or any(u.startswith("https:") for u in self.urls))
+                            else None)
         self._current = 0  # index of the server that answered last
 
     # -- the requests ---------------------------------------------------------
@@ -2366,7 +2487,8 @@ class Client:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, body, headers, method=method)
-        opener = urllib.request.build_opener(_TrackedHandler(cutoff or _Cutoff()))
+        opener = urllib.request.build_opener(
+            _TrackedHandler(cutoff or _Cutoff(), self.ssl_context))
         try:
             with opener.open(request, timeout=socket_timeout) as response:
                 return json.loads(response.read())
@@ -2379,8 +2501,11 @@ class Client:
         except (urllib.error.URLError, OSError, http.client.HTTPException,
                 ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            error = LongpollError(None, f"{url}: {reason}")
+            untrusted = ssl is not None and isinstance(reason, ssl.SSLCertVerificationError)
+            error = LongpollError(None, f"{url}: {reason}" + (
+                " (give the server's CA certificate: --cafile)" if untrusted else ""))
             error.refused = isinstance(reason, ConnectionRefusedError)
+            error.untrusted = untrusted  # retrying cannot help
             raise error from None
 
     def _call(self, method: str, path: str, body: bytes | None,
@@ -2399,6 +2524,8 @@ class Client:
 
     @staticmethod
     def _retryable(error: LongpollError, safe: bool) -> bool:
+        if getattr(error, "untrusted", False):
+            return False
         if safe:
             return error.status is None or error.status in _RETRY_STATUSES
         return getattr(error, "refused", False) or error.status in (429, 503)
@@ -2660,7 +2787,11 @@ examples:
 
 
 def _serve(args: Any) -> int:
-    hub = Hub(retention=args.retention, max_age=args.max_age or None)
+    hub = Hub(retention=args.retention, max_age=args.max_age or None,
+              max_channels=args.max_channels)
+    if args.keyfile and not args.certfile:
+        logger.error("--keyfile needs --certfile (the certificate it is the key of)")
+        return 2
     try:
         auth = Auth.from_file(args.auth) if args.auth else None
     except ValueError as exc:
@@ -2675,8 +2806,12 @@ def _serve(args: Any) -> int:
                              request_rate=args.request_rate or None,
                              request_burst=args.request_burst, max_waiting=args.max_waiting,
                              max_waiting_per_client=args.max_waiting_per_client,
-                             trust_proxy=args.trust_proxy)
+                             trust_proxy=args.trust_proxy, certfile=args.certfile,
+                             keyfile=args.keyfile)
         server.keepalive = args.keepalive
+    except LongpollError as exc:
+        logger.error("%s", exc)
+        return 2
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
         return 1
@@ -2687,15 +2822,22 @@ def _serve(args: Any) -> int:
         stop.set()
 
     def on_hangup(signum: int, frame: Any) -> None:
-        try:
-            server.auth = Auth.from_file(args.auth)
-            logger.warning("reloaded %s", args.auth)
-        except ValueError as exc:
-            logger.error("kept the previous auth rules: %s", exc)
+        if args.auth:
+            try:
+                server.auth = Auth.from_file(args.auth)
+                logger.warning("reloaded %s", args.auth)
+            except ValueError as exc:
+                logger.error("kept the previous auth rules: %s", exc)
+        if args.certfile:  # a renewed certificate, for the connections to come
+            try:
+                server.ssl_context = _tls_context(args.certfile, args.keyfile)
+                logger.warning("reloaded %s", args.certfile)
+            except LongpollError as exc:
+                logger.error("kept the previous certificate: %s", exc)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    if args.auth and hasattr(signal, "SIGHUP"):
+    if (args.auth or args.certfile) and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_hangup)
     server.start()
     logger.warning("longpoll %s listening on %s (Ctrl-C to stop)", __version__, server.url)
@@ -2725,14 +2867,14 @@ def _publish(args: Any) -> int:
             return 2
     else:
         message = text.rstrip("\n") if args.message is None else text
-    client = Client(args.url or [DEFAULT_URL], token=args.token)
+    client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
     result = client.publish(args.channel, message, title=args.title, priority=args.priority)
     print(result["id"], flush=True)
     return 0
 
 
 def _subscribe(args: Any) -> int:
-    client = Client(args.url or [DEFAULT_URL], token=args.token)
+    client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
     with client.subscribe(args.channels, since=args.since) as subscription:
         for count, message in enumerate(subscription, 1):
             _print_message(message, args.json)
@@ -2761,6 +2903,9 @@ def main(argv: list[str] | None = None) -> int:
                             "or $LONGPOLL_URL)")
         p.add_argument("--token", default=os.environ.get("LONGPOLL_TOKEN"),
                        help="bearer token (default $LONGPOLL_TOKEN)")
+        p.add_argument("--cafile", metavar="PEM",
+                       help="trust https:// servers whose certificate this CA (or "
+                            "self-signed certificate) issued, besides the system's")
         add_logging(p)
 
     serve = commands.add_parser("serve", help="run a push server",
@@ -2777,6 +2922,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="messages kept per channel (default 1000)")
     serve.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE,
                        help="seconds a message is kept, 0 for no limit (default 86400)")
+    serve.add_argument("--max-channels", type=int, default=DEFAULT_MAX_CHANNELS, metavar="N",
+                       help="channels held at once; a new one past it gets 503 "
+                            f"(default {DEFAULT_MAX_CHANNELS})")
     serve.add_argument("--max-body", type=int, default=MAX_BODY,
                        help="largest request body in bytes (default 1048576)")
     serve.add_argument("--auth", metavar="FILE",
@@ -2805,6 +2953,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="let pages from ORIGIN (e.g. https://example.com) publish and "
                             "subscribe; repeatable; * for any")
+    serve.add_argument("--certfile", metavar="PEM",
+                       help="serve HTTPS with this certificate chain (key included, or "
+                            "--keyfile)")
+    serve.add_argument("--keyfile", metavar="PEM", help="the certificate's private key")
     add_logging(serve)
 
     publish = commands.add_parser(

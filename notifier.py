@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{longpoll.DEFAULT_URL}, or $LONGPOLL_URL)")
     parser.add_argument("--token", default=os.environ.get("LONGPOLL_TOKEN"),
                         help="bearer token (default $LONGPOLL_TOKEN)")
+    parser.add_argument("--cafile", metavar="PEM",
+                        help="trust https:// servers whose certificate this CA issued")
     parser.add_argument("--min-priority", type=int, default=1, choices=range(1, 6),
                         metavar="N", help="show only messages of priority N or more (1-5)")
     parser.add_argument("--burst", type=int, default=3, metavar="N",
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             longpoll.check_channel(channel)
         notify = print_notify if args.print else desktop_notify()
         urls = args.url or [os.environ.get("LONGPOLL_URL") or longpoll.DEFAULT_URL]
-        notifier = Notifier(longpoll.Client(urls, token=args.token), args.channels, notify,
+        notifier = Notifier(longpoll.Client(urls, token=args.token,
+                                                    cafile=args.cafile), args.channels, notify,
                             min_priority=args.min_priority, burst=args.burst,
                             state_path=None if args.no_state else (args.state or
                                                                    default_state_path()),

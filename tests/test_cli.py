@@ -65,7 +65,7 @@ def serve():
     def start(*args, **kwargs):
         proc = Process("serve", "--port", "0", *args, **kwargs)
         procs.append(proc)
-        proc.url = proc.expect(r"listening on (http://\S+)").group(1)
+        proc.url = proc.expect(r"listening on (https?://\S+)").group(1)
         return proc
 
     yield start

@@ -96,3 +96,40 @@ def test_slow_loris_connections_do_not_stop_honest_clients(server):
     finally:
         for sock in loris:
             sock.close()
+
+
+def test_a_new_channel_past_max_channels_gets_503_and_old_ones_still_work(make_server):
+    server = make_server(longpoll.Hub(max_channels=3))
+    assert [request(server, "POST", f"/channels/{c}", "x").status for c in "abc"] == [201] * 3
+    refused = request(server, "POST", "/channels/d", "x")
+    assert refused.status == 503 and refused.headers["Retry-After"] == "10"
+    assert "no room for new channels" in refused.json["error"]
+    # polls and event streams on a new channel are refused the same way, before any stream
+    assert request(server, "GET", "/channels/d?timeout=5").status == 503
+    assert request(server, "GET", "/channels/a,d?timeout=5").status == 503
+    events = request(server, "GET", "/channels/d/events")
+    assert events.status == 503 and events.headers["Content-Type"].startswith("application/json")
+    assert request(server, "POST", "/channels/a", "y").status == 201
+    batch = request(server, "GET", "/channels/a,b,c?since=0").json
+    assert [m["message"] for m in batch["messages"]] == ["x", "x", "x", "y"]
+    assert server.waiting == 0 and server.hub.channel_count == 3
+
+
+def test_expired_channels_make_room_and_still_report_the_gap():
+    hub = longpoll.Hub(max_channels=2, max_age=0.05)
+    old = hub.publish("a", "soon gone").id
+    hub.publish("b", "soon gone")
+    wait_until(lambda: _publishes(hub, "c"), what="expired channels to make room")
+    assert hub.channel_count <= 2
+    batch = hub.read("a", old)  # "a" was forgotten; its reader is told of the loss
+    assert batch.gap and batch.messages == []
+    assert not hub.read("a", batch.cursor).gap
+
+
+def _publishes(hub, channel):
+    try:
+        hub.publish(channel, "new")
+        return True
+    except longpoll.LongpollError as error:
+        assert error.status == 503
+        return False
