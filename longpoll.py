@@ -187,12 +187,16 @@ class Message:
 
     def __init__(self, seq: int, id: str, channel: str, message: Any,
                  title: str | None, priority: int | None,
-                 payload: str | None = None) -> None:
+                 payload: str | None = None, at: float | None = None) -> None:
         self.seq = seq
         self.id = id
         self.channel = channel
-        self.time = round(time.time(), 3)
-        self.born = time.monotonic()   # for age-based retention
+        if at is None:  # published now
+            self.time = round(time.time(), 3)
+            self.born = time.monotonic()   # for age-based retention
+        else:  # published before (a store gives it back)
+            self.time = at
+            self.born = time.monotonic() - max(0.0, time.time() - at)
         self.message = message
         self.title = title
         self.priority = priority
@@ -307,7 +311,8 @@ class Hub:
 
     def __init__(self, retention: int = DEFAULT_RETENTION,
                  max_age: float | None = DEFAULT_MAX_AGE,
-                 max_channels: int = DEFAULT_MAX_CHANNELS) -> None:
+                 max_channels: int = DEFAULT_MAX_CHANNELS,
+                 store: "Store | str | None" = None) -> None:
         if retention < 1:
             raise ValueError("retention must be at least 1 message")
         #: Messages kept per channel; older ones are dropped first.
@@ -327,8 +332,11 @@ class Hub:
         self._waiting = 0
         self._closed = False
         self._positions: dict[str, Position] = {}  # settled cursors, placed once
-        #: Messages published since the hub started.
+        #: Messages published since the hub started (through this hub).
         self.published = 0
+        #: Where messages are kept besides memory (see ``Store``, ``open_store``).
+        self.store = open_store(store) if isinstance(store, str) else store or Store()
+        self.store.open(self)  # gives back what was stored: history, sequence, messages
 
     # -- state --------------------------------------------------------------
 
@@ -391,18 +399,44 @@ class Hub:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
             self._make_room((channel,))
-            self._seq += 1
-            self.published += 1
-            msg = Message(self._seq, self._cursor(self._seq), channel,
-                          message, title, priority, payload)
-            ch = self._channel(channel)
-            ch.messages.append(msg)
-            ch.trim(self.retention, self.max_age)
-            # Waiters are one-shot: a woken waiter reads and registers again.
-            waiters, ch.waiters = ch.waiters, set()
+            if not self.store.shared:
+                msg = Message(self._seq + 1, self._cursor(self._seq + 1), channel,
+                              message, title, priority, payload)
+                self.store.append(msg)  # kept before it is acknowledged; may raise
+                self._seq += 1
+                self.published += 1
+                waiters = self._apply(msg)
+        if self.store.shared:  # the store numbers it; its feed brings it here
+            return self.store.publish(self, channel, message, title, priority, payload)
         for wake in waiters:
             wake()
         return msg
+
+    def _apply(self, msg: Message) -> set[Callable[[], None]]:
+        """Under the lock: append *msg* to its channel; return who to wake."""
+        ch = self._channel(msg.channel)
+        ch.messages.append(msg)
+        ch.trim(self.retention, self.max_age)
+        # Waiters are one-shot: a woken waiter reads and registers again.
+        waiters, ch.waiters = ch.waiters, set()
+        return waiters
+
+    def _follow(self, messages: Iterable[Message], head: int = 0,
+                dropped: dict[str, int] | None = None) -> None:
+        """Apply what was published through other hubs sharing this one's
+        store, in order, and move the head to at least *head*."""
+        waiters: set[Callable[[], None]] = set()
+        with self._lock:
+            for name, seq in (dropped or {}).items():
+                ch = self._channel(name)
+                ch.dropped = max(ch.dropped, seq)
+            for msg in messages:
+                if msg.seq > self._seq:
+                    self._seq = msg.seq
+                    waiters |= self._apply(msg)
+            self._seq = max(self._seq, head)
+        for wake in waiters:
+            wake()
 
     # -- reading --------------------------------------------------------------
 
@@ -423,7 +457,8 @@ class Hub:
             raise _bad_request(
                 f"invalid since {since!r}: pass 0 or a cursor this server returned")
         seq = int(match.group(2))
-        if match.group(1) != self.history or seq > self._seq:
+        if match.group(1) != self.history or seq > self._seq and not (
+                self.store.shared and seq <= self.store.head()):  # (another server's news)
             return Position(0, False, True)  # another history: answer from the oldest
         if len(self._positions) >= 1024:  # a cursor of ours never changes place
             self._positions.clear()
@@ -446,8 +481,8 @@ class Hub:
             run = ch.read_after(after)
             if run:
                 runs.append(run)
-        if not runs:
-            return Batch([], self._cursor(self._seq), gap)
+        if not runs:  # (a shared store's cursor can be ahead of this hub, for a moment)
+            return Batch([], self._cursor(max(self._seq, after)), gap)
         if len(runs) == 1:
             available = runs[0]
         else:
@@ -455,7 +490,7 @@ class Hub:
         if len(available) > limit:  # the rest comes on the next read
             messages = available[:limit]
             return Batch(messages, messages[-1].id, gap)
-        return Batch(available, self._cursor(self._seq), gap)
+        return Batch(available, self._cursor(max(self._seq, after)), gap)
 
     def read(self, channels: str | Iterable[str], since: "str | None | Position" = None,
              limit: int = DEFAULT_LIMIT) -> Batch:
@@ -503,17 +538,40 @@ class Hub:
         readers still see every message. Returns None on timeout or close.
         """
         check_channel(channel)
+        if self.store.shared:  # taken once across every server: the store decides
+            return self._take_shared(channel, timeout)
 
         def attempt() -> tuple[bool, Message | None]:
             self._make_room((channel,))
             ch = self._channel(channel)
             pending = ch.read_after(ch.taken)
             if pending:
+                self.store.took(channel, pending[0].seq)
                 ch.taken = pending[0].seq
                 return True, pending[0]
             return False, None
 
         return self._block((channel,), attempt, timeout)
+
+    def _take_shared(self, channel: str, timeout: float) -> Message | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            woken = threading.Event()
+            cancel = self.watch(channel, woken.set)  # before asking: no wake-up missed
+            try:
+                msg = self.store.take(self, channel)
+                remaining = deadline - time.monotonic()
+                if msg is not None or self._closed or remaining <= 0:
+                    return msg
+                with self._lock:
+                    self._waiting += 1
+                try:
+                    woken.wait(remaining)
+                finally:
+                    with self._lock:
+                        self._waiting -= 1
+            finally:
+                cancel()
 
     def _block(self, names: tuple[str, ...],
                attempt: Callable[[], tuple[bool, Any]], timeout: float) -> Any:
@@ -598,16 +656,21 @@ class Hub:
 
     def _prune(self) -> None:
         self._pruned = time.monotonic()
+        forgotten = []
         for name, ch in list(self._channels.items()):
             ch.trim(self.retention, self.max_age)
             if not (ch.messages or ch.waiters):
                 del self._channels[name]
                 self._forgotten = max(self._forgotten, ch.dropped)
+                forgotten.append(ch)
+        self.store.pruned(self, forgotten)
 
     def close(self) -> None:
         """Wake every waiter; from now on waits return at once and publishing
         raises a 503 ``LongpollError``."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             waiters = set()
             for ch in self._channels.values():
@@ -615,12 +678,380 @@ class Hub:
                 ch.waiters = set()
         for wake in waiters:
             wake()
+        self.store.close()
 
 
 def _check_limit(limit: int) -> int:
     if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
         raise _bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
     return limit
+
+
+# ---------------------------------------------------------------------------
+# Stores: where a hub keeps messages besides its memory
+# ---------------------------------------------------------------------------
+
+def open_store(url: str) -> "Store":
+    """The store *url* names: ``memory:``, ``sqlite:PATH`` or ``redis://host:port/db``."""
+    if url in ("memory:", "memory", ""):
+        return Store()
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:"):]
+        if not path:
+            raise ValueError("sqlite: needs a file, e.g. sqlite:longpoll.db")
+        return SqliteStore(path)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(url)
+    raise ValueError(f"unknown store {url!r}: use memory:, sqlite:PATH or redis://host:port/db")
+
+
+class Store:
+    """The interface, and ``memory:``: keeps nothing, so a restart begins a
+    new history (old cursors then get ``gap``).
+
+    A hub calls, under its lock: ``open(hub)`` once, to give back what was
+    kept (``hub.history``, ``hub._seq``, messages through ``hub._apply``);
+    ``append(msg)`` before a publish is acknowledged (raise to refuse it);
+    ``took(channel, seq)`` when ``/receive`` hands a message out;
+    ``pruned(hub, forgotten)`` after retention ran; and ``close()``.
+    A *shared* store (several servers, one history) numbers messages itself:
+    the hub calls its ``publish``, ``take`` and ``head`` instead, and the
+    store feeds every message to ``hub._follow`` in order.
+    """
+
+    #: True when the store numbers messages for several hubs.
+    shared = False
+
+    def open(self, hub: "Hub") -> None:
+        pass
+
+    def append(self, msg: Message) -> None:
+        pass
+
+    def took(self, channel: str, seq: int) -> None:
+        pass
+
+    def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
+                priority: int | None, payload: str) -> Message:
+        raise NotImplementedError
+
+    def take(self, hub: "Hub", channel: str) -> Message | None:
+        raise NotImplementedError
+
+    def head(self) -> int:
+        raise NotImplementedError
+
+
+def _unavailable(what: str, exc: Exception) -> LongpollError:
+    logger.error("%s: %s", what, exc)
+    return LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, f"{what}: {exc}", {"Retry-After": "1"})
+
+
+class SqliteStore(Store):
+    """``sqlite:PATH``: every acknowledged message is in the file (WAL mode;
+    a commit per publish survives ``kill -9``; synchronous=NORMAL, so a
+    power cut may lose the last ones). Cursors stay valid across restarts."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._kept: dict[str, int] = {}  # per channel: dropped, as the file has it
+
+    def open(self, hub: "Hub") -> None:
+        import sqlite3  # here, not at the top: some Pythons are built without it
+        self._error = sqlite3.Error
+        try:
+            db = self.db = sqlite3.connect(self.path, isolation_level=None,
+                                           check_same_thread=False)  # used under the hub lock
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript("""
+                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+                CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, channel TEXT,
+                    time REAL, payload TEXT, title TEXT, priority INTEGER);
+                CREATE INDEX IF NOT EXISTS by_channel ON messages (channel, seq);
+                CREATE TABLE IF NOT EXISTS channels (name TEXT PRIMARY KEY,
+                    dropped INTEGER DEFAULT 0, taken INTEGER DEFAULT 0);""")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('history', ?)", (hub.history,))
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            hub.history = meta["history"]
+            hub._forgotten = int(meta.get("forgotten", 0))
+            for seq, channel, at, payload, title, priority in db.execute(
+                    "SELECT * FROM messages ORDER BY seq"):
+                hub._apply(Message(seq, hub._cursor(seq), channel, json.loads(payload),
+                                   title, priority, payload, at))
+                hub._seq = seq
+            hub._seq = max(hub._seq, int(meta.get("seq", 0)))
+            for name, dropped, taken in db.execute("SELECT * FROM channels"):
+                ch = hub._channel(name)
+                ch.dropped, ch.taken = max(ch.dropped, dropped), taken
+                self._kept[name] = dropped
+        except sqlite3.Error as exc:
+            raise ValueError(f"cannot open the store {self.path}: {exc}") from None
+
+    def append(self, msg: Message) -> None:
+        try:
+            self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                            (msg.seq, msg.channel, msg.time, _encode(msg.message),
+                             msg.title, msg.priority))
+        except self._error as exc:
+            raise _unavailable("cannot store the message", exc) from None
+
+    def took(self, channel: str, seq: int) -> None:
+        try:
+            self.db.execute("INSERT INTO channels (name, taken) VALUES (?, ?) ON CONFLICT "
+                            "(name) DO UPDATE SET taken = excluded.taken", (channel, seq))
+        except self._error as exc:
+            raise _unavailable("cannot store the take", exc) from None
+
+    def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
+        """Delete what retention dropped, in one transaction."""
+        db = self.db
+        try:
+            db.execute("BEGIN")
+            for ch in itertools.chain(hub._channels.values(), forgotten):
+                if ch.dropped > self._kept.get(ch.name, 0):
+                    db.execute("DELETE FROM messages WHERE channel = ? AND seq <= ?",
+                               (ch.name, ch.dropped))
+                    db.execute("INSERT INTO channels (name, dropped) VALUES (?, ?) ON CONFLICT "
+                               "(name) DO UPDATE SET dropped = excluded.dropped",
+                               (ch.name, ch.dropped))
+                    self._kept[ch.name] = ch.dropped
+            for ch in forgotten:
+                db.execute("DELETE FROM channels WHERE name = ?", (ch.name,))
+                self._kept.pop(ch.name, None)
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           (("seq", str(hub._seq)), ("forgotten", str(hub._forgotten))))
+            db.execute("COMMIT")
+        except self._error as exc:
+            logger.error("cannot prune the store %s: %s", self.path, exc)
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# Redis keys (one database per deployment): the sequence and history, a
+# stream per channel, the feed every server follows, and per-channel
+# marks of what retention dropped and what /receive handed out.
+_R_SEQ, _R_HISTORY, _R_FEED = "longpoll:seq", "longpoll:history", "longpoll:feed"
+_R_STREAM, _R_DROPPED, _R_TAKEN = "longpoll:channel:", "longpoll:dropped", "longpoll:taken"
+_R_FEED_LENGTH = 100_000  # feed entries kept, for servers catching up
+
+_R_PUBLISH = """
+local seq = redis.call('INCR', KEYS[1])
+local id = seq .. '-0'
+local fields = {'t', ARGV[2], 'm', ARGV[3], 'ti', ARGV[4], 'pr', ARGV[5]}
+redis.call('XADD', KEYS[2], id, unpack(fields))
+local over = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[6])
+if over > 0 then
+  local old = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', over)
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[6])
+  redis.call('HSET', KEYS[4], ARGV[1], string.match(old[#old][1], '^%d+'))
+end
+table.insert(fields, 'c')
+table.insert(fields, ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], id, unpack(fields))
+return seq
+"""
+_R_TAKE = """
+local taken = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
+local next = redis.call('XRANGE', KEYS[1], '(' .. taken .. '-0', '+', 'COUNT', 1)
+if #next == 0 then return false end
+redis.call('HSET', KEYS[2], ARGV[1], string.match(next[1][1], '^%d+'))
+return next[1]
+"""
+_R_TRIM = """
+redis.call('XTRIM', KEYS[1], 'MINID', (tonumber(ARGV[2]) + 1) .. '-0')
+if tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
+if ARGV[3] == '1' and redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+"""
+
+
+class RedisStore(Store):
+    """``redis://host:port/db``: several servers share channels. Redis
+    numbers the messages (one sequence, one history, so any server's cursor
+    is good on all), keeps a stream per channel (``XADD`` with ``MAXLEN``),
+    and appends each message to a feed that one thread per server follows
+    (``XREAD BLOCK``) into its hub: parked clients cost no Redis
+    connection, and reads are answered from memory. Needs ``pip install
+    redis`` (imported here only)."""
+
+    shared = True
+
+    def __init__(self, url: str) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise ValueError("the redis store needs the redis package: "
+                             "pip install 'longpoll[redis]'") from None
+        self.url, self._redis = url, redis
+        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self._feed_client = redis.Redis.from_url(url, socket_timeout=10,
+                                                 socket_connect_timeout=5)
+        self._trimmed: dict[str, int] = {}  # per channel: dropped, as sent to Redis
+        self._publish = self.client.register_script(_R_PUBLISH)
+        self._take = self.client.register_script(_R_TAKE)
+        self._trim = self.client.register_script(_R_TRIM)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._feed_lock = threading.Lock()  # one reader of the feed applies at a time
+        self._last = 0  # the last message of the feed applied
+        self._feed_id: int | None = None  # the feed connection's id, to unblock it
+
+    def open(self, hub: "Hub") -> None:
+        try:
+            self.client.set(_R_HISTORY, hub.history, nx=True)
+            hub.history = self.client.get(_R_HISTORY).decode()
+            self._catch_up(hub)
+            self._feed_id = self._feed_client.client_id()
+        except self._redis.RedisError as exc:
+            raise ValueError(f"cannot use the store {self.url}: {exc}") from None
+        self._thread = threading.Thread(target=self._follow, args=(hub,),
+                                        name="longpoll-redis-feed", daemon=True)
+        self._thread.start()
+
+    def head(self) -> int:
+        try:
+            return int(self.client.get(_R_SEQ) or 0)
+        except self._redis.RedisError as exc:
+            raise _unavailable("the store is unavailable", exc) from None
+
+    def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
+                priority: int | None, payload: str) -> Message:
+        at = round(time.time(), 3)
+        try:
+            seq = self._publish(
+                keys=[_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED],
+                args=[channel, repr(at), payload, _encode(title), _encode(priority),
+                      hub.retention, _R_FEED_LENGTH])
+            hub.published += 1
+            for _ in range(3):  # read the feed up to it, so a read now sees it
+                if hub._seq >= seq or hub._closed:
+                    break
+                self._read_feed(hub, self.client, None)
+        except self._redis.RedisError as exc:
+            raise _unavailable("the store is unavailable", exc) from None
+        return Message(seq, hub._cursor(seq), channel, message, title, priority, payload, at)
+
+    def take(self, hub: "Hub", channel: str) -> Message | None:
+        try:
+            entry = self._take(keys=[_R_STREAM + channel, _R_TAKEN], args=[channel])
+        except self._redis.RedisError as exc:
+            raise _unavailable("the store is unavailable", exc) from None
+        return None if not entry else self._message(hub, channel, *entry)
+
+    def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
+        """Apply age retention to the streams too (any server may: it is
+        idempotent), and delete the streams of forgotten channels."""
+        gone = {ch.name for ch in forgotten}
+        try:
+            for ch in itertools.chain(hub._channels.values(), forgotten):
+                if ch.dropped > self._trimmed.get(ch.name, 0) or ch.name in gone:
+                    self._trim(keys=[_R_STREAM + ch.name, _R_DROPPED, _R_TAKEN],
+                               args=[ch.name, ch.dropped, int(ch.name in gone)])
+                    self._trimmed[ch.name] = ch.dropped
+            for name in gone:
+                self._trimmed.pop(name, None)
+        except self._redis.RedisError as exc:
+            logger.warning("cannot prune the store: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        thread, deadline = self._thread, time.monotonic() + 5.0
+        while (thread is not None and thread.is_alive() and time.monotonic() < deadline
+               and thread is not threading.current_thread()):
+            try:  # end its XREAD now (again, if it had not begun one yet)
+                if self._feed_id is not None:
+                    self.client.client_unblock(self._feed_id)
+            except self._redis.RedisError:
+                pass
+            thread.join(0.05)
+        self._feed_client.close()
+        self.client.close()
+
+    # -- following the feed ---------------------------------------------------
+
+    @staticmethod
+    def _message(hub: "Hub", channel: str, entry_id: bytes,
+                 fields: dict[bytes, bytes] | list[bytes]) -> Message:
+        if isinstance(fields, list):  # a script's reply: [name, value, ...]
+            fields = dict(zip(fields[::2], fields[1::2]))
+        seq = int(entry_id.split(b"-")[0])
+        payload = fields[b"m"].decode()
+        return Message(seq, hub._cursor(seq), channel, json.loads(payload),
+                       json.loads(fields[b"ti"]), json.loads(fields[b"pr"]), payload,
+                       float(fields[b"t"]))
+
+    def _catch_up(self, hub: "Hub") -> None:
+        """Read every channel's stream past the hub's head (at start, and
+        when the feed has moved on beyond what this server saw)."""
+        client = self.client
+        after, head = hub._seq, int(client.get(_R_SEQ) or 0)
+        messages: list[Message] = []
+        for key in client.scan_iter(match=_R_STREAM + "*", count=1000):
+            channel = key.decode()[len(_R_STREAM):]
+            for entry_id, fields in client.xrange(key, f"({after}-0", f"{head}-0"):
+                messages.append(self._message(hub, channel, entry_id, fields))
+        dropped = {k.decode(): int(v) for k, v in client.hgetall(_R_DROPPED).items()
+                   if int(v) > after}
+        messages.sort(key=_seq_of)
+        hub._follow(messages, head, dropped)
+        self._last = head
+
+    def _read_feed(self, hub: "Hub", client: Any, block: int | None) -> None:
+        """Apply the feed's next messages, in order (from the feed thread,
+        or from a publisher that wants its own message applied now)."""
+        reply = client.xread({_R_FEED: f"{self._last}-0"}, count=1000, block=block)
+        with self._feed_lock:
+            messages = []
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    seq = int(entry_id.split(b"-")[0])
+                    if seq <= self._last:
+                        continue  # the other reader applied it
+                    if seq != self._last + 1:  # the feed was trimmed past us
+                        hub._follow(messages)
+                        self._catch_up(hub)
+                        return
+                    messages.append(self._message(hub, fields[b"c"].decode(),
+                                                  entry_id, fields))
+                    self._last = seq
+            hub._follow(messages)
+
+    def _follow(self, hub: "Hub") -> None:
+        """The feed thread: apply each new message in order; after a lost
+        connection, resume where it stopped (or catch up from the streams)."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                if failures:  # a new connection
+                    self._feed_id = self._feed_client.client_id()
+                self._read_feed(hub, self._feed_client, 1000)
+                if failures:
+                    logger.warning("following %s again", self.url)
+                failures = 0
+            except Exception as exc:
+                if self._stop.is_set():
+                    return  # close() cut the connection
+                if not isinstance(exc, self._redis.RedisError):
+                    logger.exception("error following the store %s", self.url)
+                elif not failures:
+                    logger.warning("lost the store %s (%s); retrying", self.url, exc)
+                failures += 1
+                self._stop.wait(min(5.0, 0.1 * 2 ** failures))
 
 
 # ---------------------------------------------------------------------------
@@ -2787,10 +3218,14 @@ examples:
 
 
 def _serve(args: Any) -> int:
-    hub = Hub(retention=args.retention, max_age=args.max_age or None,
-              max_channels=args.max_channels)
     if args.keyfile and not args.certfile:
         logger.error("--keyfile needs --certfile (the certificate it is the key of)")
+        return 2
+    try:
+        hub = Hub(retention=args.retention, max_age=args.max_age or None,
+                  max_channels=args.max_channels, store=args.store)
+    except ValueError as exc:
+        logger.error("%s", exc)
         return 2
     try:
         auth = Auth.from_file(args.auth) if args.auth else None
@@ -2922,6 +3357,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="messages kept per channel (default 1000)")
     serve.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE,
                        help="seconds a message is kept, 0 for no limit (default 86400)")
+    serve.add_argument("--store", default="memory:", metavar="URL",
+                       help="where messages are kept: memory: (default; lost on restart), "
+                            "sqlite:PATH (survives restarts) or redis://host:port/db "
+                            "(several servers share channels)")
     serve.add_argument("--max-channels", type=int, default=DEFAULT_MAX_CHANNELS, metavar="N",
                        help="channels held at once; a new one past it gets 503 "
                             f"(default {DEFAULT_MAX_CHANNELS})")

@@ -115,3 +115,63 @@ def make_server():
 @pytest.fixture
 def server(make_server):
     return make_server()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free port, for the session: its base URL."""
+    import shutil
+    import subprocess
+    if not shutil.which("redis-server"):
+        if E2E:
+            pytest.fail("redis-server is missing (apt-get install redis-server)")
+        pytest.skip("needs redis-server")
+    try:
+        import redis
+    except ImportError:
+        if E2E:
+            pytest.fail("the redis package is missing (pip install -e '.[test]')")
+        pytest.skip("needs the redis package")
+    folder = tmp_path_factory.mktemp("redis")
+    for _ in range(5):  # a free port can be taken between the check and the bind
+        port = free_port()
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=port, socket_connect_timeout=1)
+        try:
+            wait_until(lambda: proc.poll() is not None or _pings(client), timeout=10,
+                       what="redis-server to start")
+        finally:
+            client.close()
+        if proc.poll() is None:
+            break
+    else:
+        pytest.fail("redis-server would not start")
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _pings(client):
+    try:
+        return client.ping()
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A Redis database emptied for this test."""
+    import redis
+    client = redis.Redis.from_url(redis_server + "/0")
+    client.flushdb()
+    client.close()
+    return redis_server + "/0"

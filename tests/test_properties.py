@@ -4,7 +4,10 @@ import json
 import math
 import threading
 import urllib.parse
+import tempfile
 import uuid
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,7 +30,7 @@ subscriptions = st.lists(
     min_size=4, max_size=4)
 
 
-def check_delivery(ops, subs, read):
+def check_delivery(ops, subs, read, restart=None):
     """Run *ops*; every subscriber must end with exactly the messages of its
     channels, in publish order. *read(channels, cursor, limit)* -> (values, cursor)
     and *publish(channel, value)* are supplied by the caller's transport."""
@@ -36,7 +39,9 @@ def check_delivery(ops, subs, read):
     got = [[] for _ in subs]
     published = []
     for op in ops:
-        if op[0] == "publish":
+        if op[0] == "restart":
+            restart()
+        elif op[0] == "publish":
             _, channel, value = op
             published.append((channel, value))
             publish(channel, value)
@@ -65,6 +70,62 @@ def test_hub_delivers_every_message_once_in_order(ops, subs):
         return [[m.channel, m.message] for m in batch.messages], batch.cursor
 
     check_delivery(ops, subs, (lambda c, v: hub.publish(c, v), poll))
+
+
+# The same property through each durable store, with restarts among the
+# operations: sqlite reopens its file; with Redis, messages are published
+# through one hub and read through another, and a restart brings in a new
+# reading hub (a server joining), which must take over the cursors.
+store_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.sampled_from(CHANNELS), st.integers()),
+        st.tuples(st.just("poll"), st.integers(0, 3), st.integers(1, 5)),
+        st.just(("restart",)),
+    ),
+    max_size=40,
+)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request):
+    return request.param, (request.getfixturevalue("redis_server") + "/0"
+                           if request.param == "redis" else None)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=store_operations, subs=subscriptions)
+def test_stores_deliver_every_message_once_in_order(backend, ops, subs):
+    backend, url = backend
+    folder = tempfile.TemporaryDirectory()
+    if backend == "redis":
+        import redis
+        redis.Redis.from_url(url).flushdb()
+    else:
+        url = f"sqlite:{folder.name}/longpoll.db"
+    hubs = {"writer": longpoll.Hub(store=url)}
+    hubs["reader"] = longpoll.Hub(store=url) if backend == "redis" else hubs["writer"]
+
+    def restart():
+        for role in {"reader"} if backend == "redis" else {"writer"}:
+            hubs[role].close()
+            hubs[role] = longpoll.Hub(store=url)
+        if backend == "sqlite":
+            hubs["reader"] = hubs["writer"]
+
+    def poll(channels, cursor, limit):
+        reader = hubs["reader"]
+        wait_until(lambda: reader._seq >= hubs["writer"]._seq, what="the reader to follow")
+        batch = reader.read(channels, cursor, limit=limit)
+        assert not batch.gap
+        return [[m.channel, m.message] for m in batch.messages], batch.cursor
+
+    try:
+        check_delivery(ops, subs, (lambda c, v: hubs["writer"].publish(c, v), poll), restart)
+    finally:
+        for hub in set(hubs.values()):
+            hub.close()
+        folder.cleanup()
 
 
 @settings(max_examples=40, deadline=None,

@@ -1,0 +1,277 @@
+"""Stores: sqlite (messages survive kill -9) and Redis (several servers share channels)."""
+import http.client
+import json
+import signal
+import sqlite3
+import threading
+import urllib.parse
+
+import pytest
+
+import longpoll
+from conftest import request, wait_until
+from test_cli import Process
+
+
+def publish_many(url, channel, count, start=0):
+    """Publish *count* messages over one keep-alive connection; return their ids."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    ids = []
+    for i in range(start, start + count):
+        conn.request("POST", f"/channels/{channel}", json.dumps({"message": i}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 201, body
+        ids.append(json.loads(body)["id"])
+    conn.close()
+    return ids
+
+
+def read_all(client, channels, since):
+    """Everything after *since*, following the cursor until nothing is left."""
+    messages, gaps = [], 0
+    while True:
+        batch = client.poll(channels, since, timeout=0, limit=1000)
+        gaps += bool(batch.get("gap"))
+        if not batch["messages"]:
+            return messages, gaps
+        messages += batch["messages"]
+        since = batch["cursor"]
+
+
+# -- sqlite ----------------------------------------------------------------------------
+
+def test_500_acknowledged_messages_survive_kill_9(tmp_path):
+    store = f"sqlite:{tmp_path / 'longpoll.db'}"
+    server = Process("serve", "--port", "0", "--store", store)
+    url = server.expect(r"listening on (http://\S+)").group(1)
+    ids = publish_many(url, "jobs", 500)  # every one got its 201
+    client = longpoll.Client(url)
+    first = client.poll("jobs", "0", timeout=0, limit=200)
+    cursor = first["cursor"]  # a subscriber has read 200 and holds this cursor
+    server.proc.send_signal(signal.SIGKILL)
+    assert server.proc.wait(10) == -signal.SIGKILL
+    again = Process("serve", "--port", "0", "--store", store)
+    try:
+        url = again.expect(r"listening on (http://\S+)").group(1)
+        rest, gaps = read_all(longpoll.Client(url), "jobs", cursor)
+        assert gaps == 0
+        assert [m["message"] for m in rest] == list(range(200, 500))
+        assert [m["id"] for m in rest] == ids[200:]
+    finally:
+        assert again.stop() == 0
+
+
+def test_retention_prunes_the_file_and_old_cursors_get_a_gap(tmp_path):
+    path = tmp_path / "longpoll.db"
+    hub = longpoll.Hub(retention=10, store=f"sqlite:{path}")
+    ids = [hub.publish("a", i).id for i in range(100)]
+    hub.publish("b", "other")
+    hub.prune()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 11
+    hub.close()
+    hub = longpoll.Hub(retention=10, store=f"sqlite:{path}")
+    assert [m.message for m in hub.read("a", "0").messages] == list(range(90, 100))
+    assert hub.read("a", ids[50]).gap and not hub.read("a", ids[95]).gap
+    assert hub.publish("a", "next").seq == 102  # the sequence goes on
+    hub.close()
+
+
+def test_expired_channels_are_forgotten_in_the_file_too(tmp_path):
+    path = tmp_path / "longpoll.db"
+    hub = longpoll.Hub(max_age=0.05, store=f"sqlite:{path}")
+    before = hub.cursor
+    seen = hub.publish("gone", "x").id
+    wait_until(lambda: hub.prune() or hub.channel_count == 0, what="the channel to expire")
+    hub.close()
+    hub = longpoll.Hub(max_age=0.05, store=f"sqlite:{path}")
+    assert hub.channel_count == 0
+    assert hub.read("gone", before).gap and not hub.read("gone", seen).gap
+    hub.close()
+
+
+def test_receive_is_exactly_once_across_a_restart(tmp_path):
+    store = f"sqlite:{tmp_path / 'longpoll.db'}"
+    hub = longpoll.Hub(store=store)
+    for i in range(5):
+        hub.publish("default", i)
+    assert [hub.take(timeout=0).message for _ in range(2)] == [0, 1]
+    hub.close()
+    hub = longpoll.Hub(store=store)
+    assert [hub.take(timeout=0).message for _ in range(3)] == [2, 3, 4]
+    assert hub.take(timeout=0) is None
+    hub.close()
+
+
+@pytest.mark.parametrize("store, words", [
+    ("bogus:", "unknown store 'bogus:'"),
+    ("sqlite:", "sqlite: needs a file"),
+    ("sqlite:/nonexistent/dir/x.db", "cannot open the store /nonexistent/dir/x.db"),
+    ("redis://127.0.0.1:1/0", "cannot use the store redis://127.0.0.1:1/0"),
+])
+def test_a_bad_store_is_one_clear_error(store, words):
+    proc = Process("serve", "--port", "0", "--store", store)
+    assert proc.proc.wait(15) == 2
+    proc.expect(words)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not sqlite " * 100)
+    with pytest.raises(ValueError, match="cannot open the store"):
+        longpoll.Hub(store=f"sqlite:{path}")
+    assert path.read_text().startswith("not sqlite")
+
+
+# -- Redis -----------------------------------------------------------------------------
+
+@pytest.fixture
+def pair(make_server, redis_url):
+    """Two servers sharing one Redis."""
+    return [make_server(longpoll.Hub(store=redis_url)) for _ in range(2)]
+
+
+def test_published_on_a_received_on_b(pair):
+    a, b = pair
+    assert a.hub.history == b.hub.history
+    got = []
+    waiting = threading.Thread(
+        target=lambda: got.append(longpoll.Client(b.url).poll("news", timeout=10)))
+    waiting.start()
+    wait_until(lambda: b.waiting == 1, what="the poll on B to park")
+    sent = longpoll.Client(a.url).publish("news", "hello", title="T", priority=5)
+    waiting.join(10)
+    [msg] = got[0]["messages"]
+    assert msg["id"] == sent["id"] and msg["title"] == "T" and msg["priority"] == 5
+    assert got[0]["cursor"] == sent["id"]
+
+
+def test_100_subscribers_over_two_servers_get_200_messages_in_one_order(pair):
+    servers = pair
+    clients = [longpoll.Client(servers[i % 2].url, timeout=20) for i in range(100)]
+    start = servers[0].hub.cursor
+    received = [[] for _ in clients]
+
+    def follow(n):
+        for msg in clients[n].subscribe("feed", since=start):
+            received[n].append(msg["id"])
+            if len(received[n]) == 200:
+                return
+
+    threads = [threading.Thread(target=follow, args=(n,), daemon=True) for n in range(100)]
+    for thread in threads:
+        thread.start()
+    publishers = [longpoll.Client(s.url) for s in servers]
+    sent = [publishers[i % 2].publish("feed", i)["id"] for i in range(200)]
+    for thread in threads:
+        thread.join(60)
+    assert all(ids == sent for ids in received)
+
+
+def test_a_client_fails_over_from_a_killed_server_without_loss_or_repeat(redis_url):
+    a = Process("serve", "--port", "0", "--store", redis_url)
+    b = Process("serve", "--port", "0", "--store", redis_url)
+    try:
+        url_a = a.expect(r"listening on (http://\S+)").group(1)
+        url_b = b.expect(r"listening on (http://\S+)").group(1)
+        client = longpoll.Client([url_a, url_b], timeout=5, backoff=0.05)
+        publisher = longpoll.Client(url_b)
+        start = publisher.health() and client.poll("s", timeout=0)["cursor"]
+        got, half = [], threading.Event()
+
+        def stream():
+            for msg in client.subscribe("s", since=start):
+                got.append(msg)
+                if len(got) == 50:
+                    half.set()
+                if len(got) == 100:
+                    return
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        for i in range(50):
+            publisher.publish("s", i)
+        assert half.wait(10)
+        assert client._current == 0  # it was streaming from A
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(10)
+        for i in range(50, 100):
+            publisher.publish("s", i)
+        reader.join(30)
+        assert [m["message"] for m in got] == list(range(100))
+        assert not any(m.get("gap") for m in got)
+        assert client._current == 1
+    finally:
+        a.proc.kill()
+        b.stop()
+
+
+def test_receive_on_two_servers_splits_a_burst_with_no_message_twice(pair):
+    a, b = pair
+    for i in range(200):
+        request(a if i % 2 else b, "POST", "/send", json.dumps({"message": i}),
+                {"Content-Type": "application/json"})
+    taken = [[], []]
+
+    def consume(n, server):
+        while True:
+            resp = request(server, "GET", "/receive?timeout=0")
+            message = resp.json["message"]
+            if message is None:
+                return
+            taken[n].append(message)
+
+    threads = [threading.Thread(target=consume, args=(n, s)) for n, s in enumerate(pair)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(taken[0] + taken[1]) == list(range(200))
+    assert taken[0] and taken[1]  # both took part
+
+
+def test_parked_clients_share_one_redis_connection(make_server, redis_url):
+    import redis
+    server = make_server(longpoll.Hub(store=redis_url))
+    clients = redis.Redis.from_url(redis_url)
+    before = len(clients.client_list())
+    conns = [http.client.HTTPConnection(*server.server_address[:2], timeout=20)
+             for _ in range(300)]
+    for conn in conns:
+        conn.request("GET", "/channels/crowd?timeout=15")
+    wait_until(lambda: server.waiting == 300, what="300 polls to park")
+    assert len(clients.client_list()) <= before + 1  # not one per client
+    longpoll.Client(server.url).publish("crowd", "to all")
+    for conn in conns:
+        assert json.loads(conn.getresponse().read())["messages"][0]["message"] == "to all"
+        conn.close()
+    clients.close()
+
+
+def test_a_new_server_gets_the_history_and_old_cursors(pair, redis_url):
+    a, _ = pair
+    ids = [a.hub.publish("h", i).id for i in range(10)]
+    late = longpoll.Hub(store=redis_url)
+    try:
+        batch = late.read("h", ids[3])
+        assert [m.message for m in batch.messages] == list(range(4, 10)) and not batch.gap
+        assert [m.id for m in batch.messages] == ids[4:]
+    finally:
+        late.close()
+
+
+def test_retention_in_redis_gives_a_gap_on_every_server(make_server, redis_url):
+    a = longpoll.Hub(retention=5, store=redis_url)
+    b = longpoll.Hub(retention=5, store=redis_url)
+    try:
+        ids = [a.publish("r", i).id for i in range(20)]
+        wait_until(lambda: b.read("r", "0").messages[-1].id == ids[-1], what="B to follow")
+        for hub in (a, b, longpoll.Hub(retention=5, store=redis_url)):
+            assert [m.message for m in hub.read("r", "0").messages] == list(range(15, 20))
+            assert hub.read("r", ids[3]).gap and not hub.read("r", ids[16]).gap
+    finally:
+        a.close()
+        b.close()
