@@ -845,6 +845,15 @@ _R_STREAM, _R_DROPPED, _R_TAKEN = "longpoll:channel:", "longpoll:dropped", "long
 _R_FEED_LENGTH = 100_000  # feed entries kept, for servers catching up
 
 _R_PUBLISH = """
+local history = redis.call('GET', KEYS[5])
+if not history then
+  redis.call('SET', KEYS[5], ARGV[8])  -- Redis lost its data: carry on with ours
+elseif history ~= ARGV[8] then
+  return redis.error_reply('this Redis database holds another history')
+end
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[9]) then
+  redis.call('SET', KEYS[1], ARGV[9])  -- Redis lost its data: never reuse a number
+end
 local seq = redis.call('INCR', KEYS[1])
 local id = seq .. '-0'
 local fields = {'t', ARGV[2], 'm', ARGV[3], 'ti', ARGV[4], 'pr', ARGV[5]}
@@ -934,9 +943,9 @@ class RedisStore(Store):
         at = round(time.time(), 3)
         try:
             seq = self._publish(
-                keys=[_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED],
+                keys=[_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED, _R_HISTORY],
                 args=[channel, repr(at), payload, _encode(title), _encode(priority),
-                      hub.retention, _R_FEED_LENGTH])
+                      hub.retention, _R_FEED_LENGTH, hub.history, hub._seq])
             hub.published += 1
             for _ in range(3):  # read the feed up to it, so a read now sees it
                 if hub._seq >= seq or hub._closed:
