@@ -278,8 +278,9 @@ class Channel:
         """The messages published after position *seq*, oldest first."""
         return self.messages[bisect.bisect_right(self.messages, seq, key=_seq_of):]
 
-    def trim(self, retention: int, max_age: float | None) -> None:
-        """Drop messages beyond the count limit or older than *max_age*."""
+    def trim(self, retention: int, max_age: float | None) -> list[Message]:
+        """Drop messages beyond the count limit or older than *max_age*;
+        return them."""
         drop = len(self.messages) - retention
         if max_age:
             cutoff = time.monotonic() - max_age
@@ -289,9 +290,12 @@ class Channel:
                     break
                 old += 1
             drop = max(drop, old)
-        if drop > 0:
-            self.dropped = self.messages[drop - 1].seq
-            del self.messages[:drop]
+        if drop <= 0:
+            return []
+        gone = self.messages[:drop]
+        self.dropped = gone[-1].seq
+        del self.messages[:drop]
+        return gone
 
 
 class Hub:
@@ -416,7 +420,9 @@ class Hub:
         """Under the lock: append *msg* to its channel; return who to wake."""
         ch = self._channel(msg.channel)
         ch.messages.append(msg)
-        ch.trim(self.retention, self.max_age)
+        gone = ch.trim(self.retention, self.max_age)
+        if gone:
+            self.store.dropped(gone)
         # Waiters are one-shot: a woken waiter reads and registers again.
         waiters, ch.waiters = ch.waiters, set()
         return waiters
@@ -475,7 +481,9 @@ class Hub:
                 if self._forgotten > after and not everything:
                     gap = True  # it may have been one of the channels forgotten
                 continue
-            ch.trim(self.retention, self.max_age)
+            gone = ch.trim(self.retention, self.max_age)
+            if gone:
+                self.store.dropped(gone)
             if ch.dropped > after and not everything:
                 gap = True
             run = ch.read_after(after)
@@ -658,7 +666,9 @@ class Hub:
         self._pruned = time.monotonic()
         forgotten = []
         for name, ch in list(self._channels.items()):
-            ch.trim(self.retention, self.max_age)
+            gone = ch.trim(self.retention, self.max_age)
+            if gone:
+                self.store.dropped(gone)
             if not (ch.messages or ch.waiters):
                 del self._channels[name]
                 self._forgotten = max(self._forgotten, ch.dropped)
@@ -713,7 +723,8 @@ class Store:
     kept (``hub.history``, ``hub._seq``, messages through ``hub._apply``);
     ``append(msg)`` before a publish is acknowledged (raise to refuse it);
     ``took(channel, seq)`` when ``/receive`` hands a message out;
-    ``pruned(hub, forgotten)`` after retention ran; and ``close()``.
+    ``dropped(messages)`` when retention drops some; ``pruned(hub,
+    forgotten)`` now and then, after retention ran; and ``close()``.
     A *shared* store (several servers, one history) numbers messages itself:
     the hub calls its ``publish``, ``take`` and ``head`` instead, and the
     store feeds every message to ``hub._follow`` in order.
@@ -729,6 +740,9 @@ class Store:
         pass
 
     def took(self, channel: str, seq: int) -> None:
+        pass
+
+    def dropped(self, messages: list[Message]) -> None:
         pass
 
     def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
@@ -761,6 +775,7 @@ class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         self.path = path
         self._kept: dict[str, int] = {}  # per channel: dropped, as the file has it
+        self._gone: list[tuple[int]] = []  # messages dropped, to delete at the next prune
 
     def open(self, hub: "Hub") -> None:
         import sqlite3  # here, not at the top: some Pythons are built without it
@@ -772,19 +787,17 @@ class SqliteStore(Store):
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript("""
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-                CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, channel TEXT,
-                    time REAL, payload TEXT, title TEXT, priority INTEGER);
-                CREATE INDEX IF NOT EXISTS by_channel ON messages (channel, seq);
+                CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, json TEXT);
                 CREATE TABLE IF NOT EXISTS channels (name TEXT PRIMARY KEY,
                     dropped INTEGER DEFAULT 0, taken INTEGER DEFAULT 0);""")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('history', ?)", (hub.history,))
             meta = dict(db.execute("SELECT key, value FROM meta"))
             hub.history = meta["history"]
             hub._forgotten = int(meta.get("forgotten", 0))
-            for seq, channel, at, payload, title, priority in db.execute(
-                    "SELECT * FROM messages ORDER BY seq"):
-                hub._apply(Message(seq, hub._cursor(seq), channel, json.loads(payload),
-                                   title, priority, payload, at))
+            for seq, wire in db.execute("SELECT seq, json FROM messages ORDER BY seq"):
+                d = json.loads(wire)  # as the wire carried it
+                hub._apply(Message(seq, hub._cursor(seq), d["channel"], d["message"],
+                                   d.get("title"), d.get("priority"), None, d["time"]))
                 hub._seq = seq
             hub._seq = max(hub._seq, int(meta.get("seq", 0)))
             for name, dropped, taken in db.execute("SELECT * FROM channels"):
@@ -796,9 +809,7 @@ class SqliteStore(Store):
 
     def append(self, msg: Message) -> None:
         try:
-            self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-                            (msg.seq, msg.channel, msg.time, _encode(msg.message),
-                             msg.title, msg.priority))
+            self.db.execute("INSERT INTO messages VALUES (?, ?)", (msg.seq, msg.json))
         except self._error as exc:
             raise _unavailable("cannot store the message", exc) from None
 
@@ -809,15 +820,17 @@ class SqliteStore(Store):
         except self._error as exc:
             raise _unavailable("cannot store the take", exc) from None
 
+    def dropped(self, messages: list[Message]) -> None:
+        self._gone.extend((m.seq,) for m in messages)
+
     def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
         """Delete what retention dropped, in one transaction."""
         db = self.db
         try:
             db.execute("BEGIN")
+            db.executemany("DELETE FROM messages WHERE seq = ?", self._gone)
             for ch in itertools.chain(hub._channels.values(), forgotten):
                 if ch.dropped > self._kept.get(ch.name, 0):
-                    db.execute("DELETE FROM messages WHERE channel = ? AND seq <= ?",
-                               (ch.name, ch.dropped))
                     db.execute("INSERT INTO channels (name, dropped) VALUES (?, ?) ON CONFLICT "
                                "(name) DO UPDATE SET dropped = excluded.dropped",
                                (ch.name, ch.dropped))
@@ -828,6 +841,7 @@ class SqliteStore(Store):
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                            (("seq", str(hub._seq)), ("forgotten", str(hub._forgotten))))
             db.execute("COMMIT")
+            self._gone.clear()
         except self._error as exc:
             logger.error("cannot prune the store %s: %s", self.path, exc)
             if db.in_transaction:

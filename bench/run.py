@@ -6,6 +6,9 @@
 
 Servers (each started fresh for every row, as a subprocess of this script):
   longpoll   python -m longpoll serve
+  longpoll-sqlite   the same with --store sqlite:FILE (a new file per row)
+  longpoll-redis    the same with --store redis://... (a redis-server this
+                    script starts on a free port, emptied for every row)
   threaded   bench/servers/threaded.py: a blocked thread per waiting client
   tornado    bench/servers/tornado_server.py: Tornado 6
   floor      bench/servers/floor.py: writes one pre-encoded answer to every parked socket
@@ -35,8 +38,10 @@ import resource
 import socket
 import statistics
 import struct
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,10 +61,41 @@ SENT = re.compile(rb'"t":\s*([0-9.e+-]+),\s*"i":\s*(-?\d+)')
 
 # -- the server under test ------------------------------------------------------------
 
+STORES = {"longpoll-sqlite": "sqlite", "longpoll-redis": "redis"}
+
+
+class Redis:
+    """A redis-server of the benchmark's own, on a free port."""
+    url = None
+
+    @classmethod
+    def start(cls):
+        if cls.url is None:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            cls.proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "",
+                                         "--appendonly", "no"], stdout=subprocess.DEVNULL)
+            cls.url = f"redis://127.0.0.1:{port}/0"
+            for _ in range(100):
+                if subprocess.run(["redis-cli", "-p", str(port), "ping"],
+                                  capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.05)
+        subprocess.run(["redis-cli", "-u", cls.url, "flushdb"], capture_output=True, check=True)
+        return cls.url
+
+
 class ServerProcess:
     def __init__(self, name):
         self.name = name
-        self.proc = subprocess.Popen(SERVERS[name], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        command, self.folder = SERVERS.get(name, SERVERS["longpoll"]), None
+        if STORES.get(name) == "sqlite":
+            self.folder = tempfile.mkdtemp()
+            command = command + ["--store", f"sqlite:{self.folder}/bench.db"]
+        elif STORES.get(name) == "redis":
+            command = command + ["--store", Redis.start()]
+        self.proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             match = re.search(r"listening on http://([\d.]+):(\d+)", line)
             if match:
@@ -89,6 +125,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # -- clients ---------------------------------------------------------------------------
@@ -346,12 +384,17 @@ def fanout_table(rows):
 
 
 def throughput_table(rows):
-    out = ["| server | K subscribers | publishes/s | vs tornado | deliveries/s | vs tornado | delivered |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| server | K subscribers | publishes/s | vs longpoll | vs tornado | deliveries/s "
+           "| vs tornado | delivered |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         peer = next((r for r in rows if r["server"] == "tornado"
                      and r["subscribers"] == row["subscribers"]), None)
+        memory = next((r for r in rows if r["server"] == "longpoll"
+                       and r["subscribers"] == row["subscribers"]), None)
         pub_ratio = f"{row['publishes_per_s'] / peer['publishes_per_s']:.1f}×" if peer else "–"
+        mem_ratio = (f"{row['publishes_per_s'] / memory['publishes_per_s']:.2f}×"
+                     if memory else "–")
         if row["deliveries_per_s"] is None:
             deliveries, del_ratio, delivered = "–", "–", "–"
         else:
@@ -362,7 +405,7 @@ def throughput_table(rows):
             if row["repeats"]:
                 delivered += f" ({row['repeats']} repeated)"
         out.append(f"| {row['server']} | {row['subscribers']} | {row['publishes_per_s']:,.0f} | "
-                   f"{pub_ratio} | {deliveries} | {del_ratio} | {delivered} |")
+                   f"{mem_ratio} | {pub_ratio} | {deliveries} | {del_ratio} | {delivered} |")
     return "\n".join(out)
 
 
@@ -415,7 +458,11 @@ def main():
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    asyncio.run(main_async(args))
+    try:
+        asyncio.run(main_async(args))
+    finally:
+        if Redis.url:
+            Redis.proc.terminate()
 
 
 if __name__ == "__main__":
