@@ -23,8 +23,10 @@ Limits, stated honestly:
   port can publish to and read every channel. It binds to 127.0.0.1 by
   default. Without ``--certfile`` it speaks plain HTTP: tokens and
   messages cross the network readable by anyone on the path.
-- Messages live in memory. A restart loses them; clients holding an old
-  cursor are told so (``"gap": true``) instead of getting wrong data.
+- Messages live in memory unless ``serve --store sqlite:FILE`` (they survive
+  restarts) or ``--store redis://...`` (several servers share them). Without
+  a store a restart loses them; clients holding an old cursor are told so
+  (``"gap": true``) instead of getting wrong data.
 - One process, one loop: a waiting client costs a socket and a small record
   (10,000 parked clients: about 60 MB and 2 threads), but all the work runs
   on one core. Past roughly 4,000 subscribers each receiving 10 messages a
@@ -34,18 +36,22 @@ Limits, stated honestly:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Auth",
     "Batch",
     "Client",
-    "Auth",
     "Handler",
     "Hub",
     "LongpollError",
     "Message",
     "Position",
+    "RedisStore",
     "Server",
+    "SqliteStore",
+    "Store",
     "Subscription",
     "main",
     "make_server",
+    "open_store",
 ]
 
 import bisect
@@ -3298,7 +3304,8 @@ def _serve(args: Any) -> int:
     if (args.auth or args.certfile) and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_hangup)
     server.start()
-    logger.warning("longpoll %s listening on %s (Ctrl-C to stop)", __version__, server.url)
+    logger.warning("longpoll %s listening on %s%s (Ctrl-C to stop)", __version__, server.url,
+                   "" if args.store in ("memory:", "memory", "") else f", store {args.store}")
     stop.wait()
     logger.warning("shutting down: answering %d waiting clients", server.waiting)
     server.close()
