@@ -3304,8 +3304,8 @@ def _serve(args: Any) -> int:
     if (args.auth or args.certfile) and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_hangup)
     server.start()
-    logger.warning("longpoll %s listening on %s%s (Ctrl-C to stop)", __version__, server.url,
-                   "" if args.store in ("memory:", "memory", "") else f", store {args.store}")
+    logger.warning("longpoll %s listening on %s (%sCtrl-C to stop)", __version__, server.url,
+                   "" if args.store in ("memory:", "memory", "") else f"store {args.store}; ")
     stop.wait()
     logger.warning("shutting down: answering %d waiting clients", server.waiting)
     server.close()
