@@ -738,6 +738,8 @@ class Store:
 
     #: True when the store numbers messages for several hubs.
     shared = False
+    #: What ``open_store`` was given (passwords masked).
+    url = "memory:"
 
     def open(self, hub: "Hub") -> None:
         pass
@@ -779,7 +781,7 @@ class SqliteStore(Store):
     power cut may lose the last ones). Cursors stay valid across restarts."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path, self.url = path, f"sqlite:{path}"
         self._kept: dict[str, int] = {}  # per channel: dropped, as the file has it
         self._gone: list[tuple[int]] = []  # messages dropped, to delete at the next prune
 
@@ -926,7 +928,8 @@ class RedisStore(Store):
         except ImportError:
             raise ValueError("the redis store needs the redis package: "
                              "pip install 'longpoll[redis]'") from None
-        self.url, self._redis = url, redis
+        self._redis = redis
+        self.url = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
         self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self._feed_client = redis.Redis.from_url(url, socket_timeout=10,
                                                  socket_connect_timeout=5)
@@ -3305,7 +3308,7 @@ def _serve(args: Any) -> int:
         signal.signal(signal.SIGHUP, on_hangup)
     server.start()
     logger.warning("longpoll %s listening on %s (%sCtrl-C to stop)", __version__, server.url,
-                   "" if args.store in ("memory:", "memory", "") else f"store {args.store}; ")
+                   "" if hub.store.url == "memory:" else f"store {hub.store.url}; ")
     stop.wait()
     logger.warning("shutting down: answering %d waiting clients", server.waiting)
     server.close()

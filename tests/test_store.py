@@ -313,3 +313,14 @@ def test_redis_going_away_gives_503_and_coming_back_resumes(make_server, tmp_pat
         admin.close()
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_redis_password_is_never_logged(redis_url, caplog):
+    store = longpoll.RedisStore(redis_url.replace("redis://", "redis://:hunter2@"))
+    assert "hunter2" not in store.url and store.url.startswith("redis://:***@")
+    hub = longpoll.Hub(store=store)
+    hub.close()
+    with pytest.raises(ValueError) as caught:  # nothing listens there
+        longpoll.Hub(store="redis://:hunter2@127.0.0.1:1/0")
+    assert "redis://:***@127.0.0.1:1/0" in str(caught.value)
+    assert "hunter2" not in str(caught.value) and "hunter2" not in caplog.text
