@@ -789,9 +789,10 @@ class SqliteStore(Store):
         import sqlite3  # here, not at the top: some Pythons are built without it
         self._error = sqlite3.Error
         try:
-            db = self.db = sqlite3.connect(self.path, isolation_level=None,
+            db = self.db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None,
                                            check_same_thread=False)  # used under the hub lock
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")  # one server per file: a second
+            db.execute("PRAGMA journal_mode=WAL")         # one would number messages too
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript("""
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -864,7 +865,7 @@ class SqliteStore(Store):
 # marks of what retention dropped and what /receive handed out.
 _R_SEQ, _R_HISTORY, _R_FEED = "longpoll:seq", "longpoll:history", "longpoll:feed"
 _R_STREAM, _R_DROPPED, _R_TAKEN = "longpoll:channel:", "longpoll:dropped", "longpoll:taken"
-_R_FEED_LENGTH = 100_000  # feed entries kept, for servers catching up
+_R_FEED_LENGTH = 10_000  # feed entries kept; a server further behind reads the streams
 
 _R_PUBLISH = """
 local history = redis.call('GET', KEYS[5])
@@ -930,7 +931,7 @@ class RedisStore(Store):
                              "pip install 'longpoll[redis]'") from None
         self._redis = redis
         self.url = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
-        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
         self._feed_client = redis.Redis.from_url(url, socket_timeout=10,
                                                  socket_connect_timeout=5)
         self._trimmed: dict[str, int] = {}  # per channel: dropped, as sent to Redis
@@ -1487,7 +1488,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Count the answer (for /metrics) and write the access-log line."""
-        self.server.requests[self.route_name, int(code)] += 1
+        with self.server._count_lock:  # workers answer some requests too
+            self.server.requests[self.route_name, int(code)] += 1
         self.log_line(code, size)
 
     def log_line(self, code: int | str, size: int | str) -> None:
@@ -1913,6 +1915,7 @@ class Server:
         self._next_keepalive = 0.0
         #: Requests answered, by (route, status).
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._count_lock = threading.Lock()
         #: Messages delivered to clients (one message to ten clients: ten).
         self.delivered = 0
         self._takers: collections.deque[_Connection] = collections.deque()
@@ -2220,7 +2223,8 @@ class Server:
         self._parked -= len(conns)
         self.delivered += len(batch.messages) * len(conns)
         polls = len(conns) - self._streams_in(conns) if self._streams else len(conns)
-        self.requests["poll", 200] += polls
+        with self._count_lock:
+            self.requests["poll", 200] += polls
         log = logger.isEnabledFor(logging.INFO)
         events: bytes | None = None
         for conn in conns:  # the hot loop of every fan-out: kept lean
@@ -2550,7 +2554,9 @@ class Server:
                 break
             conn.partial = 0.0
             conn.continue_sent = False
-            if len(raw) > self.inline_body_limit and raw[:1] == b"P":  # POST, PUT, PATCH
+            # POST, PUT, PATCH: a large body to decode, or a store across the
+            # network to wait for, on a worker, so the loop never stalls.
+            if raw[:1] == b"P" and (len(raw) > self.inline_body_limit or self.hub.store.shared):
                 conn.busy = True
                 conn.deadline = None
                 self._pool.submit(self._handle_on_worker, conn, raw)
@@ -2836,7 +2842,9 @@ class _TrackedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
 
     def __init__(self, cutoff: _Cutoff, context: Any = None) -> None:
         urllib.request.HTTPHandler.__init__(self)
-        urllib.request.HTTPSHandler.__init__(self, context=context)
+        # Not HTTPSHandler.__init__: from Python 3.12 it loads the system's
+        # CA certificates each time, and a client makes one of these a request.
+        self._context = context
         self._cutoff = cutoff
 
     def http_open(self, req: urllib.request.Request) -> Any:

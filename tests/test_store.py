@@ -1,4 +1,5 @@
 """Stores: sqlite (messages survive kill -9) and Redis (several servers share channels)."""
+import contextlib
 import http.client
 import json
 import signal
@@ -46,12 +47,13 @@ def read_all(client, channels, since):
 def test_500_acknowledged_messages_survive_kill_9(tmp_path):
     store = f"sqlite:{tmp_path / 'longpoll.db'}"
     server = Process("serve", "--port", "0", "--store", store)
-    url = server.expect(r"listening on (http://\S+)").group(1)
-    ids = publish_many(url, "jobs", 500)  # every one got its 201
-    client = longpoll.Client(url)
-    first = client.poll("jobs", "0", timeout=0, limit=200)
-    cursor = first["cursor"]  # a subscriber has read 200 and holds this cursor
-    server.proc.send_signal(signal.SIGKILL)
+    try:
+        url = server.expect(r"listening on (http://\S+)").group(1)
+        ids = publish_many(url, "jobs", 500)  # every one got its 201
+        first = longpoll.Client(url).poll("jobs", "0", timeout=0, limit=200)
+        cursor = first["cursor"]  # a subscriber has read 200 and holds this cursor
+    finally:
+        server.proc.send_signal(signal.SIGKILL)
     assert server.proc.wait(10) == -signal.SIGKILL
     again = Process("serve", "--port", "0", "--store", store)
     try:
@@ -70,9 +72,9 @@ def test_retention_prunes_the_file_and_old_cursors_get_a_gap(tmp_path):
     ids = [hub.publish("a", i).id for i in range(100)]
     hub.publish("b", "other")
     hub.prune()
-    with sqlite3.connect(path) as db:
+    hub.close()  # (the server holds the file to itself while it runs)
+    with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 11
-    hub.close()
     hub = longpoll.Hub(retention=10, store=f"sqlite:{path}")
     assert [m.message for m in hub.read("a", "0").messages] == list(range(90, 100))
     assert hub.read("a", ids[50]).gap and not hub.read("a", ids[95]).gap
@@ -324,3 +326,17 @@ def test_the_redis_password_is_never_logged(redis_url, caplog):
         longpoll.Hub(store="redis://:hunter2@127.0.0.1:1/0")
     assert "redis://:***@127.0.0.1:1/0" in str(caught.value)
     assert "hunter2" not in str(caught.value) and "hunter2" not in caplog.text
+
+
+def test_a_second_server_on_the_same_file_is_refused(tmp_path):
+    store = f"sqlite:{tmp_path / 'longpoll.db'}"
+    first = longpoll.Hub(store=store)
+    try:
+        first.publish("a", "mine")
+        with pytest.raises(ValueError, match="cannot open the store .*locked"):
+            longpoll.Hub(store=store)
+        assert first.publish("a", "still mine").seq == 2
+    finally:
+        first.close()
+    assert [m.message for m in longpoll.Hub(store=store).read("a", "0").messages] == [
+        "mine", "still mine"]
