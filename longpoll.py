@@ -865,6 +865,7 @@ class SqliteStore(Store):
 # marks of what retention dropped and what /receive handed out.
 _R_SEQ, _R_HISTORY, _R_FEED = "longpoll:seq", "longpoll:history", "longpoll:feed"
 _R_STREAM, _R_DROPPED, _R_TAKEN = "longpoll:channel:", "longpoll:dropped", "longpoll:taken"
+_R_FORGOTTEN = "longpoll:forgotten"  # the newest message of a channel since forgotten
 _R_FEED_LENGTH = 10_000  # feed entries kept; a server further behind reads the streams
 
 _R_PUBLISH = """
@@ -908,6 +909,9 @@ if ARGV[3] == '1' and redis.call('XLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[2]) then
+    redis.call('SET', KEYS[4], ARGV[2])
+  end
 end
 """
 
@@ -993,7 +997,7 @@ class RedisStore(Store):
         try:
             for ch in itertools.chain(hub._channels.values(), forgotten):
                 if ch.dropped > self._trimmed.get(ch.name, 0) or ch.name in gone:
-                    self._trim(keys=[_R_STREAM + ch.name, _R_DROPPED, _R_TAKEN],
+                    self._trim(keys=[_R_STREAM + ch.name, _R_DROPPED, _R_TAKEN, _R_FORGOTTEN],
                                args=[ch.name, ch.dropped, int(ch.name in gone)])
                     self._trimmed[ch.name] = ch.dropped
             for name in gone:
@@ -1041,6 +1045,7 @@ class RedisStore(Store):
         dropped = {k.decode(): int(v) for k, v in client.hgetall(_R_DROPPED).items()
                    if int(v) > after}
         messages.sort(key=_seq_of)
+        hub._forgotten = max(hub._forgotten, int(client.get(_R_FORGOTTEN) or 0))
         hub._follow(messages, head, dropped)
         self._last = head
 

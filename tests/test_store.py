@@ -340,3 +340,19 @@ def test_a_second_server_on_the_same_file_is_refused(tmp_path):
         first.close()
     assert [m.message for m in longpoll.Hub(store=store).read("a", "0").messages] == [
         "mine", "still mine"]
+
+
+def test_age_retention_in_redis_and_forgotten_channels(redis_url):
+    a = longpoll.Hub(max_age=0.05, store=redis_url)
+    try:
+        before = a.cursor
+        seen = a.publish("brief", "x").id
+        wait_until(lambda: a.prune() or a.channel_count == 0, what="the channel to expire")
+        late = longpoll.Hub(max_age=0.05, store=redis_url)  # a server joining later
+        try:
+            assert late.channel_count == 0
+            assert late.read("brief", before).gap and not late.read("brief", seen).gap
+        finally:
+            late.close()
+    finally:
+        a.close()
