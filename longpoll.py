@@ -13,9 +13,10 @@ or from Python, in the same process or over HTTP::
     server.hub.publish("ci", {"status": "green"}, title="Build")
     for msg in longpoll.Client(server.url).subscribe("ci", since="0"): print(msg)
 
-The module holds four parts, each usable alone: the ``Hub`` (channels of
-messages with cursors, no HTTP), the ``Server`` (the wire protocol over
-``http.server``), the ``Client`` (``urllib``), and the command line.
+The module holds five parts, each usable alone: the ``Hub`` (channels of
+messages with cursors, no HTTP), its stores (memory, ``sqlite3``, Redis),
+the ``Server`` (the wire protocol over ``http.server``), the ``Client``
+(``urllib``), and the command line.
 
 Limits, stated honestly:
 
@@ -317,6 +318,8 @@ class Hub:
     Methods that may be overridden or used by servers: ``publish``,
     ``read``, ``wait``, ``take``, ``watch``, ``prune``, ``close``; and for
     a server's hot path ``locate`` (place a cursor once) and ``read_checked``.
+    *store* (a ``Store`` or a URL for ``open_store``) keeps messages across
+    restarts, or shares them between servers; reads always come from memory.
     """
 
     def __init__(self, retention: int = DEFAULT_RETENTION,

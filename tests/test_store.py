@@ -356,3 +356,10 @@ def test_age_retention_in_redis_and_forgotten_channels(redis_url):
             late.close()
     finally:
         a.close()
+
+
+def test_without_the_redis_package_serve_says_what_to_install():
+    proc = Process("serve", "--port", "0", "--store", "redis://127.0.0.1:6379/0",
+                   python_flags=["-S"])  # no site-packages: no redis package
+    assert proc.proc.wait(15) == 2
+    proc.expect(r"needs the redis package: pip install 'longpoll\[redis\]'")
