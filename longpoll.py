@@ -950,6 +950,7 @@ class RedisStore(Store):
         self._feed_lock = threading.Lock()  # one reader of the feed applies at a time
         self._last = 0  # the last message of the feed applied
         self._feed_id: int | None = None  # the feed connection's id, to unblock it
+        self._retry_at = 0.0  # after a failure, when to ask Redis again
 
     def open(self, hub: "Hub") -> None:
         try:
@@ -963,34 +964,40 @@ class RedisStore(Store):
                                         name="longpoll-redis-feed", daemon=True)
         self._thread.start()
 
-    def head(self) -> int:
+    def _ask(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call Redis; after a failure, refuse at once (503) for a second,
+        so an unreachable Redis cannot hold up the server's loop each time."""
+        if time.monotonic() < self._retry_at:
+            raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the store is unavailable",
+                                {"Retry-After": "1"})
         try:
-            return int(self.client.get(_R_SEQ) or 0)
+            return call(*args, **kwargs)
         except self._redis.RedisError as exc:
+            self._retry_at = time.monotonic() + 1.0
             raise _unavailable("the store is unavailable", exc) from None
+
+    def head(self) -> int:
+        return int(self._ask(self.client.get, _R_SEQ) or 0)
 
     def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
                 priority: int | None, payload: str) -> Message:
         at = round(time.time(), 3)
-        try:
-            seq = self._publish(
-                keys=[_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED, _R_HISTORY],
-                args=[channel, repr(at), payload, _encode(title), _encode(priority),
-                      hub.retention, _R_FEED_LENGTH, hub.history, hub._seq])
-            hub.published += 1
-            for _ in range(3):  # read the feed up to it, so a read now sees it
-                if hub._seq >= seq or hub._closed:
-                    break
+        seq = self._ask(self._publish,
+                        keys=[_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED, _R_HISTORY],
+                        args=[channel, repr(at), payload, _encode(title), _encode(priority),
+                              hub.retention, _R_FEED_LENGTH, hub.history, hub._seq])
+        hub.published += 1
+        for _ in range(3):  # read the feed up to it, so a read now sees it
+            if hub._seq >= seq or hub._closed:
+                break
+            try:
                 self._read_feed(hub, self.client, None)
-        except self._redis.RedisError as exc:
-            raise _unavailable("the store is unavailable", exc) from None
+            except self._redis.RedisError:
+                break  # it is taken; the feed thread brings it when it can
         return Message(seq, hub._cursor(seq), channel, message, title, priority, payload, at)
 
     def take(self, hub: "Hub", channel: str) -> Message | None:
-        try:
-            entry = self._take(keys=[_R_STREAM + channel, _R_TAKEN], args=[channel])
-        except self._redis.RedisError as exc:
-            raise _unavailable("the store is unavailable", exc) from None
+        entry = self._ask(self._take, keys=[_R_STREAM + channel, _R_TAKEN], args=[channel])
         return None if not entry else self._message(hub, channel, *entry)
 
     def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
