@@ -7,6 +7,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -191,3 +192,20 @@ def test_sighup_loads_a_renewed_certificate(cert, tmp_path):
         assert longpoll.Client(url, cafile=certfile).health()["status"] == "ok"
     finally:
         assert proc.stop() == 0
+
+
+def test_notifier_over_https_with_cafile(https, cert):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    url = https.url.replace("127.0.0.1", "localhost")
+    proc = subprocess.Popen([sys.executable, "notifier.py", "news", "--print", "--no-state",
+                             "--url", url, "--cafile", cert[0]], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: https.waiting == 1, what="the notifier to park its poll")
+        https.hub.publish("news", "over TLS", title="T", priority=5)
+        assert proc.stdout.readline() == "! T: over TLS\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
