@@ -363,3 +363,29 @@ def test_without_the_redis_package_serve_says_what_to_install():
                    python_flags=["-S"])  # no site-packages: no redis package
     assert proc.proc.wait(15) == 2
     proc.expect(r"needs the redis package: pip install 'longpoll\[redis\]'")
+
+
+def test_blocking_wait_take_and_event_streams_follow_another_server(pair):
+    a, b = pair
+    results = {}
+    threads = [
+        threading.Thread(target=lambda: results.update(wait=b.hub.wait("w", timeout=10))),
+        threading.Thread(target=lambda: results.update(take=b.hub.take("jobs", timeout=10))),
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: b.hub.waiting == 2, what="both to block on B")
+    with contextlib.closing(http.client.HTTPConnection(*b.server_address[:2],
+                                                       timeout=10)) as stream:
+        stream.request("GET", "/channels/w/events")
+        events = stream.getresponse()
+        wait_until(lambda: b.waiting == 1, what="the event stream to park on B")
+        a.hub.publish("w", "to B")
+        a.hub.publish("jobs", "work")
+        for thread in threads:
+            thread.join(10)
+        data = b""
+        while b'"to B"' not in data:
+            data += events.read1(4096)
+    assert [m.message for m in results["wait"].messages] == ["to B"]
+    assert results["take"].message == "work" and a.hub.take("jobs", timeout=0) is None
