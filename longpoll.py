@@ -285,7 +285,7 @@ class Channel:
         """The messages published after position *seq*, oldest first."""
         return self.messages[bisect.bisect_right(self.messages, seq, key=_seq_of):]
 
-    def trim(self, retention: int, max_age: float | None) -> list[Message]:
+    def trim(self, retention: int, max_age: float | None) -> list[Message] | tuple[()]:
         """Drop messages beyond the count limit or older than *max_age*;
         return them."""
         drop = len(self.messages) - retention
@@ -298,7 +298,7 @@ class Channel:
                 old += 1
             drop = max(drop, old)
         if drop <= 0:
-            return []
+            return ()
         gone = self.messages[:drop]
         self.dropped = gone[-1].seq
         del self.messages[:drop]
@@ -381,8 +381,10 @@ class Hub:
             channel = self._channels[name] = Channel(name)
         return channel
 
-    def _make_room(self, names: Iterable[str]) -> None:
+    def _make_room(self, names: tuple[str, ...]) -> None:
         """Under the lock: refuse (503) channels that would pass max_channels."""
+        if len(self._channels) + len(names) <= self.max_channels:
+            return  # far from the cap: the usual case, decided without a loop
         new = sum(name not in self._channels for name in names)
         if new and len(self._channels) + new > self.max_channels:
             if time.monotonic() > self._pruned + 1.0:  # at most once a second
