@@ -1009,13 +1009,14 @@ class RedisStore(Store):
         try:
             for ch in itertools.chain(hub._channels.values(), forgotten):
                 if ch.dropped > self._trimmed.get(ch.name, 0) or ch.name in gone:
-                    self._trim(keys=[_R_STREAM + ch.name, _R_DROPPED, _R_TAKEN, _R_FORGOTTEN],
-                               args=[ch.name, ch.dropped, int(ch.name in gone)])
+                    self._ask(self._trim,
+                              keys=[_R_STREAM + ch.name, _R_DROPPED, _R_TAKEN, _R_FORGOTTEN],
+                              args=[ch.name, ch.dropped, int(ch.name in gone)])
                     self._trimmed[ch.name] = ch.dropped
             for name in gone:
                 self._trimmed.pop(name, None)
-        except self._redis.RedisError as exc:
-            logger.warning("cannot prune the store: %s", exc)
+        except LongpollError:
+            pass  # logged; the next prune tries again
 
     def close(self) -> None:
         self._stop.set()
@@ -1059,7 +1060,7 @@ class RedisStore(Store):
         messages.sort(key=_seq_of)
         hub._forgotten = max(hub._forgotten, int(client.get(_R_FORGOTTEN) or 0))
         hub._follow(messages, head, dropped)
-        self._last = head
+        self._last = max(head, after)  # (head is lower if Redis lost its data)
 
     def _read_feed(self, hub: "Hub", client: Any, block: int | None) -> None:
         """Apply the feed's next messages, in order (from the feed thread,
