@@ -1,10 +1,7 @@
 """Tokens and per-channel permissions (serve --auth)."""
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
