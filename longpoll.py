@@ -745,6 +745,8 @@ class Store:
     shared = False
     #: What ``open_store`` was given (passwords masked).
     url = "memory:"
+    #: Requests the store failed (counted by ``_unavailable``; in /metrics).
+    failures = 0
 
     def open(self, hub: "Hub") -> None:
         pass
@@ -775,7 +777,8 @@ class Store:
         raise NotImplementedError
 
 
-def _unavailable(what: str, exc: Exception) -> LongpollError:
+def _unavailable(store: Store, what: str, exc: Exception) -> LongpollError:
+    store.failures += 1
     logger.error("%s: %s", what, exc)
     return LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, f"{what}: {exc}", {"Retry-After": "1"})
 
@@ -825,14 +828,14 @@ class SqliteStore(Store):
         try:
             self.db.execute("INSERT INTO messages VALUES (?, ?)", (msg.seq, msg.json))
         except self._error as exc:
-            raise _unavailable("cannot store the message", exc) from None
+            raise _unavailable(self, "cannot store the message", exc) from None
 
     def took(self, channel: str, seq: int) -> None:
         try:
             self.db.execute("INSERT INTO channels (name, taken) VALUES (?, ?) ON CONFLICT "
                             "(name) DO UPDATE SET taken = excluded.taken", (channel, seq))
         except self._error as exc:
-            raise _unavailable("cannot store the take", exc) from None
+            raise _unavailable(self, "cannot store the take", exc) from None
 
     def dropped(self, messages: list[Message]) -> None:
         self._gone.extend((m.seq,) for m in messages)
@@ -970,13 +973,14 @@ class RedisStore(Store):
         """Call Redis; after a failure, refuse at once (503) for a second,
         so an unreachable Redis cannot hold up the server's loop each time."""
         if time.monotonic() < self._retry_at:
+            self.failures += 1
             raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the store is unavailable",
                                 {"Retry-After": "1"})
         try:
             return call(*args, **kwargs)
         except self._redis.RedisError as exc:
             self._retry_at = time.monotonic() + 1.0
-            raise _unavailable("the store is unavailable", exc) from None
+            raise _unavailable(self, "the store is unavailable", exc) from None
 
     def head(self) -> int:
         return int(self._ask(self.client.get, _R_SEQ) or 0)
@@ -1991,6 +1995,9 @@ class Server:
                 for (route, status), count in sorted(self.requests.items())])
         metric("rate_limited_total", "counter", "Requests refused with 429.",
                [("", self.rate_limited)])
+        metric("store_failures_total", "counter",
+               "Times the store (sqlite, Redis) failed a request (answered 503).",
+               [("", self.hub.store.failures)])
         metric("uptime_seconds", "gauge", "Seconds since the server started.",
                [("", round(time.monotonic() - self.started, 3))])
         return "\n".join(lines) + "\n"

@@ -296,6 +296,7 @@ def test_redis_going_away_gives_503_and_coming_back_resumes(make_server, tmp_pat
     proc.wait(10)
     refused = request(server, "POST", "/channels/r", "while down")
     assert refused.status == 503 and refused.headers["Retry-After"]
+    assert "longpoll_store_failures_total 1\n" in request(server, "GET", "/metrics").body.decode()
     # what the server holds is still served
     assert request(server, "GET", "/channels/r?since=0").json["messages"][0]["message"] == "before"
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)  # back, and empty
