@@ -390,3 +390,22 @@ def test_blocking_wait_take_and_event_streams_follow_another_server(pair):
             data += events.read1(4096)
     assert [m.message for m in results["wait"].messages] == ["to B"]
     assert results["take"].message == "work" and a.hub.take("jobs", timeout=0) is None
+
+
+def test_a_full_disk_is_a_503_and_harms_nothing_stored(make_server, tmp_path):
+    hub = longpoll.Hub(store=f"sqlite:{tmp_path / 'longpoll.db'}")
+    server = make_server(hub)
+    kept = [hub.publish("d", "x" * 1000).id for _ in range(20)]
+    pages = hub.store.db.execute("PRAGMA page_count").fetchone()[0]
+    hub.store.db.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: "full"
+    refused = [request(server, "POST", "/channels/d", "y" * 4000) for _ in range(5)]
+    assert {r.status for r in refused} == {503}
+    assert "full" in refused[0].json["error"] and refused[0].headers["Retry-After"]
+    assert [m.id for m in hub.read("d", "0").messages] == kept  # nothing half-stored
+    hub.store.db.execute("PRAGMA max_page_count = 1000000")  # space again
+    assert request(server, "POST", "/channels/d", "after").status == 201
+    server.close()
+    again = longpoll.Hub(store=f"sqlite:{tmp_path / 'longpoll.db'}")
+    assert [m.id for m in again.read("d", "0").messages][:20] == kept
+    assert again.read("d", "0").messages[-1].message == "after"
+    again.close()
