@@ -29,7 +29,7 @@ Limits, stated honestly:
   a store a restart loses them; clients holding an old cursor are told so
   (``"gap": true``) instead of getting wrong data.
 - One process, one loop: a waiting client costs a socket and a small record
-  (10,000 parked clients: about 60 MB and 2 threads), but all the work runs
+  (10,000 parked clients: about 70 MB and 2 threads), but all the work runs
   on one core. Past roughly 4,000 subscribers each receiving 10 messages a
   second, that core is full and answers come in batches, later.
 """
