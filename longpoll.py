@@ -790,8 +790,8 @@ class SqliteStore(Store):
 
     def __init__(self, path: str) -> None:
         self.path, self.url = path, f"sqlite:{path}"
-        self._kept: dict[str, int] = {}  # per channel: dropped, as the file has it
         self._gone: list[tuple[int]] = []  # messages dropped, to delete at the next prune
+        self._dropped: dict[str, int] = {}  # and each channel's newest of them
 
     def open(self, hub: "Hub") -> None:
         import sqlite3  # here, not at the top: some Pythons are built without it
@@ -820,7 +820,6 @@ class SqliteStore(Store):
             for name, dropped, taken in db.execute("SELECT * FROM channels"):
                 ch = hub._channel(name)
                 ch.dropped, ch.taken = max(ch.dropped, dropped), taken
-                self._kept[name] = dropped
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open the store {self.path}: {exc}") from None
 
@@ -839,6 +838,7 @@ class SqliteStore(Store):
 
     def dropped(self, messages: list[Message]) -> None:
         self._gone.extend((m.seq,) for m in messages)
+        self._dropped[messages[-1].channel] = messages[-1].seq
 
     def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
         """Delete what retention dropped, in one transaction."""
@@ -846,19 +846,15 @@ class SqliteStore(Store):
         try:
             db.execute("BEGIN")
             db.executemany("DELETE FROM messages WHERE seq = ?", self._gone)
-            for ch in itertools.chain(hub._channels.values(), forgotten):
-                if ch.dropped > self._kept.get(ch.name, 0):
-                    db.execute("INSERT INTO channels (name, dropped) VALUES (?, ?) ON CONFLICT "
-                               "(name) DO UPDATE SET dropped = excluded.dropped",
-                               (ch.name, ch.dropped))
-                    self._kept[ch.name] = ch.dropped
-            for ch in forgotten:
-                db.execute("DELETE FROM channels WHERE name = ?", (ch.name,))
-                self._kept.pop(ch.name, None)
+            db.executemany("INSERT INTO channels (name, dropped) VALUES (?, ?) ON CONFLICT "
+                           "(name) DO UPDATE SET dropped = excluded.dropped",
+                           self._dropped.items())
+            db.executemany("DELETE FROM channels WHERE name = ?", ((ch.name,) for ch in forgotten))
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                            (("seq", str(hub._seq)), ("forgotten", str(hub._forgotten))))
             db.execute("COMMIT")
             self._gone.clear()
+            self._dropped.clear()
         except self._error as exc:
             logger.error("cannot prune the store %s: %s", self.path, exc)
             if db.in_transaction:
@@ -946,7 +942,7 @@ class RedisStore(Store):
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
         self._feed_client = redis.Redis.from_url(url, socket_timeout=10,
                                                  socket_connect_timeout=5)
-        self._trimmed: dict[str, int] = {}  # per channel: dropped, as sent to Redis
+        self._dropped: dict[str, int] = {}  # per channel: dropped here, to trim in Redis
         self._publish = self.client.register_script(_R_PUBLISH)
         self._take = self.client.register_script(_R_TAKE)
         self._trim = self.client.register_script(_R_TRIM)
@@ -1006,21 +1002,22 @@ class RedisStore(Store):
         entry = self._ask(self._take, keys=[_R_STREAM + channel, _R_TAKEN], args=[channel])
         return None if not entry else self._message(hub, channel, *entry)
 
+    def dropped(self, messages: list[Message]) -> None:
+        self._dropped[messages[-1].channel] = messages[-1].seq
+
     def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
         """Apply age retention to the streams too (any server may: it is
         idempotent), and delete the streams of forgotten channels."""
-        gone = {ch.name for ch in forgotten}
+        gone = {ch.name: ch.dropped for ch in forgotten}
+        trims, self._dropped = {**self._dropped, **gone}, {}
         try:
-            for ch in itertools.chain(hub._channels.values(), forgotten):
-                if ch.dropped > self._trimmed.get(ch.name, 0) or ch.name in gone:
-                    self._ask(self._trim,
-                              keys=[_R_STREAM + ch.name, _R_DROPPED, _R_TAKEN, _R_FORGOTTEN],
-                              args=[ch.name, ch.dropped, int(ch.name in gone)])
-                    self._trimmed[ch.name] = ch.dropped
-            for name in gone:
-                self._trimmed.pop(name, None)
-        except LongpollError:
-            pass  # logged; the next prune tries again
+            for name, seq in list(trims.items()):
+                self._ask(self._trim, keys=[_R_STREAM + name, _R_DROPPED, _R_TAKEN, _R_FORGOTTEN],
+                          args=[name, seq, int(name in gone)])
+                del trims[name]
+        except LongpollError:  # logged; the next prune tries again
+            for name, seq in trims.items():
+                self._dropped[name] = max(seq, self._dropped.get(name, 0))
 
     def close(self) -> None:
         self._stop.set()
