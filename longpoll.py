@@ -44,8 +44,11 @@ __all__ = [
     "Hub",
     "LongpollError",
     "Message",
+    "OPTIONS",
     "Position",
     "RedisStore",
+    "Request",
+    "RequestReader",
     "Server",
     "SqliteStore",
     "Store",
@@ -66,7 +69,6 @@ import hashlib
 import heapq
 import hmac
 import http.client
-import io
 import itertools
 import json
 import logging
@@ -85,7 +87,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 try:
@@ -120,12 +121,78 @@ DEFAULT_CHANNEL = "default"     # where /send publishes and /receive takes
 DEFAULT_PUBLISH_RATE, DEFAULT_PUBLISH_BURST = 50.0, 200      # publishes/s, at once
 DEFAULT_REQUEST_RATE, DEFAULT_REQUEST_BURST = 500.0, 1000    # requests/s, at once
 DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT = 100_000, 1000
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 DEFAULT_MAX_CHANNELS = 100_000  # channels a hub holds at once (503 beyond)
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 # A cursor names the hub's history and a position in it: "<history>-<seq>".
 CURSOR_RE = re.compile(r"([A-Za-z0-9]{1,32})-([0-9]{1,19})\Z")
 PRIORITY_NAMES = {"min": 1, "low": 2, "default": 3, "high": 4, "max": 5, "urgent": 5}
+
+
+class Option(NamedTuple):
+    """A setting of ``serve`` and ``make_server``: its keyword, default and
+    meaning. The command line's ``--name-with-dashes`` is made from it."""
+
+    name: str
+    default: Any
+    help: str
+    part: str = "server"    # "hub": a setting of the Hub
+    metavar: str = "N"
+
+
+#: Every setting, in one place: ``serve``'s options, ``make_server``'s and
+#: ``Server``'s keywords, and the documented defaults all come from here.
+OPTIONS = (
+    Option("timeout", DEFAULT_TIMEOUT, "seconds a poll is held when the client names none",
+           metavar="SECONDS"),
+    Option("max_timeout", MAX_TIMEOUT, "the longest hold a client may ask for",
+           metavar="SECONDS"),
+    Option("retention", DEFAULT_RETENTION, "messages kept per channel", "hub"),
+    Option("max_age", DEFAULT_MAX_AGE, "seconds a message is kept, 0 for no limit", "hub",
+           "SECONDS"),
+    Option("max_channels", DEFAULT_MAX_CHANNELS,
+           "channels held at once; a new one past it gets 503", "hub"),
+    Option("store", "memory:", "where messages are kept: memory: (lost on restart), "
+           "sqlite:PATH (survives restarts) or redis://host:port/db (several servers "
+           "share channels)", "hub", "URL"),
+    Option("max_body", MAX_BODY, "largest request body in bytes (413 beyond)", metavar="BYTES"),
+    Option("max_answer", 1 << 20, "bytes of messages in one poll answer or stream write; "
+           "the rest follows at once (one message always goes, whatever its size)",
+           metavar="BYTES"),
+    Option("max_queued", 4 << 20, "bytes waiting to be sent to one client; one that "
+           "leaves more unread is cut, and resumes by its cursor", metavar="BYTES"),
+    Option("read_timeout", 30.0, "seconds a connection may idle, take to send a request, "
+           "or leave an answer unread, before it is closed", metavar="SECONDS"),
+    Option("linger_time", 30.0, "seconds a refused request's body is read and dropped "
+           "after the answer, so the client reads the answer", metavar="SECONDS"),
+    Option("publish_rate", DEFAULT_PUBLISH_RATE,
+           "publishes per second per client, 0 for no limit", metavar="PER_SECOND"),
+    Option("publish_burst", DEFAULT_PUBLISH_BURST, "publishes a client may make at once"),
+    Option("request_rate", DEFAULT_REQUEST_RATE,
+           "requests per second per client, 0 for no limit", metavar="PER_SECOND"),
+    Option("request_burst", DEFAULT_REQUEST_BURST, "requests a client may make at once"),
+    Option("max_waiting", DEFAULT_MAX_WAITING, "parked requests in all before 503"),
+    Option("max_waiting_per_client", DEFAULT_MAX_WAITING_PER_CLIENT,
+           "parked requests per client before 503"),
+    Option("max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+           "connections one address may hold (its idle ones go first), 0 for no limit; "
+           "loopback is exempt, and so is everyone with --trust-proxy"),
+    Option("keepalive", 15.0, "seconds between keepalive comments on event streams",
+           metavar="SECONDS"),
+    Option("workers", 4, "threads that decode large bodies and wait on a networked store"),
+)
+_OPTION_PARTS = {option.name: option.part for option in OPTIONS}
+
+
+def _settings(part: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of *part* ("server" or "hub"): those *given*, else the
+    defaults of ``OPTIONS``; a TypeError names one it does not know."""
+    for name in given:
+        if _OPTION_PARTS.get(name) != part:
+            raise TypeError(f"unknown option {name!r}")
+    return {option.name: given.get(option.name, option.default)
+            for option in OPTIONS if option.part == part}
 
 
 # ---------------------------------------------------------------------------
@@ -187,14 +254,16 @@ def _check_channels(channels: str | Iterable[str]) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------
 
 class Message:
-    """One published message. ``json`` is its wire form, encoded once."""
+    """One published message. ``json`` is its wire form, encoded once; the
+    message value is decoded from it only when asked for (``message``), so
+    a message costs its wire text and a small record, whatever its shape."""
 
-    __slots__ = ("seq", "id", "channel", "time", "message", "title",
-                 "priority", "json", "born")
+    __slots__ = ("seq", "id", "channel", "time", "title", "priority", "json", "born",
+                 "_start", "_end")
 
     def __init__(self, seq: int, id: str, channel: str, message: Any,
                  title: str | None, priority: int | None,
-                 payload: str | None = None, at: float | None = None) -> None:
+                 payload: str | bytes | None = None, at: float | None = None) -> None:
         self.seq = seq
         self.id = id
         self.channel = channel
@@ -204,18 +273,31 @@ class Message:
         else:  # published before (a store gives it back)
             self.time = at
             self.born = time.monotonic() - max(0.0, time.time() - at)
-        self.message = message
         self.title = title
         self.priority = priority
         if payload is None:
             payload = _encode(message)
+        if isinstance(payload, str):
+            payload = payload.encode()
         extra = ""
         if title is not None:
             extra += ',"title":' + _encode(title)
         if priority is not None:
             extra += f',"priority":{priority}'
-        self.json = (f'{{"id":"{id}","channel":"{channel}","time":{self.time!r},'
-                     f'"message":{payload}{extra}}}').encode()
+        head = (f'{{"id":"{id}","channel":"{channel}","time":{self.time!r},'
+                f'"message":').encode()
+        self.json = b"".join((head, payload, extra.encode(), b"}"))
+        self._start, self._end = len(head), len(head) + len(payload)
+
+    @property
+    def payload(self) -> bytes:
+        """The message value as JSON text (UTF-8), as the wire carries it."""
+        return self.json[self._start:self._end]
+
+    @property
+    def message(self) -> Any:
+        """The message value (any JSON value), decoded afresh on each access."""
+        return json.loads(self.payload)
 
     def as_dict(self) -> dict[str, Any]:
         """The message as every response carries it (PROTOCOL.md)."""
@@ -228,7 +310,7 @@ class Message:
         return d
 
     def __repr__(self) -> str:
-        return f"<Message {self.id} on {self.channel}: {self.message!r:.40}>"
+        return f"<Message {self.id} on {self.channel}: {self.payload[:40]!r}>"
 
 
 class Batch(NamedTuple):
@@ -407,7 +489,12 @@ class Hub:
                                      or not 1 <= priority <= 5):
             raise _bad_request("priority must be an integer from 1 (min) to 5 (urgent)")
         try:  # encoded once, outside the lock; refuses what is not plain JSON
-            payload = _encode(message)
+            payload = _encode(message).encode()
+            if title is not None:
+                title.encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") is no text
+            raise _bad_request("message and title must be valid Unicode text "
+                               "(no lone surrogates)") from None
         except (TypeError, ValueError, RecursionError) as exc:
             raise _bad_request(f"message is not plain JSON: {exc}") from None
         with self._lock:
@@ -482,8 +569,10 @@ class Hub:
         position = self._positions[since] = Position(seq, False, False)
         return position
 
-    def _read(self, names: tuple[str, ...], position: Position, limit: int) -> Batch:
-        """Read under the lock: messages after *position* in *names*, merged."""
+    def _read(self, names: tuple[str, ...], position: Position, limit: int,
+              max_bytes: int | None = None) -> Batch:
+        """Read under the lock: messages after *position* in *names*, merged;
+        at most *limit* of them and, past the first, *max_bytes* of JSON."""
         after, everything, gap = position
         runs = []
         for name in names:
@@ -506,6 +595,13 @@ class Hub:
             available = runs[0]
         else:
             available = list(heapq.merge(*runs, key=_seq_of))
+        if max_bytes is not None:  # the rest comes on the next read
+            size = 0
+            for count, msg in enumerate(available[:limit]):
+                size += len(msg.json) + 1
+                if size > max_bytes and count:
+                    limit = count
+                    break
         if len(available) > limit:  # the rest comes on the next read
             messages = available[:limit]
             return Batch(messages, messages[-1].id, gap)
@@ -524,13 +620,16 @@ class Hub:
         with self._lock:
             return self._read(names, self.locate(since), limit)
 
-    def read_checked(self, names: tuple[str, ...], position: Position, limit: int) -> Batch:
+    def read_checked(self, names: tuple[str, ...], position: Position, limit: int,
+                     max_bytes: int | None = None) -> Batch:
         """``read`` for servers that have checked *names* and *limit* and
-        placed *position* already: the hot path of every poll."""
+        placed *position* already: the hot path of every poll. With
+        *max_bytes*, stop before the message that would pass it (the first
+        one always comes)."""
         if position.after == self._seq and not position.unplaceable:
             return Batch([], self._cursor(position.after))  # at the head: nothing newer
         with self._lock:
-            return self._read(names, position, limit)
+            return self._read(names, position, limit, max_bytes)
 
     def wait(self, channels: str | Iterable[str], since: "str | None | Position" = None,
              timeout: float = DEFAULT_TIMEOUT, limit: int = DEFAULT_LIMIT) -> Batch:
@@ -767,7 +866,7 @@ class Store:
         pass
 
     def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
-                priority: int | None, payload: str) -> Message:
+                priority: int | None, payload: bytes) -> Message:
         raise NotImplementedError
 
     def take(self, hub: "Hub", channel: str) -> Message | None:
@@ -982,7 +1081,7 @@ class RedisStore(Store):
         return int(self._ask(self.client.get, _R_SEQ) or 0)
 
     def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
-                priority: int | None, payload: str) -> Message:
+                priority: int | None, payload: bytes) -> Message:
         at = round(time.time(), 3)
         seq = self._ask(self._publish,
                         keys=[_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED, _R_HISTORY],
@@ -1041,9 +1140,8 @@ class RedisStore(Store):
         if isinstance(fields, list):  # a script's reply: [name, value, ...]
             fields = dict(zip(fields[::2], fields[1::2]))
         seq = int(entry_id.split(b"-")[0])
-        payload = fields[b"m"].decode()
-        return Message(seq, hub._cursor(seq), channel, json.loads(payload),
-                       json.loads(fields[b"ti"]), json.loads(fields[b"pr"]), payload,
+        return Message(seq, hub._cursor(seq), channel, None,
+                       json.loads(fields[b"ti"]), json.loads(fields[b"pr"]), fields[b"m"],
                        float(fields[b"t"]))
 
     def _catch_up(self, hub: "Hub") -> None:
@@ -1163,17 +1261,24 @@ class Auth:
     def _allows(rules: dict[str, list[str]], action: str, channel: str) -> bool:
         return any(fnmatch.fnmatchcase(channel, p) for p in rules.get(action, ()))
 
-    def check(self, token: str | None, action: str, channels: Iterable[str]) -> None:
-        """Raise a 401 or 403 ``LongpollError`` unless *token* may *action* all *channels*."""
-        rules = None
-        if token:
-            given = token.encode()
-            for known, known_rules in self.tokens:  # every one compared: constant time
-                if hmac.compare_digest(given, known):
-                    rules = known_rules
-            if rules is None:
-                raise LongpollError(HTTPStatus.UNAUTHORIZED, "invalid token",
-                                    {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    def identify(self, token: str | None) -> dict[str, list[str]] | None:
+        """The rules of *token* (None for no token); a 401 ``LongpollError``
+        for a token this file does not know."""
+        if not token:
+            return None
+        given, rules = token.encode(), None
+        for known, known_rules in self.tokens:  # every one compared: constant time
+            if hmac.compare_digest(given, known):
+                rules = known_rules
+        if rules is None:
+            raise LongpollError(HTTPStatus.UNAUTHORIZED, "invalid token",
+                                {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return rules
+
+    def permit(self, rules: dict[str, list[str]] | None, action: str,
+               channels: Iterable[str]) -> None:
+        """Raise a 401 or 403 ``LongpollError`` unless anyone, or a token
+        with *rules*, may *action* all *channels*."""
         for channel in channels:
             if self._allows(self.anonymous, action, channel):
                 continue
@@ -1184,6 +1289,10 @@ class Auth:
             if not self._allows(rules, action, channel):
                 raise LongpollError(HTTPStatus.FORBIDDEN,
                                     f"this token may not {action} {channel}")
+
+    def check(self, token: str | None, action: str, channels: Iterable[str]) -> None:
+        """Raise a 401 or 403 ``LongpollError`` unless *token* may *action* all *channels*."""
+        self.permit(self.identify(token), action, channels)
 
 
 class RateLimit:
@@ -1212,7 +1321,7 @@ class RateLimit:
 
 
 # ---------------------------------------------------------------------------
-# HTTP server
+# HTTP/1.1 requests from bytes (no sockets in this part)
 # ---------------------------------------------------------------------------
 
 def _json_body(obj: Any) -> bytes:
@@ -1226,9 +1335,376 @@ def _reject_constant(name: str) -> None:
 # One decoder for all requests (json.loads with options builds one per call).
 _decode = json.JSONDecoder(parse_constant=_reject_constant).decode
 
+# RFC 9112: a request line, a header line, a chunk size; and what a field
+# value may not hold (controls other than tab; RFC 9110 5.5).
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):(.*)", re.DOTALL)
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+_ABSOLUTE_FORM = re.compile(r"https?://[^/?#]*", re.IGNORECASE)
+
+
+def _parse_query(query: str) -> dict[str, str]:
+    """``dict(parse_qsl(query, keep_blank_values=True))``, faster."""
+    params = {}
+    for part in query.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            if "%" in part or "+" in part:
+                name, value = urllib.parse.unquote_plus(name), urllib.parse.unquote_plus(value)
+            params[name] = value
+    return params
+
+
+class Request:
+    """One HTTP request: its head as the reader found it, then its body, and
+    what the server decided about it (route, client key, CORS)."""
+
+    __slots__ = ("method", "target", "path", "query_string", "version", "headers",
+                 "keep_alive", "expect_continue", "has_body", "body", "client", "started",
+                 "route", "names", "token", "key", "rules", "cors", "refusal", "_query")
+
+    def __init__(self, method: str, target: str, version: str,
+                 headers: dict[str, str]) -> None:
+        self.method = method
+        self.target = target
+        path, _, self.query_string = target.partition("?")
+        self.path = path
+        self.version = version          # "HTTP/1.1" or "HTTP/1.0"
+        self.headers = headers          # lower-case names; repeats joined with ", "
+        connection = headers.get("connection", "").lower()
+        if version == "HTTP/1.1":
+            self.keep_alive = "close" not in connection
+        else:
+            self.keep_alive = "keep-alive" in connection and "close" not in connection
+        self.expect_continue = (version == "HTTP/1.1" and
+                                headers.get("expect", "").lower() == "100-continue")
+        self.has_body = False
+        self.body = b""
+        self.client = ""                # the client's address (see Handler.decide)
+        self.started = time.monotonic()
+        self.route = "invalid"          # which route answers it, for /metrics
+        self.names: tuple[str, ...] = ()
+        self.token: str | None = None
+        self.key: str | None = None     # whom the limits count it against
+        self.rules: dict[str, list[str]] | None = None
+        self.cors: tuple[tuple[str, str], ...] = ()
+        self.refusal: LongpollError | None = None  # answer this once the body is in
+        self._query: dict[str, str] | None = None
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The value of header *name* (lower-case), or *default*."""
+        return self.headers.get(name, default)
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query parameters, decoded (the last of repeated names wins)."""
+        if self._query is None:
+            self._query = _parse_query(self.query_string)
+        return self._query
+
+    def loggable(self) -> str:
+        """The request line for a log: tokens masked, controls escaped."""
+        target = self.target
+        if "token" in self.query:  # however it was spelled (?%74oken=)
+            path, _, query = target.partition("?")
+            target = path + "?" + "&".join(
+                part.partition("=")[0] + "=***"
+                if urllib.parse.unquote_plus(part.partition("=")[0]) == "token" else part
+                for part in query.split("&"))
+        return _printable(f"{self.method} {target} {self.version}")
+
+    def __repr__(self) -> str:
+        return f"<Request {self.loggable()}>"
+
+
+def _printable(text: str) -> str:
+    """*text* with control characters escaped, safe in a log line."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class RequestReader:
+    """Bytes in, requests out: the one reader of a connection's requests.
+
+    Strict where RFC 9112 says MUST (sections 2-7): every line ends in
+    CRLF; the request line is ``method SP target SP HTTP/1.x``; header
+    names are tokens with no space before the colon; no folded lines; no
+    control characters in values; exactly one ``Host`` in HTTP/1.1; a body
+    is framed by one rule, ``Transfer-Encoding: chunked`` (HTTP/1.1 only)
+    or one ``Content-Length``, never both. Whatever breaks a rule raises a
+    ``LongpollError`` (400, 413, 414, 431, 501, 505) as soon as the bytes
+    that break it are in, and the connection must then close: after a
+    framing error nobody can tell where the next request would begin.
+
+    ``feed(data)``, then ``read_head()`` until it returns a ``Request``,
+    then (if ``request.has_body``) ``read_body()`` until it returns the
+    de-chunked body. Holds at most one head and one body, both bounded.
+    """
+
+    def __init__(self, max_head: int = 64 * 1024, max_body: int = MAX_BODY,
+                 max_line: int = 8192, max_headers: int = 100) -> None:
+        self.max_head, self.max_body = max_head, max_body
+        self.max_line, self.max_headers = max_line, max_headers
+        self.buffer = bytearray()
+        self._length = 0           # Content-Length bytes still to come
+        self._chunked = False
+        self._chunk = 0            # bytes left in this chunk; -1: its CRLF is next
+        self._trailers = False     # past the last chunk, reading trailer lines
+        self._parts: list[bytes] = []
+        self._size = 0             # body bytes so far
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer)
+
+    # -- the head ----------------------------------------------------------------
+
+    def read_head(self) -> Request | None:
+        """The next request's head, or None while it is incomplete."""
+        buf = self.buffer
+        if buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines before a request
+            skip = 0
+            while buf[skip:skip + 2] == b"\r\n" and skip < self.max_line:
+                skip += 2
+            del buf[:skip]
+        end = buf.find(b"\r\n\r\n", 0, self.max_head + 4)
+        if end < 0:
+            self._check_partial_head()
+            return None
+        head = bytes(buf[:end + 2])
+        del buf[:end + 4]
+        return self._parse_head(head)
+
+    def _check_partial_head(self) -> None:
+        """Refuse at once what can never become a valid head."""
+        buf = self.buffer
+        eol = buf.find(b"\n")
+        if eol < 0:
+            if len(buf) > self.max_line:
+                raise LongpollError(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+        else:
+            self._request_line(bytes(buf[:eol + 1]))
+        if len(buf) > self.max_head:
+            raise LongpollError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                "request header section too large")
+        tail = len(buf) - 1 if buf.endswith(b"\r") else len(buf)  # its LF may be coming
+        self._check_line_ends(buf, tail)
+
+    @staticmethod
+    def _check_line_ends(data: bytes | bytearray, end: int) -> None:
+        crlf = data.count(b"\r\n", 0, end)
+        if data.count(b"\n", 0, end) != crlf:
+            raise _bad_request("a line of the request ends in a bare LF: use CRLF")
+        if data.count(b"\r", 0, end) != crlf:
+            raise _bad_request("the request holds a bare CR")
+
+    def _request_line(self, line: bytes) -> tuple[str, str, str]:
+        if len(line) > self.max_line + 2:
+            raise LongpollError(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+        if not line.endswith(b"\r\n"):
+            raise _bad_request("the request line ends in a bare LF: use CRLF")
+        match = _REQUEST_LINE.fullmatch(line, 0, len(line) - 2)
+        if match is None:
+            version = line.rstrip(b"\r\n").rpartition(b" ")[2]
+            if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):
+                raise _bad_request("malformed request line: use METHOD /path HTTP/1.1")
+            raise _bad_request("malformed request line (HTTP/0.9 is not supported): "
+                               "use METHOD /path HTTP/1.1")
+        if match.group(3) != b"1":
+            raise LongpollError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                                "only HTTP/1.0 and HTTP/1.1 are supported")
+        method, target = match.group(1).decode("ascii"), match.group(2).decode("ascii")
+        version = "HTTP/1.1" if match.group(4) != b"0" else "HTTP/1.0"
+        if not target.startswith("/"):
+            absolute = _ABSOLUTE_FORM.match(target)  # RFC 9112 3.2.2: accept it
+            if absolute is not None:
+                target = "/" + target[absolute.end():].lstrip("/")
+            elif not (target == "*" and method == "OPTIONS"):
+                raise _bad_request(f"invalid request target {target[:80]!r}")
+        return method, target, version
+
+    def _parse_head(self, head: bytes) -> Request:
+        self._check_line_ends(head, len(head))
+        lines = head.split(b"\r\n")
+        lines.pop()  # "" after the last CRLF
+        method, target, version = self._request_line(lines[0] + b"\r\n")
+        if len(lines) - 1 > self.max_headers:
+            raise LongpollError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                f"more than {self.max_headers} header lines")
+        headers: dict[str, str] = {}
+        for line in itertools.islice(lines, 1, None):
+            match = _HEADER_LINE.fullmatch(line)
+            if match is None:
+                if line[:1] in (b" ", b"\t"):
+                    raise _bad_request("folded header lines (obs-fold) are not accepted")
+                raise _bad_request(f"malformed header line {_printable(line[:40].decode('latin-1'))!r}")
+            value = match.group(2).strip(b" \t")
+            if _CONTROL.search(value):
+                raise _bad_request("a header value holds a control character")
+            name, text = match.group(1).decode("ascii").lower(), value.decode("latin-1")
+            seen = headers.get(name)
+            if seen is None:
+                headers[name] = text
+            elif name == "host":
+                raise _bad_request("more than one Host header")
+            elif name == "content-length":
+                if seen != text:
+                    raise _bad_request("Content-Length must be one whole number")
+            else:
+                headers[name] = seen + ", " + text
+        if version == "HTTP/1.1" and "host" not in headers:
+            raise _bad_request("an HTTP/1.1 request needs a Host header")
+        request = Request(method, target, version, headers)
+        self._frame(request)
+        return request
+
+    def _frame(self, request: Request) -> None:
+        """RFC 9112 6.3: where this request's body ends."""
+        headers = request.headers
+        coding, length = headers.get("transfer-encoding"), headers.get("content-length")
+        if coding is not None:
+            if request.version == "HTTP/1.0":
+                raise _bad_request("Transfer-Encoding is not allowed in HTTP/1.0")
+            if length is not None:
+                raise _bad_request("a request may not have both Content-Length and "
+                                   "Transfer-Encoding")
+            codings = [c.strip().lower() for c in coding.split(",")]
+            if codings[-1] != "chunked" or codings.count("chunked") > 1:
+                raise _bad_request(f"unsupported Transfer-Encoding: {coding[:40]}")
+            if len(codings) > 1:
+                raise LongpollError(HTTPStatus.NOT_IMPLEMENTED,
+                                    f"unsupported Transfer-Encoding: {coding[:40]}")
+            request.has_body = self._chunked = True
+            self._chunk, self._trailers, self._size = 0, False, 0
+        elif length is not None:
+            if not (length.isascii() and length.isdigit()):
+                raise _bad_request("Content-Length must be one whole number")
+            if len(length) > 18 or int(length) > self.max_body:
+                raise LongpollError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
+            self._length = int(length)
+            request.has_body = self._length > 0
+
+    def _too_large(self) -> str:
+        return f"body too large: the limit is {self.max_body} bytes"
+
+    # -- the body ----------------------------------------------------------------
+
+    def read_body(self) -> bytes | None:
+        """The body of the request whose head came last, whole and de-chunked,
+        or None while it is incomplete."""
+        if self._chunked:
+            return self._read_chunked()
+        buf = self.buffer
+        if len(buf) < self._length:
+            return None
+        body = bytes(buf[:self._length])
+        del buf[:self._length]
+        self._length = 0
+        return body
+
+    def _read_chunked(self) -> bytes | None:
+        buf = self.buffer
+        while True:
+            if self._chunk > 0:  # inside a chunk's data
+                take = min(self._chunk, len(buf))
+                if not take:
+                    return None
+                self._parts.append(bytes(buf[:take]))
+                del buf[:take]
+                self._chunk -= take
+                if self._chunk:
+                    return None
+                self._chunk = -1
+            if self._chunk < 0:  # the CRLF after a chunk's data
+                if len(buf) < 2:
+                    return None
+                if buf[:2] != b"\r\n":
+                    raise _bad_request("malformed chunked body: a chunk must end in CRLF")
+                del buf[:2]
+                self._chunk = 0
+            eol = buf.find(b"\r\n", 0, self.max_line)
+            if eol < 0:
+                if len(buf) >= self.max_line or b"\n" in buf:
+                    raise _bad_request("malformed chunked body: a bad line")
+                return None
+            line = bytes(buf[:eol])
+            del buf[:eol + 2]
+            if self._trailers:
+                self._size += len(line) + 2
+                if self._size > self.max_body + self.max_head:
+                    raise LongpollError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                        "trailer section too large")
+                if not line:  # the end of the body
+                    body = b"".join(self._parts)
+                    self._parts, self._chunked, self._trailers = [], False, False
+                    return body
+                if _HEADER_LINE.fullmatch(line) is None or _CONTROL.search(line):
+                    raise _bad_request("malformed chunked body: a bad trailer line")
+                continue
+            size, _, extension = line.partition(b";")
+            size = size.rstrip(b" \t")
+            if not _HEX.fullmatch(size) or _CONTROL.search(extension):
+                raise _bad_request("malformed chunked body: a chunk size is hex digits")
+            if len(size) > 16:
+                raise LongpollError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
+            self._chunk = int(size, 16)
+            self._size += self._chunk
+            if self._size > self.max_body:
+                raise LongpollError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
+            if not self._chunk:
+                self._trailers = True
+
+
+# ---------------------------------------------------------------------------
+# Routes: each request to an outcome
+# ---------------------------------------------------------------------------
+
+class Response(NamedTuple):
+    """An outcome: answer now with these bytes."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Poll(NamedTuple):
+    """An outcome: answer with what *names* hold after *position*, waiting
+    up to *timeout* seconds for it (a long-poll)."""
+
+    names: tuple[str, ...]
+    position: Position
+    timeout: float
+    limit: int
+
+
+class Stream(NamedTuple):
+    """An outcome: an event stream (SSE) of *names* from *position* on."""
+
+    names: tuple[str, ...]
+    position: Position
+
+
+class Take(NamedTuple):
+    """An outcome: hand over *channel*'s next untaken message (``/receive``),
+    waiting up to *timeout* seconds for one."""
+
+    channel: str
+    timeout: float
+
+
+def _error_response(error: LongpollError) -> Response:
+    status = HTTPStatus(error.status or HTTPStatus.INTERNAL_SERVER_ERROR)
+    return Response(status, _json_body({"error": error.message}),
+                    headers=tuple(error.headers.items()))
+
 
 def _decode_header(value: str, name: str) -> str:
-    """http.client decodes headers as Latin-1; give back the UTF-8 text."""
+    """Header values arrive as Latin-1; give back the UTF-8 text."""
     try:
         return value.encode("latin-1").decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
@@ -1245,12 +1721,757 @@ def _parse_priority(value: str) -> int:
         "priority must be 1-5 or one of min, low, default, high, max, urgent")
 
 
-def _sse_events(batch: Batch) -> bytes:
-    """A batch as Server-Sent Events: a gap event, then one event per message."""
-    parts = [b"event: gap\ndata: {}\n\n"] if batch.gap else []
-    parts += [b"id: " + m.id.encode() + b"\ndata: " + m.json + b"\n\n" for m in batch.messages]
-    return b"".join(parts)
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+_HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z, \t-]{0,1024}")
 
+
+class Handler:
+    """The routes of PROTOCOL.md: each request to an outcome (a ``Response``,
+    or a ``Poll``, ``Stream`` or ``Take`` for the waiting layer). It never
+    touches a socket. Reaches the hub and the settings as ``self.server``.
+
+    ``decide(request)`` runs once the head is in, before the body is read
+    and before any ``100 Continue``: route, method, rate limits, auth and
+    CORS, decided once, in that order. ``handle(request)`` runs with the
+    body and calls the route's ``handle_<route>`` method. Requests that
+    publish with a large body, or through a store across the network, run
+    on a worker thread (``on_worker``), the rest on the loop: they must not
+    block.
+
+    To add a route, extend ``routes`` ({path: {method: route}}) and write
+    its ``handle_<route>(request)``; ``actions`` says which routes read or
+    write channels (checked against ``--auth``).
+    """
+
+    #: path -> {method: route}.
+    routes = {
+        "/": {"GET": "index", "HEAD": "index"},
+        "/health": {"GET": "health", "HEAD": "health"},
+        "/metrics": {"GET": "metrics"},
+        "/send": {"POST": "send"},
+        "/receive": {"GET": "receive"},
+    }
+    #: Methods of /channels/{names} and of /channels/{names}/events.
+    channel_routes = {"GET": "poll", "POST": "publish"}
+    stream_routes = {"GET": "events"}
+    #: What each route does to its channels (for auth); /send and /receive
+    #: act on the ``default`` channel.
+    actions = {"poll": "read", "events": "read", "receive": "read",
+               "publish": "write", "send": "write"}
+    #: Routes that no rate limit counts (monitoring must always get through).
+    unlimited = frozenset({"health", "metrics"})
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+
+    # -- deciding, once per request -----------------------------------------------
+
+    def decide(self, request: Request) -> None:
+        """Route *request* and decide whether it may proceed, from its head
+        alone; raise a ``LongpollError`` (404, 405, 400, 401, 403, 429) if not."""
+        server = self.server
+        request.client = self.client_address(request)
+        if server.cors_origins:
+            request.cors = self.cors_headers(request)
+        methods, names = self.route(request.path)
+        if request.method == "OPTIONS" and request.cors:
+            request.route = "preflight"
+            return
+        route = methods.get(request.method)
+        if route is None:
+            allow = ", ".join(methods)
+            raise LongpollError(HTTPStatus.METHOD_NOT_ALLOWED,
+                                f"{request.method} is not allowed here; use {allow}",
+                                {"Allow": allow})
+        if route == "poll" and "text/event-stream" in request.headers.get("accept", ""):
+            route = "events"
+        request.route = route
+        action = self.actions.get(route)
+        if route in ("send", "receive"):
+            names = (DEFAULT_CHANNEL,)
+        elif route == "publish" and len(names) != 1:
+            raise _bad_request("publish to one channel at a time")
+        request.names = names
+        request.token = self.token(request)
+        if action is not None and server.auth is not None:
+            request.rules = server.auth.identify(request.token)  # 401 for an unknown token
+        request.key = self.client_key(request)
+        if route not in self.unlimited:
+            self.limit(request, server.request_limit, "requests")
+        if action is not None:
+            if server.auth is not None:
+                server.auth.permit(request.rules, action, names)
+            if action == "write":
+                self.limit(request, server.publish_limit, "publishes")
+
+    def route(self, path: str) -> tuple[dict[str, str], tuple[str, ...]]:
+        """Map *path* to {method: route} and the channel names it holds."""
+        if path.startswith("/channels/"):
+            names, slash, rest = path[10:].partition("/")
+            if not slash:
+                return self.channel_routes, _channels_in_path(names)
+            if rest == "events":
+                return self.stream_routes, _channels_in_path(names)
+        else:
+            methods = self.routes.get(path)
+            if methods is not None:
+                return methods, ()
+        raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {_printable(path[:200])}")
+
+    def on_worker(self, request: Request) -> bool:
+        """Whether *request* is handled on a worker thread: a publish with a
+        large body to decode, or through a store across the network."""
+        return (request.route in ("publish", "send")
+                and (len(request.body) > self.server.inline_body_limit
+                     or self.server.hub.store.shared))
+
+    def token(self, request: Request) -> str | None:
+        """The credentials sent: ``Authorization: Bearer``, else ``?token=``."""
+        header = request.headers.get("authorization", "")
+        if header[:7].lower() == "bearer ":
+            return header[7:].strip()
+        return request.query.get("token")
+
+    def client_address(self, request: Request) -> str:
+        """The client's address: the socket's, or with --trust-proxy the
+        last one X-Forwarded-For names."""
+        if self.server.trust_proxy:
+            forwarded = request.headers.get("x-forwarded-for", "")
+            return forwarded.rsplit(",", 1)[-1].strip() or request.client
+        return request.client
+
+    def client_key(self, request: Request) -> str | None:
+        """Whom the limits count *request* against: a token that ``--auth``
+        knows, else the address; None for loopback, which is exempt. A token
+        nobody checked never counts: inventing tokens lifts no limit."""
+        if request.rules is not None:
+            return "token:" + hashlib.sha256(request.token.encode()).hexdigest()[:16]
+        return None if request.client in _LOOPBACK else request.client
+
+    def limit(self, request: Request, limiter: "RateLimit | None", what: str) -> None:
+        """429 with Retry-After when this client has spent its budget."""
+        if limiter is not None and request.key is not None:
+            wait = limiter.take(request.key)
+            if wait:
+                self.server.metrics.rate_limited += 1
+                raise LongpollError(HTTPStatus.TOO_MANY_REQUESTS, f"too many {what}: slow down",
+                                    {"Retry-After": str(max(1, math.ceil(wait)))})
+
+    def cors_headers(self, request: Request) -> tuple[tuple[str, str], ...]:
+        """CORS headers for this request's Origin, if the server allows it."""
+        allowed = self.server.cors_origins
+        origin = request.headers.get("origin")
+        if not origin:
+            return ()
+        if "*" in allowed:
+            return (("Access-Control-Allow-Origin", "*"),)
+        if origin in allowed:
+            return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
+        return ()
+
+    # -- answering ------------------------------------------------------------------
+
+    def handle(self, request: Request) -> Response | Poll | Stream | Take:
+        """The outcome of *request* (its errors rendered as responses)."""
+        try:
+            return getattr(self, "handle_" + request.route)(request)
+        except LongpollError as error:
+            return _error_response(error)
+        except Exception:
+            logger.exception("error serving %s", request.loggable())
+            return _error_response(LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                                 "internal server error"))
+
+    @staticmethod
+    def json(status: int, obj: Any) -> Response:
+        return Response(status, _json_body(obj))
+
+    def param_timeout(self, request: Request) -> float:
+        """The ``timeout`` parameter, clamped to the server's maximum."""
+        server = self.server
+        text = request.query.get("timeout")
+        if text is None:
+            return min(server.timeout, server.max_timeout)
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value >= 0:  # also refuses NaN
+            raise _bad_request(f"timeout must be a number of seconds >= 0, not {text!r}")
+        return min(value, server.max_timeout)
+
+    def param_limit(self, request: Request) -> int:
+        text = request.query.get("limit")
+        if text is None:
+            return DEFAULT_LIMIT
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+            raise _bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {text!r}")
+        return int(text)
+
+    def publish_body(self, request: Request) -> tuple[Any, str | None, int | None]:
+        """(message, title, priority) from a JSON body or a plain one."""
+        body, headers = request.body, request.headers
+        ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype == "application/json":
+            try:
+                data = _decode(body.decode("utf-8"))
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too
+                raise _bad_request(f"body is not valid JSON: {exc}") from None
+            if not isinstance(data, dict) or "message" not in data:
+                raise _bad_request('a JSON body must be an object with a "message" field')
+            return data["message"], data.get("title"), data.get("priority")
+        try:
+            message = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad_request("body is not valid UTF-8") from None
+        title = headers.get("title") or headers.get("x-title")
+        priority = headers.get("priority") or headers.get("x-priority")
+        return (message,
+                None if title is None else _decode_header(title, "Title"),
+                None if priority is None else _parse_priority(priority))
+
+    def handle_preflight(self, request: Request) -> Response:
+        """A CORS preflight from an allowed origin: 204 with what may follow."""
+        methods, _ = self.route(request.path)
+        asked = request.headers.get("access-control-request-headers")
+        if asked is None or not _HEADER_LIST.fullmatch(asked):
+            asked = ("Content-Type, Authorization, Last-Event-ID, Title, Priority, "
+                     "X-Title, X-Priority")
+        return Response(HTTPStatus.NO_CONTENT, b"", headers=(
+            ("Access-Control-Allow-Methods", ", ".join([*methods, "OPTIONS"])),
+            ("Access-Control-Allow-Headers", asked),
+            ("Access-Control-Max-Age", "86400")))
+
+    def handle_publish(self, request: Request) -> Response:
+        message, title, priority = self.publish_body(request)
+        msg = self.server.hub.publish(request.names[0], message, title=title, priority=priority)
+        return self.json(HTTPStatus.CREATED, {"id": msg.id, "channel": msg.channel,
+                                              "time": msg.time})
+
+    def handle_poll(self, request: Request) -> Poll:
+        since = request.query.get("since") or None  # an empty since means absent
+        return Poll(request.names, self.server.hub.locate(since), self.param_timeout(request),
+                    self.param_limit(request))
+
+    def handle_events(self, request: Request) -> Stream:
+        """Server-Sent Events: resume from Last-Event-ID, else ``since``."""
+        since = request.headers.get("last-event-id") or request.query.get("since") or None
+        return Stream(request.names, self.server.hub.locate(since))
+
+    def handle_send(self, request: Request) -> Response:
+        message, title, priority = self.publish_body(request)
+        self.server.hub.publish(DEFAULT_CHANNEL, message, title=title, priority=priority)
+        return self.json(HTTPStatus.OK, {"status": "Message sent."})
+
+    def handle_receive(self, request: Request) -> Take:
+        return Take(DEFAULT_CHANNEL, self.param_timeout(request))
+
+    def handle_health(self, request: Request) -> Response:
+        server = self.server
+        return self.json(HTTPStatus.OK, {
+            "status": "ok", "waiting": server.waiting, "channels": server.hub.channel_count,
+            "uptime": round(time.monotonic() - server.started, 3)})
+
+    def handle_metrics(self, request: Request) -> Response:
+        """Prometheus text exposition format, version 0.0.4."""
+        return Response(HTTPStatus.OK, self.server.metrics_text().encode(),
+                        "text/plain; version=0.0.4; charset=utf-8")
+
+    def handle_index(self, request: Request) -> Response:
+        """The live page for browsers; a short help text for curl and friends."""
+        if "text/html" in request.headers.get("accept", ""):
+            return Response(HTTPStatus.OK, INDEX_HTML.encode(), "text/html; charset=utf-8", (
+                ("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                            "style-src 'unsafe-inline'"),))
+        return Response(HTTPStatus.OK, INDEX_TEXT.format(version=__version__).encode(),
+                        "text/plain; charset=utf-8")
+
+
+# ---------------------------------------------------------------------------
+# The loop: sockets, timers, TLS and bounded buffers (no HTTP, no channels)
+# ---------------------------------------------------------------------------
+
+class State:
+    """What a connection is doing: one of these at a time, set by the loop
+    and the HTTP layer as things happen (the deadline comes with it)."""
+
+    HANDSHAKE = "handshake"   # TLS handshake under way
+    IDLE = "idle"             # between requests (keep-alive)
+    READING = "reading"       # a request is arriving
+    BUSY = "busy"             # a worker thread handles its request
+    PARKED = "parked"         # a long-poll or /receive waits for a message
+    STREAMING = "streaming"   # an event stream (SSE): answered until it closes
+    SENDING = "sending"       # an answer is being written; then IDLE
+    CLOSING = "closing"       # the last answer is being written; then close
+    LINGERING = "lingering"   # answered and half-closed: input is read and dropped
+    CLOSED = "closed"
+
+
+class Connection:
+    """The loop's record of one client connection."""
+
+    __slots__ = ("sock", "address", "state", "deadline", "reader", "request", "output",
+                 "queued", "timer", "linger", "group", "owner")
+
+    def __init__(self, sock: socket.socket, address: str) -> None:
+        self.sock = sock
+        self.address = address          # the peer's IP address
+        self.state = State.IDLE
+        self.deadline: float | None = None  # close (or answer 408) past it
+        self.reader: RequestReader
+        self.request: Request | None = None  # the request under way
+        self.output: collections.deque[bytes | memoryview] = collections.deque()
+        self.queued = 0                 # bytes in output
+        self.timer: int | None = None   # id of its live entry in the hold-timer heap
+        self.linger = False             # after the last answer: drain input, then close
+        self.group: Any = None          # the waiting layer's record, while parked
+        self.owner: str | None = None   # the client key its parked request counts against
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.address} {self.state}>"
+
+
+class Loop:
+    """One thread's ``selectors`` loop that owns every socket: accepts (with
+    a cap per client address), drives TLS handshakes, reads, writes through
+    a bounded output queue, keeps hold timers and deadlines, and closes
+    lingering. It knows no HTTP and no channels: what arrives goes to the
+    *protocol*'s hooks, all called on the loop thread:
+
+    ``connection_made(conn)`` (give it a reader), ``received(conn)`` (new
+    bytes in ``conn.reader``), ``drained(conn)`` (its output is all sent),
+    ``expired(conn)`` (its hold timer ran out), ``timed_out(conn)`` (its
+    deadline passed), ``connection_lost(conn)``.
+    """
+
+    #: Listen backlog: room for thousands of clients reconnecting at once.
+    request_queue_size = 4096
+    #: Seconds between sweeps for connections past their deadline.
+    sweep_interval = 1.0
+
+    def __init__(self, address: tuple[str, int], protocol: Any, *, ssl_context: Any = None,
+                 read_timeout: float = 30.0, linger_time: float = 30.0,
+                 max_queued: int = 4 << 20, max_input: int = MAX_BODY + (64 << 10),
+                 max_connections_per_client: int = 0,
+                 housekeeping: Callable[[], None] = lambda: None) -> None:
+        self.protocol = protocol
+        self.ssl_context = ssl_context
+        self.read_timeout, self.linger_time = read_timeout, linger_time
+        self.max_queued, self.max_input = max_queued, max_input
+        #: Connections one address may hold (0: no cap); loopback is exempt.
+        self.max_connections_per_client = max_connections_per_client
+        self.housekeeping = housekeeping
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(self.request_queue_size)
+            self.socket.setblocking(False)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        self.connections: set[Connection] = set()
+        self._by_address: dict[str, dict[Connection, None]] = {}
+        #: Connections refused or cut: over the per-client cap; not reading.
+        self.refused = self.cut = 0
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._pending: collections.deque[Callable[[], None]] = collections.deque()
+        self._woken = False
+        self._timers: list[tuple[float, int, Connection]] = []
+        self._timer_ids = itertools.count()
+        self._stale = 0
+        self._thread_id: int | None = None
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._shutdown_request = False
+        self._accepting = True
+        self._next_sweep = 0.0
+        #: Set when the last connection is gone (``Server.close`` waits on it).
+        self.emptied: threading.Event | None = None
+        #: Run at each turn of the loop, after I/O (the waiting layer's fan-out).
+        self.after_io: Callable[[], None] = lambda: None
+        #: The earliest moment the loop must wake up for ``after_io``.
+        self.wake_at: Callable[[float], float] = lambda timeout: timeout
+
+    # -- running ------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 1.0) -> None:
+        """Run the loop in this thread until ``shutdown()``."""
+        self._stopped.clear()
+        self._thread_id = threading.get_ident()
+        self._shutdown_request = False
+        selector = self._selector
+        selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
+        if self._accepting:
+            selector.register(self.socket, selectors.EVENT_READ, self._accept)
+        try:
+            while not self._shutdown_request:
+                events = selector.select(self._select_timeout(poll_interval))
+                for count, (key, mask) in enumerate(events, 1):
+                    self._on_event(key.data, mask)
+                    if not count & 255:
+                        # A long round (thousands of re-polls): let a
+                        # publish made meanwhile reach its subscribers now.
+                        self._run_pending()
+                        self.after_io()
+                self._run_pending()
+                self.after_io()
+                self._run_timers()
+                if self.emptied is not None and not self.connections:
+                    self.emptied.set()
+        finally:
+            for sock in (self._wake_r, self.socket):
+                try:
+                    selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+            self._thread_id = None
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop the loop and wait for it (connections stay open)."""
+        self._shutdown_request = True
+        self.call_soon(lambda: None)
+        if self._thread_id not in (None, threading.get_ident()):
+            self._stopped.wait()
+
+    @property
+    def running(self) -> bool:
+        return self._thread_id is not None
+
+    def server_close(self) -> None:
+        """Close the listening socket and every connection, at once."""
+        for conn in list(self.connections):
+            self.close(conn)
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            sock.close()
+        self._selector.close()
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run *callback* on the loop; safe from any thread."""
+        self._pending.append(callback)
+        if threading.get_ident() != self._thread_id and not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass  # full (it is awake anyway) or closed (it is gone)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _run_pending(self) -> None:
+        self._woken = False
+        pending = self._pending
+        while pending:
+            try:
+                pending.popleft()()
+            except Exception:
+                logger.exception("error in the server loop")
+
+    def _on_event(self, data: Any, mask: int) -> None:
+        if not isinstance(data, Connection):
+            data()  # the listening socket or the wake-up socket
+            return
+        try:
+            if mask & selectors.EVENT_READ:
+                self._readable(data)
+            if mask & selectors.EVENT_WRITE and data.state is not State.CLOSED:
+                self._writable(data)
+        except Exception:  # a bug must cost one connection, never the server
+            logger.exception("error on a connection from %s", data.address)
+            self.close(data)
+
+    # -- timers -------------------------------------------------------------------
+
+    def _select_timeout(self, poll_interval: float) -> float:
+        if self._pending:
+            return 0.0
+        now = time.monotonic()
+        timeout = self.wake_at(min(poll_interval, max(0.0, self._next_sweep - now)))
+        timers = self._timers
+        while timers and timers[0][2].timer != timers[0][1]:
+            heapq.heappop(timers)  # cancelled
+            self._stale -= 1
+        if timers:
+            timeout = min(timeout, max(0.0, timers[0][0] - now))
+        return timeout
+
+    def hold(self, conn: Connection, seconds: float | None) -> None:
+        """Arm (or with None, cancel) the one hold timer of *conn*: at its
+        end the protocol's ``expired(conn)`` runs."""
+        if conn.timer is not None:
+            self._stale += 1
+            conn.timer = None
+        if seconds is not None:
+            conn.timer = next(self._timer_ids)
+            heapq.heappush(self._timers, (time.monotonic() + seconds, conn.timer, conn))
+        if self._stale > 1024 and self._stale > len(self._timers) // 2:
+            self._timers = [t for t in self._timers if t[2].timer == t[1]]
+            heapq.heapify(self._timers)
+            self._stale = 0
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, timer, conn = heapq.heappop(timers)
+            if conn.timer != timer:
+                self._stale -= 1
+                continue
+            conn.timer = None
+            self.protocol.expired(conn)
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval
+            for conn in [c for c in self.connections
+                         if c.deadline is not None and c.deadline < now]:
+                self.protocol.timed_out(conn)
+            self.housekeeping()
+
+    # -- accepting ------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(512):  # a burst at a time, so the loop keeps serving others
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    logger.warning("cannot accept more connections (%s) with %d open; "
+                                   "pausing for a second (raise `ulimit -n`)",
+                                   exc.strerror, len(self.connections))
+                    self._pause_accepting(1.0)
+                return
+            host = address[0]
+            if not self._admit(host):
+                self.refused += 1
+                logger.debug("refused a connection from %s: it holds %d already", host,
+                             self.max_connections_per_client)
+                try:
+                    sock.send(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                              b"Retry-After: 5\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 44\r\n\r\n"
+                              b'{"error": "too many connections from you"}\n\n')
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            sock.setblocking(False)
+            try:  # without it a small answer can wait 40 ms for a delayed ACK
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            if self.ssl_context is not None:
+                try:
+                    sock = self.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False)
+                except OSError:
+                    sock.close()
+                    continue
+            conn = Connection(sock, host)
+            conn.state = State.HANDSHAKE if self.ssl_context is not None else State.IDLE
+            conn.deadline = time.monotonic() + self.read_timeout  # the handshake's too
+            self.connections.add(conn)
+            if self.max_connections_per_client and host not in _LOOPBACK:
+                self._by_address.setdefault(host, {})[conn] = None
+            self.protocol.connection_made(conn)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _admit(self, host: str) -> bool:
+        """Room for one more connection from *host*? At its cap, its longest
+        idle keep-alive connection makes room; if none is idle, no."""
+        if not self.max_connections_per_client or host in _LOOPBACK:
+            return True
+        mine = self._by_address.get(host)
+        if mine is None or len(mine) < self.max_connections_per_client:
+            return True
+        idle = [c for c in mine if c.state is State.IDLE]
+        if not idle:
+            return False
+        self.close(min(idle, key=lambda c: c.deadline or 0.0))
+        return True
+
+    def _pause_accepting(self, seconds: float) -> None:
+        if self._accepting:
+            self._accepting = False
+            self._selector.unregister(self.socket)
+            timer = threading.Timer(seconds, self.call_soon, (self.resume_accepting,))
+            timer.daemon = True
+            timer.start()
+
+    def resume_accepting(self) -> None:
+        if not self._accepting and self.emptied is None:
+            self._accepting = True
+            self._selector.register(self.socket, selectors.EVENT_READ, self._accept)
+
+    def stop_accepting(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            self._selector.unregister(self.socket)
+
+    def _handshake(self, conn: Connection) -> None:
+        """Take a TLS handshake one step further, as the socket allows."""
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            return
+        except (OSError, ValueError) as exc:  # not TLS, an untrusted client, a reset
+            logger.debug("TLS handshake with %s failed: %s", conn.address, exc)
+            if getattr(exc, "reason", None) == "HTTP_REQUEST":  # plain HTTP: say so, in it
+                try:
+                    socket.socket.send(conn.sock, _response(
+                        HTTPStatus.BAD_REQUEST, _json_body(
+                            {"error": "this port speaks HTTPS: use an https:// URL"}),
+                        "application/json", email.utils.formatdate(usegmt=True), (), "close"))
+                except OSError:
+                    pass
+                self.finish(conn, linger=True)
+            else:
+                self.close(conn)
+            return
+        conn.state = State.IDLE
+        self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        self._readable(conn)  # the first request may have come with the handshake
+
+    # -- reading and writing ----------------------------------------------------------
+
+    def _readable(self, conn: Connection) -> None:
+        if conn.state is State.HANDSHAKE:
+            self._handshake(conn)
+            return
+        try:
+            data = conn.sock.recv(65536)
+            if self.ssl_context is not None:
+                while data and conn.sock.pending():  # decrypted, so select() will not tell
+                    data += conn.sock.recv(65536)
+        except _WOULD_BLOCK:
+            return
+        except (OSError, ValueError):
+            self.close(conn)
+            return
+        if not data:  # the client has gone (a parked one too)
+            self.close(conn)
+            return
+        if conn.state is State.LINGERING:
+            return  # read and dropped
+        reader = conn.reader
+        reader.feed(data)
+        if reader.buffered > self.max_input:
+            logger.debug("closing %s: it sends far ahead of the answers", conn.address)
+            self.close(conn)
+            return
+        self.protocol.received(conn)
+
+    def send(self, conn: Connection, data: bytes) -> None:
+        """Write *data* to *conn*, queueing what the socket does not take.
+        A client that already has ``max_queued`` bytes waiting is cut at
+        once: it resumes by its cursor like after any disconnect."""
+        if conn.state is State.CLOSED or not data:
+            return
+        if conn.output:
+            if conn.queued >= self.max_queued:
+                self.cut += 1
+                logger.info("cut %s: %d bytes unread", conn.address, conn.queued)
+                self.close(conn)
+                return
+            conn.output.append(data)
+            conn.queued += len(data)
+            return
+        try:
+            sent = conn.sock.send(data)
+        except _WOULD_BLOCK:
+            sent = 0
+        except (OSError, ValueError):
+            self.close(conn)
+            return
+        if sent < len(data):
+            rest = memoryview(data)[sent:]
+            conn.output.append(rest)
+            conn.queued = len(rest)
+            conn.deadline = time.monotonic() + self.read_timeout  # a slow reader
+            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+
+    def _writable(self, conn: Connection) -> None:
+        if conn.state is State.HANDSHAKE:
+            self._handshake(conn)
+            return
+        output = conn.output
+        while output:
+            data = output[0]
+            try:
+                sent = conn.sock.send(data)
+            except _WOULD_BLOCK:
+                return
+            except (OSError, ValueError):
+                self.close(conn)
+                return
+            conn.queued -= sent
+            conn.deadline = time.monotonic() + self.read_timeout  # it reads: more time
+            if sent < len(data):
+                output[0] = memoryview(data)[sent:]
+                return
+            output.popleft()
+        self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        self.protocol.drained(conn)
+
+    # -- closing ----------------------------------------------------------------------
+
+    def finish(self, conn: Connection, linger: bool) -> None:
+        """The last answer is out: close; with *linger*, half-close and read
+        and drop what the client still sends for up to ``linger_time`` (so it
+        reads our answer, not a reset), as nginx's lingering close does."""
+        if not linger:
+            self.close(conn)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(conn)
+            return
+        conn.state = State.LINGERING
+        conn.deadline = time.monotonic() + self.linger_time
+        conn.reader = RequestReader()  # what is left unread is dropped
+
+    def close(self, conn: Connection) -> None:
+        if conn.state is State.CLOSED:
+            return
+        conn.state = State.CLOSED
+        conn.deadline = None
+        if conn.timer is not None:
+            self.hold(conn, None)
+        self.connections.discard(conn)
+        mine = self._by_address.get(conn.address)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self._by_address[conn.address]
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.output.clear()
+        conn.queued = 0
+        self.protocol.connection_lost(conn)
+
+
+# ---------------------------------------------------------------------------
+# HTTP over the loop: one request at a time per connection, in order
+# ---------------------------------------------------------------------------
 
 _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}"
                  for status in HTTPStatus}
@@ -1273,544 +2494,608 @@ def _response(status: int, body: bytes, content_type: str, date: str,
     return head if head_only else head + body
 
 
-class _Headers(http.client.HTTPMessage):
-    """The HTTPMessage http.server would build, filled by ``Handler``'s fast
-    parser, with lookups from a dict instead of a scan through the email
-    package (which cost a third of each request's time)."""
-
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
-        super().__init__()
-        self._headers = pairs
-        self._index: dict[str, list[str]] = {}
-        for name, value in pairs:
-            self._index.setdefault(name.lower(), []).append(value)
-
-    def get(self, name: str, failobj: Any = None) -> Any:
-        values = self._index.get(name.lower())
-        return values[0] if values else failobj
-
-    def get_all(self, name: str, failobj: Any = None) -> Any:
-        values = self._index.get(name.lower())
-        return list(values) if values else failobj
-
-    def __getitem__(self, name: str) -> Any:
-        return self.get(name)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._index
-
-    def get_content_type(self) -> str:
-        value = self.get("content-type")
-        ctype = "" if value is None else value.split(";", 1)[0].strip().lower()
-        return ctype if ctype.count("/") == 1 else "text/plain"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def _parse_query(query: str) -> dict[str, str]:
-    """``dict(parse_qsl(query, keep_blank_values=True))``, faster."""
-    params = {}
-    for part in query.split("&"):
-        if part:
-            name, _, value = part.partition("=")
-            if "%" in part or "+" in part:
-                name, value = urllib.parse.unquote_plus(name), urllib.parse.unquote_plus(value)
-            params[name] = value
-    return params
+class HTTPProtocol:
+    """Between the loop and the routes: feeds each connection's bytes to its
+    ``RequestReader``, has the ``Handler`` decide on each head and answer
+    each whole request, and writes the answers in order, one request at a
+    time (pipelined ones wait in the reader). Owns the connection state
+    changes that HTTP makes: IDLE, READING, BUSY, SENDING, CLOSING."""
 
-
-_UNSET = object()
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Parses and answers the requests of one connection (PROTOCOL.md).
-
-    The server's loop owns the socket. It gathers one whole request and calls
-    ``handle_buffered(raw)``, which runs ``http.server``'s own parsing on it
-    and returns the response bytes. A poll with nothing to return parks
-    instead (``self.parked`` is then true) and the loop answers it later.
-    Reaches its hub and settings as ``self.server``.
-
-    Methods that may be overridden: ``route`` (add paths), ``respond`` (add
-    headers) and the ``handle_*`` methods that serve each route. Code in a
-    handler runs on the server's loop (or, for a large body, on a worker):
-    it must not block; park a request with ``self.server.poll`` instead.
-    """
-
-    protocol_version = "HTTP/1.1"
-    server_version = f"longpoll/{__version__}"
-    sys_version = ""
-    #: Longest request line accepted, in bytes; longer gets 414.
-    max_request_line = 8192
-    #: path -> {method: name of the method that serves it}.
-    routes = {
-        "/": {"GET": "handle_index", "HEAD": "handle_index"},
-        "/health": {"GET": "handle_health", "HEAD": "handle_health"},
-        "/metrics": {"GET": "handle_metrics"},
-        "/send": {"POST": "handle_send"},
-        "/receive": {"GET": "handle_receive"},
-    }
-    #: Methods of /channels/{names}.
-    channel_routes = {"GET": "handle_poll", "POST": "handle_publish"}
-
-    server: "Server"
-
-    def __init__(self, server: "Server", client_address: tuple, conn: Any = None) -> None:
-        # Deliberately not BaseRequestHandler.__init__, which would read the
-        # socket itself: here the server's loop does the I/O.
+    def __init__(self, server: "Server") -> None:
         self.server = server
-        self.client_address = client_address
-        self.conn = conn            # the server's record of the connection
-        self.close_connection = False
-        self.parked = False
-        self.wfile = io.BytesIO()
-        self._body_unread = False
-        self._started = time.monotonic()
-        self.route_name = "invalid"  # which route answered, for /metrics
-        self._key: Any = _UNSET
+        self.handler: Handler = server.handler
+        self.loop: Loop
+        self.waiters: "Waiters"
+        self._date = (0, "")
 
-    def handle_buffered(self, raw: bytes) -> bytes:
-        """Answer the one request in *raw*; return the response (b"" if parked)."""
-        self.rfile = io.BytesIO(raw)
-        self.parked = False
-        self.handle_one_request()
-        return self.take_output()
+    def date(self) -> str:
+        """The Date header's value, formatted once a second."""
+        now = int(time.time())
+        if now != self._date[0]:
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return self._date[1]
 
-    def take_output(self) -> bytes:
-        """What the handler has written since the last call."""
-        data = self.wfile.getvalue()
-        if data:
-            self.wfile = io.BytesIO()
-        return data
+    # -- the loop's hooks ---------------------------------------------------------------
 
-    def handle_one_request(self) -> None:
-        """Parse the request in ``self.rfile`` with http.server, and answer it."""
-        self.close_connection = True
-        self._body_unread = False
-        self._started = time.monotonic()
-        self.route_name = "invalid"  # until dispatch knows better
-        line = self.rfile.readline(self.max_request_line + 1)
-        if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore one empty line
-            line = self.rfile.readline(self.max_request_line + 1)
-        self.raw_requestline = line
-        if len(line) > self.max_request_line:
-            self.refuse(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
-            return
-        if not self.parse_request():  # it has answered with send_error
-            return
-        if self.request_version == "HTTP/0.9":
-            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
-            return
-        if self.headers.defects:  # e.g. a header line without a colon
-            self.send_error(HTTPStatus.BAD_REQUEST, "malformed header section")
-            return
-        self.dispatch()
-        if self._body_unread:  # the next bytes would not be a request
-            self.close_connection = True
+    def connection_made(self, conn: Connection) -> None:
+        server = self.server
+        conn.reader = RequestReader(server.max_head, server.max_body)
 
-    def parse_request(self) -> bool:
-        """http.server's parse_request, with a fast path for the common case:
-        an HTTP/1.0 or 1.1 request line and plain ``Name: value`` headers.
-        Anything else (folded lines, bare LFs, too many headers, other
-        versions) goes to http.server's own parser, errors and all."""
-        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = requestline.split()
-        if not words:  # http.server would return False without answering
-            self.refuse(HTTPStatus.BAD_REQUEST, "empty request line")
-            return False
-        rfile = self.rfile
-        start = rfile.tell()
-        if len(words) == 3 and words[2] in ("HTTP/1.1", "HTTP/1.0"):
-            data = rfile.getvalue()
-            if data.startswith(b"\r\n", start):
-                lines, body = [], start + 2
-            else:
-                end = data.find(b"\r\n\r\n", start)
-                lines = data[start:end].split(b"\r\n") if end > 0 else None
-                body = end + 4
-            pairs = []
-            if lines is not None and len(lines) <= 100:
-                for line in lines:
-                    name, sep, value = line.partition(b":")
-                    if (not sep or not name or line[:1] in b" \t" or b" " in name
-                            or b"\n" in line or b"\r" in line or len(line) > 65536):
-                        break
-                    pairs.append((name.decode("latin-1"),
-                                  value.decode("latin-1").lstrip(" \t")))
-                else:
-                    self.requestline = requestline
-                    self.command, self.path, self.request_version = words
-                    if self.path.startswith("//"):  # as http.server does (gh-87389)
-                        self.path = "/" + self.path.lstrip("/")
-                    self.headers = headers = _Headers(pairs)
-                    conntype = headers.get("Connection", "").lower()
-                    self.close_connection = (conntype == "close" or words[2] == "HTTP/1.0"
-                                             and conntype != "keep-alive")
-                    rfile.seek(body)
-                    return True
-        rfile.seek(start)
-        return super().parse_request()
-
-    def refuse(self, status: HTTPStatus, message: str) -> None:
-        """Answer a request that cannot be parsed at all, and close."""
-        self.raw_requestline = getattr(self, "raw_requestline", b"")
-        self.requestline = self.raw_requestline[:80].decode("latin-1").rstrip("\r\n")
-        self.command, self.request_version = None, "HTTP/1.1"
-        self.send_error(status, message)
-
-    # -- answering ------------------------------------------------------------
-
-    def cors_headers(self) -> tuple[tuple[str, str], ...]:
-        """CORS headers for this request's Origin, if the server allows it."""
-        allowed = self.server.cors_origins
-        origin = self.headers.get("Origin") if allowed else None
-        if not origin:
-            return ()
-        if "*" in allowed:
-            return (("Access-Control-Allow-Origin", "*"),)
-        if origin in allowed:
-            return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
-        return ()
-
-    def connection_header(self) -> str | None:
-        """The Connection header this response needs, if any."""
-        if self.close_connection or self.server.closing:
-            self.close_connection = True
-            return "close"
-        if self.request_version == "HTTP/1.0":
-            return "keep-alive"
-        return None
-
-    def respond(self, status: int, body: bytes, *,
-                content_type: str = "application/json",
-                headers: Iterable[tuple[str, str]] = ()) -> None:
-        """Write the whole response (status, headers, body) at once."""
-        headers = (*headers, *self.cors_headers()) if self.server.cors_origins else headers
-        self.wfile.write(_response(status, body, content_type, self.server.date(), headers,
-                                   self.connection_header(), self.command == "HEAD"))
-        self.log_request(int(status), len(body))
-
-    def respond_json(self, status: int, obj: Any, **kwargs: Any) -> None:
-        self.respond(status, _json_body(obj), **kwargs)
-
-    def respond_error(self, error: LongpollError) -> None:
-        status = HTTPStatus(error.status or HTTPStatus.INTERNAL_SERVER_ERROR)
-        if self._body_unread or status >= 500 or status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
-            self.close_connection = True
-        self.respond_json(status, {"error": error.message},
-                          headers=error.headers.items())
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """http.server's own parse errors (400, 414, 431, 505), as JSON."""
-        self.close_connection = True
-        status = HTTPStatus(code)
-        self.respond_error(LongpollError(status, message or status.phrase.lower()))
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Count the answer (for /metrics) and write the access-log line."""
-        with self.server._count_lock:  # workers answer some requests too
-            self.server.requests[self.route_name, int(code)] += 1
-        self.log_line(code, size)
-
-    def log_line(self, code: int | str, size: int | str) -> None:
-        """The access-log line alone; tokens in the query are masked."""
-        if logger.isEnabledFor(logging.INFO):
-            elapsed = (time.monotonic() - self._started) * 1000
-            line = self.requestline
-            if "token=" in line:  # tokens are never logged
-                line = re.sub(r"([?&]token=)[^&\s]*", r"\1***", line)
-            logger.info('%s "%s" %s %s %.1fms', self.client_address[0], line, code, size,
-                        elapsed)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s: " + format, self.client_address[0], *args)
-
-    # -- routing --------------------------------------------------------------
-
-    def route(self, path: str) -> tuple[dict[str, str], tuple]:
-        """Map *path* to {method: handler name} and the handler's arguments."""
-        if path.startswith("/channels/"):
-            if path.endswith("/events"):
-                return {"GET": "handle_events"}, (_channels_in_path(path[10:-7]),)
-            return self.channel_routes, (_channels_in_path(path[10:]),)
-        methods = self.routes.get(path)
-        if methods is None:
-            raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
-        return methods, ()
-
-    def dispatch(self) -> None:
-        self._body_unread = self._has_body()
-        try:
-            path, _, query = self.path.partition("?")
-            self.query = _parse_query(query)
-            self._key = _UNSET
-            methods, args = self.route(path)
-            if self.command == "OPTIONS" and self.cors_headers():
-                self.respond_preflight(methods)
+    def received(self, conn: Connection) -> None:
+        """Handle the requests waiting in *conn*'s input while it is free."""
+        while conn.state is State.IDLE or conn.state is State.READING:
+            request = conn.request
+            try:
+                if request is None:
+                    request = conn.reader.read_head()
+                    if request is None:
+                        if conn.state is State.IDLE and conn.reader.buffered:
+                            # From its first byte: a client trickling bytes
+                            # (slow loris) cannot push the deadline back.
+                            conn.state = State.READING
+                            conn.deadline = time.monotonic() + self.loop.read_timeout
+                        return
+                    request.client = conn.address
+                    conn.request = request
+                    if conn.state is State.IDLE:
+                        conn.state = State.READING
+                        conn.deadline = time.monotonic() + self.loop.read_timeout
+                    if not self._decide(conn, request):
+                        return
+                if request.has_body:
+                    body = conn.reader.read_body()
+                    if body is None:
+                        return
+                    request.body = body
+            except LongpollError as error:  # not HTTP as RFC 9112 frames it
+                self._refuse(conn, request, error)
                 return
-            name = methods.get(self.command)
-            if name is None:
-                allow = ", ".join(methods)
-                raise LongpollError(HTTPStatus.METHOD_NOT_ALLOWED,
-                                    f"{self.command} is not allowed here; use {allow}",
-                                    {"Allow": allow})
-            self.route_name = name[7:]  # "handle_poll" -> "poll"
-            if name not in ("handle_health", "handle_metrics"):
-                self.limit(self.server.request_limit, "requests")
-            getattr(self, name)(*args)
+            conn.request = None
+            self._dispatch(conn, request)
+
+    def drained(self, conn: Connection) -> None:
+        if conn.state is State.SENDING:
+            self.idle(conn)
+            self.received(conn)
+        elif conn.state is State.CLOSING:
+            self.loop.finish(conn, conn.linger)
+        elif conn.state is State.STREAMING:
+            conn.deadline = None
+
+    def expired(self, conn: Connection) -> None:
+        self.waiters.expire(conn)
+
+    def timed_out(self, conn: Connection) -> None:
+        if conn.state is State.READING:
+            self._refuse(conn, conn.request, LongpollError(
+                HTTPStatus.REQUEST_TIMEOUT, "the request was not received in time"))
+        else:
+            self.loop.close(conn)
+
+    def connection_lost(self, conn: Connection) -> None:
+        self.waiters.forget(conn)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _decide(self, conn: Connection, request: Request) -> bool:
+        """Decide on *request* from its head; False if it was answered."""
+        try:
+            self.handler.decide(request)
         except LongpollError as error:
-            self.respond_error(error)
-        except Exception:
-            logger.exception("error serving %r", self.requestline)
-            self.respond_error(LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                             "internal server error"))
+            if request.has_body and request.expect_continue:
+                self._refuse(conn, request, error)  # the body need never come
+                return False
+            request.refusal = error  # answered once its body is read and dropped
+            return True
+        if request.has_body and request.expect_continue:
+            self.loop.send(conn, _CONTINUE)
+        return True
 
-    def respond_preflight(self, methods: dict[str, str]) -> None:
-        """A CORS preflight from an allowed origin: 204 with what may follow."""
-        requested = self.headers.get("Access-Control-Request-Headers")
-        self.respond(HTTPStatus.NO_CONTENT, b"", headers=(
-            ("Access-Control-Allow-Methods", ", ".join([*methods, "OPTIONS"])),
-            ("Access-Control-Allow-Headers", requested or "Content-Type, Authorization, "
-             "Last-Event-ID, Title, Priority, X-Title, X-Priority"),
-            ("Access-Control-Max-Age", "86400")))
-
-    # Each method name the protocol knows is routed; route() says 405.
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
-
-    # -- request parts --------------------------------------------------------
-
-    def _has_body(self) -> bool:
-        return bool(self.headers.get("Transfer-Encoding")
-                    or self.headers.get("Content-Length", "0").strip() not in ("", "0"))
-
-    def handle_expect_100(self) -> bool:
-        return True  # the server's loop has answered "100 Continue" (or 413) already
-
-    def _too_large(self) -> str:
-        return f"body too large: the limit is {self.server.max_body} bytes"
-
-    def read_body(self) -> bytes:
-        """The request body, Content-Length or chunked, within ``max_body``."""
-        limit = self.server.max_body
-        encoding = self.headers.get("Transfer-Encoding", "").strip().lower()
-        if encoding:
-            if encoding != "chunked":
-                raise _bad_request(f"unsupported Transfer-Encoding: {encoding}")
-            body = self._read_chunked(limit)
+    def _dispatch(self, conn: Connection, request: Request) -> None:
+        if request.refusal is not None:
+            self.respond(conn, request, _error_response(request.refusal))
+        elif self.handler.on_worker(request):
+            conn.state = State.BUSY
+            conn.deadline = None
+            self.server.pool.submit(self._work, conn, request)
         else:
-            lengths = set(self.headers.get_all("Content-Length") or ["0"])
-            length = lengths.pop().strip() if len(lengths) == 1 else ""
-            if not (length.isascii() and length.isdigit()):
-                raise _bad_request("Content-Length must be one whole number")
-            if int(length) > limit:
-                raise LongpollError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
-            body = self.rfile.read(int(length))
-            if len(body) < int(length):
-                raise _bad_request("the body is shorter than its Content-Length")
-        self._body_unread = False
-        return body
+            self.apply(conn, request, self.handler.handle(request))
 
-    def _read_chunked(self, limit: int) -> bytes:
-        chunks, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise _bad_request("malformed chunked body") from None
-            if size == 0:
-                break
-            total += size
-            if total > limit or size < 0:
-                raise LongpollError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
-            chunks.append(self.rfile.read(size))
-            self.rfile.readline(3)  # the CRLF after the chunk
-        while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-            pass  # trailers
-        return b"".join(chunks)
+    def _work(self, conn: Connection, request: Request) -> None:
+        """On a worker thread: the outcome, handed back to the loop."""
+        outcome = self.handler.handle(request)
+        self.loop.call_soon(functools.partial(self._worked, conn, request, outcome))
 
-    def param_timeout(self, default: float | None = None) -> float:
-        """The ``timeout`` parameter, clamped to the server's maximum."""
-        text = self.query.get("timeout")
-        if text is None:
-            return min(self.server.default_timeout if default is None else default,
-                       self.server.max_timeout)
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not value >= 0:  # also refuses NaN
-            raise _bad_request(f"timeout must be a number of seconds >= 0, not {text!r}")
-        return min(value, self.server.max_timeout)
+    def _worked(self, conn: Connection, request: Request, outcome: Any) -> None:
+        if conn.state is State.BUSY:
+            self.apply(conn, request, outcome)
+            self.resume(conn)
 
-    def param_limit(self) -> int:
-        text = self.query.get("limit")
-        if text is None:
-            return DEFAULT_LIMIT
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
-            raise _bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {text!r}")
-        return int(text)
+    def apply(self, conn: Connection, request: Request, outcome: Any) -> None:
+        """Carry out what the route decided."""
+        if isinstance(outcome, Response):
+            self.respond(conn, request, outcome)
+        else:
+            self.waiters.start(conn, request, outcome)
 
-    def parse_publish_body(self) -> tuple[Any, str | None, int | None]:
-        """(message, title, priority) from a JSON body or a plain one."""
-        body = self.read_body()
-        if self.headers.get_content_type() == "application/json":
-            try:
-                data = _decode(body.decode("utf-8"))
-            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too
-                raise _bad_request(f"body is not valid JSON: {exc}") from None
-            if not isinstance(data, dict) or "message" not in data:
-                raise _bad_request('a JSON body must be an object with a "message" field')
-            return data["message"], data.get("title"), data.get("priority")
-        try:
-            message = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _bad_request("body is not valid UTF-8") from None
-        title = self.headers.get("Title") or self.headers.get("X-Title")
-        priority = self.headers.get("Priority") or self.headers.get("X-Priority")
-        return (message,
-                None if title is None else _decode_header(title, "Title"),
-                None if priority is None else _parse_priority(priority))
+    def _refuse(self, conn: Connection, request: Request | None, error: LongpollError) -> None:
+        """Answer a request that cannot go on, then close: lingering, since
+        the client may still be sending what we will never read."""
+        if request is None:  # no head yet: a request line for the log, if any
+            line = bytes(conn.reader.buffer[:80]).split(b"\r\n")[0].decode("latin-1")
+            request = Request("-", _printable(line), "HTTP/1.1", {})
+            request.client = conn.address
+        conn.request = None
+        self.respond(conn, request, _error_response(error), close=True, linger=True)
 
-    # -- routes ---------------------------------------------------------------
+    # -- answers ----------------------------------------------------------------------
 
-    def token(self) -> str | None:
-        """The credentials sent: ``Authorization: Bearer``, else ``?token=``."""
-        header = self.headers.get("Authorization", "")
-        if header[:7].lower() == "bearer ":
-            return header[7:].strip()
-        return self.query.get("token")
+    def respond(self, conn: Connection, request: Request, response: Response, *,
+                close: bool = False, linger: bool = False) -> None:
+        """Write *response* to *request*; keep the connection if both sides may."""
+        status = response.status
+        keep = (request.keep_alive and not close and status < 500
+                and not self.server.closing)
+        headers = response.headers + request.cors if request.cors else response.headers
+        data = _response(status, response.body, response.content_type, self.date(), headers,
+                         self.connection_header(request, keep), request.method == "HEAD")
+        self.log(request, status, len(response.body))
+        self.reply(conn, data, keep, linger)
 
-    def client_key(self) -> str | None:
-        """Who is asking, for limits: the token, else the address (from
-        X-Forwarded-For with --trust-proxy). None for loopback: exempt.
-        Worked out once per request."""
-        if self._key is not _UNSET:
-            return self._key
-        self._key = self._client_key()
-        return self._key
+    @staticmethod
+    def connection_header(request: Request, keep: bool) -> str | None:
+        """The Connection header an answer needs, if any."""
+        if not keep:
+            return "close"
+        return "keep-alive" if request.version == "HTTP/1.0" else None
 
-    def _client_key(self) -> str | None:
-        token = self.token()
-        if token:
-            return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
-        address = self.client_address[0]
-        if self.server.trust_proxy:
-            forwarded = self.headers.get("X-Forwarded-For", "")
-            address = forwarded.rsplit(",", 1)[-1].strip() or address
-        return None if address in ("127.0.0.1", "::1") or address.startswith("127.") else address
-
-    def limit(self, limiter: "RateLimit | None", what: str) -> None:
-        """429 with Retry-After when this client has spent its budget."""
-        key = self.client_key() if limiter is not None else None
-        if key is not None:
-            wait = limiter.take(key)
-            if wait:
-                self.server.rate_limited += 1
-                raise LongpollError(HTTPStatus.TOO_MANY_REQUESTS,
-                                    f"too many {what}: slow down",
-                                    {"Retry-After": str(max(1, math.ceil(wait)))})
-
-    def authorize(self, action: str, names: Iterable[str]) -> None:
-        """Raise 401/403 unless this request may *action* the channels."""
-        auth = self.server.auth
-        if auth is not None:
-            auth.check(self.token(), action, names)
-
-    def handle_publish(self, names: tuple[str, ...]) -> None:
-        if len(names) != 1:
-            raise _bad_request("publish to one channel at a time")
-        self.authorize("write", names)
-        self.limit(self.server.publish_limit, "publishes")
-        message, title, priority = self.parse_publish_body()
-        msg = self.server.hub.publish(names[0], message, title=title, priority=priority)
-        self.respond_json(HTTPStatus.CREATED,
-                          {"id": msg.id, "channel": msg.channel, "time": msg.time})
-
-    def handle_poll(self, names: tuple[str, ...]) -> None:
-        if "text/event-stream" in self.headers.get("Accept", ""):
-            self.handle_events(names)
+    def reply(self, conn: Connection, data: bytes, keep: bool, linger: bool = False) -> None:
+        """Send the answer to the request under way, and move *conn* on:
+        to IDLE or SENDING if it stays open, else to its close. It does not
+        read the next request: the caller does that (``resume``)."""
+        loop = self.loop
+        conn.request = None
+        loop.send(conn, data)
+        if conn.state is State.CLOSED:
             return
-        since = self.query.get("since") or None  # an empty since means absent
-        self.authorize("read", names)
-        self.server.poll(self, names, since, self.param_timeout(), self.param_limit())
-
-    def handle_events(self, names: tuple[str, ...]) -> None:
-        """Server-Sent Events: resume from Last-Event-ID, else ``since``."""
-        since = self.headers.get("Last-Event-ID") or self.query.get("since") or None
-        self.authorize("read", names)
-        self.server.stream(self, names, since)
-
-    def handle_send(self) -> None:
-        self.authorize("write", (DEFAULT_CHANNEL,))
-        self.limit(self.server.publish_limit, "publishes")
-        message, title, priority = self.parse_publish_body()
-        self.server.hub.publish(DEFAULT_CHANNEL, message, title=title, priority=priority)
-        self.respond_json(HTTPStatus.OK, {"status": "Message sent."})
-
-    def handle_receive(self) -> None:
-        self.authorize("read", (DEFAULT_CHANNEL,))
-        self.server.take(self, DEFAULT_CHANNEL, self.param_timeout())
-
-    def handle_health(self) -> None:
-        self.respond_json(HTTPStatus.OK, {
-            "status": "ok", "waiting": self.server.waiting,
-            "channels": self.server.hub.channel_count,
-            "uptime": round(time.monotonic() - self.server.started, 3)})
-
-    def handle_metrics(self) -> None:
-        """Prometheus text exposition format, version 0.0.4."""
-        self.respond(HTTPStatus.OK, self.server.metrics_text().encode(),
-                     content_type="text/plain; version=0.0.4; charset=utf-8")
-
-    def handle_index(self) -> None:
-        """The live page for browsers; a short help text for curl and friends."""
-        if "text/html" in self.headers.get("Accept", ""):
-            self.respond(HTTPStatus.OK, INDEX_HTML.encode(), content_type="text/html; charset=utf-8",
-                         headers=(("Content-Security-Policy",
-                                   "default-src 'self'; script-src 'unsafe-inline'; "
-                                   "style-src 'unsafe-inline'"),))
+        if conn.output:
+            conn.state = State.SENDING if keep else State.CLOSING
+            conn.linger = linger
+        elif keep:
+            self.idle(conn)
         else:
-            self.respond(HTTPStatus.OK, INDEX_TEXT.format(version=__version__).encode(),
-                         content_type="text/plain; charset=utf-8")
+            loop.finish(conn, linger)
+
+    def idle(self, conn: Connection) -> None:
+        conn.state = State.IDLE
+        conn.deadline = time.monotonic() + self.loop.read_timeout
+
+    def resume(self, conn: Connection) -> None:
+        """Go on with what *conn* sent meanwhile (pipelined requests)."""
+        if conn.state is State.IDLE and conn.reader.buffered:
+            self.received(conn)
+
+    def log(self, request: Request, status: int, size: int) -> None:
+        """Count the answer (for /metrics) and write the access-log line."""
+        self.server.metrics.answered(request.route, status)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info('%s "%s" %s %s %.1fms', request.client, request.loggable(), status,
+                        size, (time.monotonic() - request.started) * 1000)
 
 
-class _Connection:
-    """The loop's record of one client connection."""
-
-    __slots__ = ("sock", "handler", "inbuf", "outbuf", "closed", "busy", "group",
-                 "taking", "timer", "deadline", "close_after", "linger",
-                 "continue_sent", "partial", "stream", "owner", "handshaking")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.handler: Handler
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        self.closed = False
-        self.busy = False            # a worker is handling its request
-        self.group: _Group | None = None  # parked polls waiting together
-        self.taking = False          # parked on /receive
-        self.timer: int | None = None     # id of its live entry in the timer heap
-        self.deadline: float | None = None  # idle, slow request or slow reader
-        self.close_after = False     # close once the output is sent
-        self.linger = 0              # bytes still to read and drop before closing
-        self.continue_sent = False
-        self.partial = 0.0           # when the request now arriving began
-        self.stream = False          # an event stream (SSE): answered until it closes
-        self.owner: str | None = None  # the client key its parked request counts against
-        self.handshaking = False     # TLS: the handshake is not done yet
-
+# ---------------------------------------------------------------------------
+# The waiting layer: parked polls, /receive takers and event streams
+# ---------------------------------------------------------------------------
 
 class _Group:
-    """Parked polls with the same channels, position and limit: they get the
-    same answer, so it is read and encoded once and written to each."""
+    """Parked polls (and streams) with the same channels, position and
+    limit: they get the same answer, so it is read and encoded once."""
 
     __slots__ = ("key", "conns", "cancel")
 
     def __init__(self, key: tuple) -> None:
         self.key = key
-        self.conns: dict[_Connection, None] = {}
+        self.conns: dict[Connection, None] = {}
         self.cancel: Callable[[], None] = lambda: None
+
+
+_TAKING = object()  # conn.group of a parked /receive
+
+
+def _sse_events(batch: Batch) -> bytes:
+    """A batch as Server-Sent Events: a gap event, then one event per message."""
+    parts = [b"event: gap\ndata: {}\n\n"] if batch.gap else []
+    parts += [b"id: " + m.id.encode() + b"\ndata: " + m.json + b"\n\n" for m in batch.messages]
+    return b"".join(parts)
+
+
+class Waiters:
+    """Parks what waits for a message, wakes it when one comes, and answers
+    it: long-polls in groups (one read and one encoding per group), event
+    streams, and ``/receive`` takers. Reaches connections only through the
+    HTTP layer's ``reply`` and the loop's ``send``, ``hold`` and ``close``.
+
+    A publish wakes a group through ``hub.watch`` (from any thread, handed
+    to the loop); woken groups are answered together at the next fan-out,
+    at most once per ``coalesce`` seconds, so a burst goes out in batches.
+    """
+
+    #: During a burst, parked polls are answered at most once per this many
+    #: seconds, so each answer carries a batch instead of one message; a
+    #: poll is never held back longer than this. 0 turns it off.
+    coalesce = 0.005
+
+    def __init__(self, server: "Server", protocol: HTTPProtocol, loop: Loop) -> None:
+        self.server, self.hub = server, server.hub
+        self.protocol, self.loop = protocol, loop
+        self.groups: dict[tuple, _Group] = {}
+        self._fired: dict[_Group, None] = {}   # groups to answer at the next fan-out
+        self._last_fanout = 0.0
+        self.streams: dict[Connection, None] = {}
+        self._next_keepalive = 0.0
+        self._takers: collections.deque[Connection] = collections.deque()
+        self._taker_watch: Callable[[], None] | None = None
+        #: Requests parked now, in all and per client key.
+        self.parked = 0
+        self.parked_by: collections.Counter[str] = collections.Counter()
+
+    # -- starting -------------------------------------------------------------------
+
+    def start(self, conn: Connection, request: Request, outcome: Poll | Stream | Take) -> None:
+        """Carry out a route's Poll, Stream or Take (503 if over capacity)."""
+        try:
+            if isinstance(outcome, Poll):
+                self.poll(conn, request, outcome)
+            elif isinstance(outcome, Stream):
+                self.stream(conn, request, outcome)
+            else:
+                self.take(conn, request, outcome)
+        except LongpollError as error:
+            self.protocol.respond(conn, request, _error_response(error))
+
+    def _stopping(self) -> bool:
+        return self.server.closing or self.hub.closed
+
+    def poll(self, conn: Connection, request: Request, poll: Poll) -> None:
+        """Answer a long-poll now if there is something to say, else park it."""
+        names, position, timeout, limit = poll
+        batch = self.hub.read_checked(names, position, limit, self.server.max_answer)
+        ready = bool(batch.messages or batch.gap)
+        if timeout <= 0 or self._stopping() or (
+                ready and time.monotonic() >= self._last_fanout + self.coalesce):
+            self.server.metrics.delivered += len(batch.messages)
+            self.protocol.respond(conn, request, Response(HTTPStatus.OK, batch.to_json()))
+            return
+        # Nothing yet: park until a publish. Or a burst is on: join the next
+        # fan-out (within `coalesce` seconds), to take a batch.
+        self.admit(conn, request)
+        group = self._join(conn, (names, position, limit))
+        self._park(conn, request, State.PARKED, timeout)
+        if ready:
+            self._fired[group] = None
+
+    def stream(self, conn: Connection, request: Request, stream: Stream) -> None:
+        """Start an event stream: what is there after the position, then
+        every message as it comes, until the client goes (or we close)."""
+        names, position = stream
+        self.admit(conn, request)
+        live = not self._stopping()
+        if live:  # joined before the head is written: it may refuse (503)
+            group = self._join(conn, (names, position, MAX_LIMIT))
+        head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8",
+                         self.protocol.date(), (("X-Accel-Buffering", "no"), *request.cors),
+                         "close", head_only=True)
+        head = head.replace(b"Content-Length: 0\r\n", b"")  # the body ends at the close
+        self.protocol.log(request, 200, 0)
+        if not live:
+            self.protocol.reply(conn, head + b": connected\n\n", keep=False)
+            return
+        self.loop.send(conn, head + b": connected\n\n")
+        self.streams[conn] = None
+        self._park(conn, request, State.STREAMING, None)
+        self._fired[group] = None  # send what is already there at the next fan-out
+
+    def take(self, conn: Connection, request: Request, take: Take) -> None:
+        """``/receive``: hand over the next untaken message, or park."""
+        head = self.hub.locate(None)
+        msg = self.hub.take(take.channel, timeout=0)
+        if msg is not None or take.timeout <= 0 or self._stopping():
+            self._respond_taken(conn, request, msg)
+            return
+        self.admit(conn, request)
+        conn.group = _TAKING
+        self._takers.append(conn)
+        self._park(conn, request, State.PARKED, take.timeout)
+        if self._taker_watch is None:
+            self._taker_watch = self.hub.watch(
+                take.channel, functools.partial(self.loop.call_soon, self._serve_takers),
+                since=head)
+
+    def _respond_taken(self, conn: Connection, request: Request, msg: Message | None) -> None:
+        body = b'{"message":' + (b"null" if msg is None else msg.payload) + b"}"
+        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body))
+
+    def admit(self, conn: Connection, request: Request) -> None:
+        """503 with Retry-After when the server, or this client, has as many
+        requests parked as it may."""
+        server, key = self.server, request.key
+        if self.parked >= server.max_waiting or (
+                key is not None and self.parked_by[key] >= server.max_waiting_per_client):
+            raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                "too many waiting requests: try again shortly",
+                                {"Retry-After": "5"})
+        conn.owner = key
+
+    def _park(self, conn: Connection, request: Request, state: str,
+              timeout: float | None) -> None:
+        conn.request = request
+        conn.state = state
+        conn.deadline = None
+        self.parked += 1
+        if conn.owner is not None:
+            self.parked_by[conn.owner] += 1
+        if timeout is not None:
+            self.loop.hold(conn, timeout)
+
+    def _join(self, conn: Connection, key: tuple) -> _Group:
+        """Put *conn* in the group waiting at *key* (made, and watched, if new)."""
+        group = self.groups.get(key)
+        if group is None:
+            group = _Group(key)
+            group.cancel = self.hub.watch(key[0], functools.partial(  # may refuse: 503
+                self.loop.call_soon, functools.partial(self._wake, group)), since=key[1])
+            self.groups[key] = group
+        group.conns[conn] = None
+        conn.group = group
+        return group
+
+    # -- ending -------------------------------------------------------------------------
+
+    def _unpark(self, conn: Connection) -> None:
+        """Take *conn* out of whatever it waits in (no answer is written)."""
+        group = conn.group
+        if group is None:
+            return
+        conn.group = None
+        if group is _TAKING:
+            try:
+                self._takers.remove(conn)
+            except ValueError:
+                pass
+        else:
+            group.conns.pop(conn, None)
+            if not group.conns and self.groups.get(group.key) is group:
+                del self.groups[group.key]
+                group.cancel()
+        self.parked -= 1
+        self._release(conn)
+        if conn.timer is not None:
+            self.loop.hold(conn, None)
+
+    def _release(self, conn: Connection) -> None:
+        """One parked request of this client's is over."""
+        owner = conn.owner
+        if owner is not None:
+            conn.owner = None
+            self.parked_by[owner] -= 1
+            if not self.parked_by[owner]:
+                del self.parked_by[owner]
+
+    def forget(self, conn: Connection) -> None:
+        """*conn* closed: free what it held here."""
+        self._unpark(conn)
+        self.streams.pop(conn, None)
+
+    def expire(self, conn: Connection) -> None:
+        """A parked request's hold has ended: answer it as it stands."""
+        group, request = conn.group, conn.request
+        if group is None or request is None:
+            return
+        self._unpark(conn)
+        if group is _TAKING:
+            self._respond_taken(conn, request, None)
+        else:
+            names, position, limit = group.key
+            batch = self.hub.read_checked(names, position, limit, self.server.max_answer)
+            self.server.metrics.delivered += len(batch.messages)
+            self.protocol.respond(conn, request, Response(HTTPStatus.OK, batch.to_json()))
+        self.protocol.resume(conn)
+
+    # -- fan-out ------------------------------------------------------------------------
+
+    def _wake(self, group: _Group) -> None:
+        """A publish reached the channels of *group*: answer it at the next fan-out."""
+        if self.groups.get(group.key) is group:
+            self._fired[group] = None
+
+    def wake_at(self, timeout: float) -> float:
+        """The loop's select timeout, shortened for the next fan-out or keepalive."""
+        now = time.monotonic()
+        if self._fired:
+            timeout = min(timeout, max(0.0, self._last_fanout + self.coalesce - now))
+        if self.streams:
+            timeout = min(timeout, max(0.0, self._next_keepalive - now))
+        return timeout
+
+    def fan_out(self) -> None:
+        """Answer the woken groups, at most once per ``coalesce`` seconds;
+        send stream keepalives when due."""
+        now = time.monotonic()
+        if self._fired and now >= self._last_fanout + self.coalesce:
+            self._last_fanout = now
+            fired, self._fired = self._fired, {}
+            for group in fired:
+                self._answer(group)
+        if self.streams and now >= self._next_keepalive:
+            self._next_keepalive = now + self.server.keepalive
+            for conn in list(self.streams):
+                self.loop.send(conn, b": keepalive\n\n")
+
+    def _answer(self, group: _Group) -> None:
+        """Answer every poll of *group*: read and encode once, write to each."""
+        if self.groups.get(group.key) is not group:
+            return  # answered or abandoned meanwhile
+        hub, server = self.hub, self.server
+        names, position, limit = group.key
+        batch = hub.read_checked(names, position, limit, server.max_answer)
+        if not (batch.messages or batch.gap or hub.closed):
+            group.cancel = hub.watch(names, functools.partial(
+                self.loop.call_soon, functools.partial(self._wake, group)), since=position)
+            return
+        group.cancel()
+        del self.groups[group.key]
+        conns = list(group.conns)
+        group.conns.clear()
+        self.parked -= len(conns)
+        server.metrics.delivered += len(batch.messages) * len(conns)
+        body, date, responses = batch.to_json(), self.protocol.date(), {}
+        events: bytes | None = None
+        stopping, polls = self._stopping(), 0
+        protocol, log = self.protocol, logger.isEnabledFor(logging.INFO)
+        loop, hold = self.loop, self.loop.hold
+        for conn in conns:  # the hot loop of every fan-out: kept lean
+            conn.group = None
+            if conn.owner is not None:
+                self._release(conn)
+            if conn.timer is not None:
+                hold(conn, None)
+            request = conn.request
+            if conn.state is State.STREAMING:  # send the events, wait at the next position
+                if events is None:
+                    events = _sse_events(batch)
+                    after = (names, hub.locate(batch.cursor), limit)
+                loop.send(conn, events)
+                if stopping:
+                    self.streams.pop(conn, None)
+                    protocol.reply(conn, b"", keep=False)
+                elif conn.state is not State.CLOSED:
+                    conn.owner = request.key
+                    self._join(conn, after)
+                    self.parked += 1
+                    if conn.owner is not None:
+                        self.parked_by[conn.owner] += 1
+                continue
+            polls += 1
+            keep = request.keep_alive and not stopping
+            variant = (keep, request.version, request.cors)
+            data = responses.get(variant)
+            if data is None:
+                data = responses[variant] = _response(
+                    HTTPStatus.OK, body, "application/json", date, request.cors,
+                    protocol.connection_header(request, keep))
+            if log:
+                logger.info('%s "%s" 200 %s %.1fms', request.client, request.loggable(),
+                            len(body), (time.monotonic() - request.started) * 1000)
+            protocol.reply(conn, data, keep)
+            if conn.reader.buffered and conn.state is State.IDLE:
+                protocol.received(conn)  # pipelined input
+        server.metrics.answered("poll", 200, polls)
+
+    def _serve_takers(self) -> None:
+        self._taker_watch = None
+        head = self.hub.locate(None)
+        while self._takers:
+            msg = self.hub.take(DEFAULT_CHANNEL, timeout=0)
+            if msg is None and not self.hub.closed:
+                break
+            conn = self._takers[0]
+            request = conn.request
+            self._unpark(conn)
+            self._respond_taken(conn, request, msg)
+            self.protocol.resume(conn)
+        if self._takers:
+            self._taker_watch = self.hub.watch(
+                DEFAULT_CHANNEL, functools.partial(self.loop.call_soon, self._serve_takers),
+                since=head)
+
+    # -- when the server changes or closes ----------------------------------------------
+
+    def reauthorize(self, auth: "Auth | None") -> None:
+        """Auth rules changed (SIGHUP): end the event streams that the new
+        rules no longer allow to read their channels. (A parked poll ends
+        within its hold, and its next poll is checked against the new rules.)"""
+        if auth is None:
+            return
+        for conn in list(self.streams):
+            request = conn.request
+            try:
+                auth.check(request.token, "read", request.names)
+            except LongpollError as error:
+                logger.info("ending a %s of %s: %s", request.route, request.client, error)
+                self.loop.close(conn)
+
+    def stop(self) -> None:
+        """Part of ``Server.close``: answer the takers; end idle streams.
+        (Parked polls are answered by the hub's close.)"""
+        if self._taker_watch is not None:
+            self._taker_watch()
+            self._taker_watch = None
+        for conn in list(self._takers):
+            self.expire(conn)
+        for conn in list(self.streams):
+            self.streams.pop(conn, None)
+            self._unpark(conn)
+            self.protocol.reply(conn, b"", keep=False)
+
+
+# ---------------------------------------------------------------------------
+# The server: options, wiring, start and close, metrics
+# ---------------------------------------------------------------------------
+
+class Metrics:
+    """What /metrics reports, each counted in one place."""
+
+    def __init__(self) -> None:
+        #: Requests answered, by (route, status).
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        #: Messages delivered to clients (one message to ten clients: ten).
+        self.delivered = 0
+        #: Requests refused with 429.
+        self.rate_limited = 0
+        self._lock = threading.Lock()  # workers answer some requests too
+
+    def answered(self, route: str, status: int, count: int = 1) -> None:
+        with self._lock:
+            self.requests[route, int(status)] += count
+
+    def text(self, server: "Server") -> str:
+        """The server's counters in Prometheus text format."""
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
+            lines.append(f"# HELP longpoll_{name} {help_text}")
+            lines.append(f"# TYPE longpoll_{name} {kind}")
+            lines.extend(f"longpoll_{name}{labels} {value}" for labels, value in samples)
+
+        lines: list[str] = []
+        loop = server.loop
+        metric("waiting_clients", "gauge", "Requests parked right now (polls and streams).",
+               [("", server.waiting)])
+        metric("connections", "gauge", "Open client connections.", [("", len(loop.connections))])
+        metric("channels", "gauge", "Channels the hub holds.", [("", server.hub.channel_count)])
+        metric("messages_published_total", "counter", "Messages published.",
+               [("", server.hub.published)])
+        metric("messages_delivered_total", "counter",
+               "Messages delivered to clients, once per client.", [("", self.delivered)])
+        with self._lock:
+            requests = sorted(self.requests.items())
+        metric("requests_total", "counter", "Requests answered, by route and status.",
+               [(f'{{route="{route}",status="{status}"}}', count)
+                for (route, status), count in requests])
+        metric("rate_limited_total", "counter", "Requests refused with 429.",
+               [("", self.rate_limited)])
+        metric("connections_refused_total", "counter",
+               "Connections refused: the client address held its maximum.",
+               [("", loop.refused)])
+        metric("slow_clients_cut_total", "counter",
+               "Connections cut because the client left too much unread.", [("", loop.cut)])
+        metric("store_failures_total", "counter",
+               "Times the store (sqlite, Redis) failed a request (answered 503).",
+               [("", server.hub.store.failures)])
+        metric("uptime_seconds", "gauge", "Seconds since the server started.",
+               [("", round(time.monotonic() - server.started, 3))])
+        return "\n".join(lines) + "\n"
 
 
 def raise_open_file_limit() -> int:
@@ -1838,124 +3123,72 @@ def raise_open_file_limit() -> int:
 class Server:
     """A longpoll HTTP server around a ``Hub`` (``self.hub``).
 
-    One thread runs a ``selectors`` loop that owns every socket: waiting
-    clients cost a socket and a small record, not a thread. Idle keep-alive
-    connections and parked polls wait in the loop; a publish wakes the
-    polls parked at the same position together, and their answer is read
-    and encoded once. Requests with large bodies are decoded by a small
+    Wires four parts, each of which knows only its neighbours: the ``Loop``
+    (sockets, timers, TLS, bounded buffers), the ``HTTPProtocol`` (one
+    ``RequestReader`` per connection, answers in order), the ``Handler``
+    (routes: each request to an outcome) and the ``Waiters`` (parked polls,
+    streams and takers, woken by the hub). One thread runs the loop: a
+    waiting client costs a socket and a small record, not a thread;
+    publishes with large bodies or through a networked store run on a small
     worker pool. ``start()`` runs the loop in a daemon thread;
-    ``serve_forever()`` runs it in the calling one; ``close()`` answers every
+    ``serve_forever()`` in the calling one; ``close()`` answers every
     waiting client, closes every connection and frees the port.
 
-    Class attributes configure it; keyword arguments override the rest.
-    Methods that may be overridden: ``service_actions`` (runs about once a
-    second in the loop), ``poll`` and ``take`` (how requests park).
+    Settings are the keyword arguments of ``OPTIONS`` (the same table the
+    command line is made from), each an attribute of the same name.
+    Methods that may be overridden: ``service_actions`` (housekeeping, about
+    once a second on the loop); *handler_class* adds routes.
     """
 
-    #: Listen backlog: room for thousands of clients reconnecting at once.
-    request_queue_size = 4096
     #: Largest request head (request line and headers) in bytes; more is 431.
     max_head = 64 * 1024
     #: Bodies larger than this are decoded by a worker, not the loop.
     inline_body_limit = 64 * 1024
-    #: Seconds between housekeeping sweeps (idle connections, retention).
-    sweep_interval = 1.0
-    #: During a burst, parked polls are answered at most once per this many
-    #: seconds, so each answer carries a batch instead of one message; a
-    #: poll is never held back longer than this. 0 turns it off.
-    coalesce = 0.005
-    #: Seconds between keepalive comments on event streams (SSE).
-    keepalive = 15.0
 
     def __init__(self, address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
-                 hub: Hub | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT,
-                 max_body: int = MAX_BODY, read_timeout: float = 30.0,
-                 cors_origins: Iterable[str] = (), auth: Auth | None = None,
-                 publish_rate: float | None = DEFAULT_PUBLISH_RATE,
-                 publish_burst: int = DEFAULT_PUBLISH_BURST,
-                 request_rate: float | None = DEFAULT_REQUEST_RATE,
-                 request_burst: int = DEFAULT_REQUEST_BURST,
-                 max_waiting: int = DEFAULT_MAX_WAITING,
-                 max_waiting_per_client: int = DEFAULT_MAX_WAITING_PER_CLIENT,
-                 trust_proxy: bool = False, ssl_context: Any = None, workers: int = 4,
-                 handler_class: type[Handler] = Handler) -> None:
+                 hub: Hub | None = None, *, auth: Auth | None = None, ssl_context: Any = None,
+                 cors_origins: Iterable[str] = (), trust_proxy: bool = False,
+                 handler_class: type[Handler] = Handler, **options: Any) -> None:
+        settings = _settings("server", options)
+        for name, value in settings.items():
+            setattr(self, name, value)
         #: The hub holding this server's channels.
         self.hub = hub if hub is not None else Hub()
-        #: Hold, in seconds, of a long-poll that names no timeout.
-        self.default_timeout = timeout
-        #: The longest hold a client may ask for.
-        self.max_timeout = max_timeout
-        #: Largest request body accepted, in bytes (413 beyond).
-        self.max_body = max_body
-        #: Seconds a connection may idle between requests, take to send one,
-        #: or take to read an answer, before it is closed.
-        self.read_timeout = read_timeout
-        #: Who may read and write which channels (None: everyone, everything).
-        self.auth = auth
-        #: Token buckets per client (None: no limit); loopback is exempt.
-        self.publish_limit = RateLimit(publish_rate, publish_burst) if publish_rate else None
-        self.request_limit = RateLimit(request_rate, request_burst) if request_rate else None
-        #: Parked requests allowed at once, in all and per client (503 beyond).
-        self.max_waiting, self.max_waiting_per_client = max_waiting, max_waiting_per_client
-        #: Read the client's address from X-Forwarded-For (set by your proxy).
-        self.trust_proxy = trust_proxy
-        #: An ``ssl.SSLContext`` to serve HTTPS with (see ``tls_context``).
-        self.ssl_context = ssl_context
-        self.rate_limited = 0
-        self._parked_by: collections.Counter[str] = collections.Counter()
         #: Origins whose pages may call this server from a browser ("*": any).
         self.cors_origins = frozenset(cors_origins)
-        self.handler_class = handler_class
+        #: Read the client's address from X-Forwarded-For (set by your proxy).
+        self.trust_proxy = trust_proxy
+        self._auth = auth
+        #: Token buckets per client (None: no limit); loopback is exempt.
+        self.publish_limit = (RateLimit(self.publish_rate, self.publish_burst)
+                              if self.publish_rate else None)
+        self.request_limit = (RateLimit(self.request_rate, self.request_burst)
+                              if self.request_rate else None)
+        self.metrics = Metrics()
         self.started = time.monotonic()
         self.closing = False
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.socket.bind(address)
-            self.socket.listen(self.request_queue_size)
-            self.socket.setblocking(False)
-        except OSError:
-            self.socket.close()
-            raise
-        self.server_address = self.socket.getsockname()
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._pending: collections.deque[Callable[[], None]] = collections.deque()
-        self._woken = False
-        self._connections: set[_Connection] = set()
-        self._groups: dict[tuple, _Group] = {}
-        self._fired: dict[_Group, None] = {}   # groups to answer at the next fan-out
-        self._last_fanout = 0.0
-        self._streams = 0
-        self._next_keepalive = 0.0
-        #: Requests answered, by (route, status).
-        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._count_lock = threading.Lock()
-        #: Messages delivered to clients (one message to ten clients: ten).
-        self.delivered = 0
-        self._takers: collections.deque[_Connection] = collections.deque()
-        self._taker_watch: Callable[[], None] | None = None
-        self._parked = 0
-        self._timers: list[tuple[float, int, _Connection]] = []
-        self._timer_ids = itertools.count()
-        self._stale = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "longpoll-worker")
-        self._loop_thread: int | None = None
-        self._stopped = threading.Event()
-        self._stopped.set()
-        self._shutdown_request = False
-        self._closed_all: threading.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._accepting = True
-        self._next_sweep = 0.0
         self._next_prune = 0.0
-        self._date = (0, "")
+        self.handler = handler_class(self)
+        self.protocol = HTTPProtocol(self)
+        # Behind a trusted proxy every client shares the proxy's address:
+        # there, connections are not capped per address.
+        self.loop = Loop(address, self.protocol, ssl_context=ssl_context,
+                         read_timeout=self.read_timeout, linger_time=self.linger_time,
+                         max_queued=self.max_queued, max_input=self.max_head + self.max_body,
+                         max_connections_per_client=(0 if trust_proxy
+                                                     else self.max_connections_per_client),
+                         housekeeping=self.service_actions)
+        self.waiters = Waiters(self, self.protocol, self.loop)
+        self.protocol.loop, self.protocol.waiters = self.loop, self.waiters
+        self.loop.after_io, self.loop.wake_at = self.waiters.fan_out, self.waiters.wake_at
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "longpoll-worker")
+        self._thread: threading.Thread | None = None
 
-    # -- public surface ---------------------------------------------------------
+    # -- public surface -----------------------------------------------------------------
+
+    @property
+    def server_address(self) -> tuple:
+        return self.loop.server_address
 
     @property
     def url(self) -> str:
@@ -1969,46 +3202,57 @@ class Server:
     @property
     def waiting(self) -> int:
         """How many requests are parked right now."""
-        return self._parked
+        return self.waiters.parked
+
+    @property
+    def auth(self) -> Auth | None:
+        """Who may read and write which channels (None: everyone, everything).
+        Setting it (e.g. on SIGHUP) also ends the event streams the new
+        rules no longer allow."""
+        return self._auth
+
+    @auth.setter
+    def auth(self, auth: Auth | None) -> None:
+        self._auth = auth
+        if self.loop.running:
+            self.loop.call_soon(functools.partial(self.waiters.reauthorize, auth))
+
+    @property
+    def ssl_context(self) -> Any:
+        """The ``ssl.SSLContext`` new connections are served with (None: plain HTTP)."""
+        return self.loop.ssl_context
+
+    @ssl_context.setter
+    def ssl_context(self, context: Any) -> None:
+        self.loop.ssl_context = context
+
+    @property
+    def requests(self) -> collections.Counter[tuple[str, int]]:
+        """Requests answered, by (route, status)."""
+        return self.metrics.requests
+
+    @property
+    def delivered(self) -> int:
+        return self.metrics.delivered
+
+    @property
+    def rate_limited(self) -> int:
+        return self.metrics.rate_limited
+
+    @property
+    def _connections(self) -> set[Connection]:
+        return self.loop.connections
+
+    @property
+    def _parked_by(self) -> collections.Counter[str]:
+        return self.waiters.parked_by
 
     def metrics_text(self) -> str:
         """The server's counters in Prometheus text format."""
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
-            lines.append(f"# HELP longpoll_{name} {help_text}")
-            lines.append(f"# TYPE longpoll_{name} {kind}")
-            lines.extend(f"longpoll_{name}{labels} {value}" for labels, value in samples)
-
-        lines: list[str] = []
-        metric("waiting_clients", "gauge", "Requests parked right now (polls and streams).",
-               [("", self.waiting)])
-        metric("connections", "gauge", "Open client connections.", [("", len(self._connections))])
-        metric("channels", "gauge", "Channels the hub holds.", [("", self.hub.channel_count)])
-        metric("messages_published_total", "counter", "Messages published.",
-               [("", self.hub.published)])
-        metric("messages_delivered_total", "counter",
-               "Messages delivered to clients, once per client.", [("", self.delivered)])
-        metric("requests_total", "counter", "Requests answered, by route and status.",
-               [(f'{{route="{route}",status="{status}"}}', count)
-                for (route, status), count in sorted(self.requests.items())])
-        metric("rate_limited_total", "counter", "Requests refused with 429.",
-               [("", self.rate_limited)])
-        metric("store_failures_total", "counter",
-               "Times the store (sqlite, Redis) failed a request (answered 503).",
-               [("", self.hub.store.failures)])
-        metric("uptime_seconds", "gauge", "Seconds since the server started.",
-               [("", round(time.monotonic() - self.started, 3))])
-        return "\n".join(lines) + "\n"
-
-    def date(self) -> str:
-        """The Date header's value, formatted once a second."""
-        now = int(time.time())
-        if now != self._date[0]:
-            self._date = (now, email.utils.formatdate(now, usegmt=True))
-        return self._date[1]
+        return self.metrics.text(self)
 
     def start(self) -> "Server":
         """Serve from a daemon thread; return self (so ``make_server().start()``)."""
-        self._stopped.clear()
         self._thread = threading.Thread(target=self.serve_forever,
                                         name="longpoll-server", daemon=True)
         self._thread.start()
@@ -2016,55 +3260,17 @@ class Server:
 
     def serve_forever(self, poll_interval: float = 1.0) -> None:
         """Run the loop in this thread until ``shutdown()`` or ``close()``."""
-        self._stopped.clear()
-        self._loop_thread = threading.get_ident()
-        self._shutdown_request = False
-        selector = self._selector
-        selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
-        if self._accepting:
-            selector.register(self.socket, selectors.EVENT_READ, self._accept)
-        try:
-            while not self._shutdown_request:
-                events = selector.select(self._select_timeout(poll_interval))
-                for count, (key, mask) in enumerate(events, 1):
-                    self._on_event(key.data, mask)
-                    if not count & 255 and (self._pending or self._fired):
-                        # A long round (thousands of re-polls): let a
-                        # publish made meanwhile reach its subscribers now.
-                        self._run_pending()
-                        self._fan_out()
-                self._run_pending()
-                if self._fired:
-                    self._fan_out()
-                self._run_timers()
-                if self._closed_all is not None and not self._connections:
-                    self._closed_all.set()
-        finally:
-            for sock in (self._wake_r, self.socket):
-                try:
-                    selector.unregister(sock)
-                except (KeyError, ValueError):
-                    pass
-            self._loop_thread = None
-            self._stopped.set()
+        self.loop.serve_forever(poll_interval)
 
     def shutdown(self) -> None:
         """Stop the loop and wait for it (connections stay open: ``close()``)."""
-        self._shutdown_request = True
-        self._call_soon(lambda: None)
-        if self._loop_thread not in (None, threading.get_ident()):
-            self._stopped.wait()
+        self.loop.shutdown()
 
     def server_close(self) -> None:
         """Close the listening socket and every connection, at once."""
-        for conn in list(self._connections):
-            self._close(conn)
-        if self._taker_watch is not None:
-            self._taker_watch()
-        for sock in (self.socket, self._wake_r, self._wake_w):
-            sock.close()
-        self._selector.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.waiters.stop()
+        self.loop.server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop: answer every parked request (with ``Connection: close``),
@@ -2073,10 +3279,10 @@ class Server:
         deadline = time.monotonic() + timeout
         self.closing = True
         self.hub.close()  # parked polls: their answers are queued to the loop
-        if self._loop_thread is not None:
-            self._closed_all = threading.Event()
-            self._call_soon(self._close_idle)
-            self._closed_all.wait(max(0.0, deadline - time.monotonic()))
+        if self.loop.running:
+            self.loop.emptied = threading.Event()
+            self.loop.call_soon(self._close_idle)
+            self.loop.emptied.wait(max(0.0, deadline - time.monotonic()))
             self.shutdown()
         self.server_close()
         if self._thread is not None:
@@ -2088,348 +3294,16 @@ class Server:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    # -- parking (called by handlers, on the loop) --------------------------------
-
-    def poll(self, handler: Handler, names: tuple[str, ...], since: str | None,
-             timeout: float, limit: int) -> None:
-        """Answer a long-poll now if there is something to say, else park it."""
-        hub = self.hub
-        position = hub.locate(since)
-        batch = hub.read_checked(names, position, limit)
-        if timeout <= 0 or hub.closed or self.closing or handler.conn is None:
-            self.delivered += len(batch.messages)
-            handler.respond(HTTPStatus.OK, batch.to_json())
-            return
-        ready = bool(batch.messages or batch.gap)
-        if ready and time.monotonic() >= self._last_fanout + self.coalesce:
-            self.delivered += len(batch.messages)
-            handler.respond(HTTPStatus.OK, batch.to_json())
-            return
-        # Nothing yet: park until a publish. Or a burst is on: join the next
-        # fan-out (within `coalesce` seconds), to take a batch.
-        self.admit(handler)
-        group = self._join(handler.conn, (names, position, limit))
-        self._park(handler.conn, timeout)
-        if ready:
-            self._fired[group] = None
-
-    def stream(self, handler: Handler, names: tuple[str, ...], since: str | None) -> None:
-        """Start an event stream: what is there after *since*, then every
-        message as it comes, until the client goes (or the server closes)."""
-        position = self.hub.locate(since)
-        self.admit(handler)
-        conn = handler.conn
-        live = not (self.closing or self.hub.closed or conn is None)
-        if live:  # joined before the head is written: it may refuse (503)
-            group = self._join(conn, (names, position, MAX_LIMIT))
-        head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8", self.date(),
-                         (("X-Accel-Buffering", "no"), *handler.cors_headers()), "close",
-                         head_only=True)
-        head = head.replace(b"Content-Length: 0\r\n", b"")  # the body ends at the close
-        handler.close_connection = True
-        handler.wfile.write(head + b": connected\n\n")
-        handler.log_request(200, 0)
-        if not live:
-            return
-        conn.stream = True
-        self._streams += 1
-        self._park(conn, None)
-        self._fired[group] = None  # send what is already there at the next fan-out
-
-    def _join(self, conn: _Connection, key: tuple) -> "_Group":
-        """Put *conn* in the group waiting at *key* (made, and watched, if new)."""
-        group = self._groups.get(key)
-        if group is None:
-            names, position, _ = key
-            group = _Group(key)
-            group.cancel = self.hub.watch(names, functools.partial(  # may refuse: 503
-                self._call_soon, functools.partial(self._wake, group)), since=position)
-            self._groups[key] = group
-        group.conns[conn] = None
-        conn.group = group
-        return group
-
-    def take(self, handler: Handler, channel: str, timeout: float) -> None:
-        """``/receive``: hand over the next untaken message, or park."""
-        head = self.hub.locate(None)
-        msg = self.hub.take(channel, timeout=0)
-        if msg is not None or timeout <= 0 or self.hub.closed or self.closing:
-            handler.respond_json(HTTPStatus.OK, {"message": None if msg is None else msg.message})
-            return
-        self.admit(handler)
-        handler.conn.taking = True
-        self._takers.append(handler.conn)
-        self._park(handler.conn, timeout)
-        if self._taker_watch is None:
-            self._taker_watch = self.hub.watch(
-                channel, functools.partial(self._call_soon, self._serve_takers), since=head)
-
-    def admit(self, handler: Handler) -> None:
-        """503 with Retry-After when the server, or this client, has as many
-        requests parked as it may."""
-        key = handler.client_key()
-        if self._parked >= self.max_waiting or (
-                key is not None and self._parked_by[key] >= self.max_waiting_per_client):
-            raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
-                                "too many waiting requests: try again shortly",
-                                {"Retry-After": "5"})
-        if handler.conn is not None:
-            handler.conn.owner = key
-
-    def _park(self, conn: _Connection, timeout: float | None) -> None:
-        if conn.owner is not None:
-            self._parked_by[conn.owner] += 1
-        conn.handler.parked = True
-        conn.deadline = None
-        self._parked += 1
-        self._set_timer(conn, None if timeout is None else time.monotonic() + timeout)
-
-    def _unpark(self, conn: _Connection) -> None:
-        group = conn.group
-        if group is not None:
-            conn.group = None
-            group.conns.pop(conn, None)
-            if not group.conns and self._groups.get(group.key) is group:
-                del self._groups[group.key]
-                group.cancel()
-        elif conn.taking:
-            conn.taking = False
-            try:
-                self._takers.remove(conn)
-            except ValueError:
-                pass
-        else:
-            return
-        self._parked -= 1
-        self._release(conn)
-        conn.handler.parked = False
-        self._set_timer(conn, None)
-
-    def _release(self, conn: _Connection) -> None:
-        """One parked request of this client's is over."""
-        if conn.owner is not None:
-            self._parked_by[conn.owner] -= 1
-            if not self._parked_by[conn.owner]:
-                del self._parked_by[conn.owner]
-
-    def _wake(self, group: _Group) -> None:
-        """A publish reached the channels of *group*: answer it at the next fan-out."""
-        if self._groups.get(group.key) is group:
-            self._fired[group] = None
-
-    def _fan_out(self) -> None:
-        """Answer the woken groups, at most once per ``coalesce`` seconds."""
-        now = time.monotonic()
-        if now < self._last_fanout + self.coalesce:
-            return
-        self._last_fanout = now
-        fired, self._fired = self._fired, {}
-        for group in fired:
-            self._answer(group)
-
-    def _answer(self, group: _Group) -> None:
-        """Answer every poll of *group*: read and encode once, write to each."""
-        if self._groups.get(group.key) is not group:
-            return  # answered or abandoned meanwhile
-        names, position, limit = group.key
-        batch = self.hub.read_checked(names, position, limit)
-        if not (batch.messages or batch.gap or self.hub.closed):
-            group.cancel = self.hub.watch(names, functools.partial(
-                self._call_soon, functools.partial(self._wake, group)), since=position)
-            return
-        group.cancel()
-        del self._groups[group.key]
-        body, date, responses = batch.to_json(), self.date(), {}
-        conns = list(group.conns)
-        group.conns.clear()
-        self._parked -= len(conns)
-        self.delivered += len(batch.messages) * len(conns)
-        polls = len(conns) - self._streams_in(conns) if self._streams else len(conns)
-        with self._count_lock:
-            self.requests["poll", 200] += polls
-        log = logger.isEnabledFor(logging.INFO)
-        events: bytes | None = None
-        for conn in conns:  # the hot loop of every fan-out: kept lean
-            conn.group = None
-            if conn.owner is not None:
-                self._release(conn)
-            if conn.timer is not None:
-                self._stale += 1
-                conn.timer = None
-            handler = conn.handler
-            if conn.stream:  # an event stream: send the events, wait at the next position
-                if events is None:
-                    events = _sse_events(batch)
-                    after = (names, self.hub.locate(batch.cursor), limit)
-                self._answered(conn, events, final=False)
-                if self.closing or self.hub.closed:
-                    conn.close_after = True
-                    if not conn.outbuf:
-                        self._close(conn)
-                elif not conn.closed:
-                    self._join(conn, after)
-                    self._parked += 1
-                    if conn.owner is not None:
-                        self._parked_by[conn.owner] += 1
-                continue
-            handler.parked = False
-            variant = (handler.connection_header(),
-                       handler.cors_headers() if self.cors_origins else ())
-            data = responses.get(variant)
-            if data is None:
-                data = responses[variant] = _response(
-                    HTTPStatus.OK, body, "application/json", date, variant[1], variant[0])
-            if log:
-                handler.log_line(200, len(body))
-            self._answered(conn, data)
-        deadline = time.monotonic() + self.read_timeout
-        for conn in conns:
-            if conn.stream:
-                continue
-            if conn.inbuf or conn.closed or conn.outbuf or conn.close_after:
-                self._process(conn)  # pipelined input, or something unusual
-            else:
-                conn.deadline = deadline  # idle until its next poll
-
-    @staticmethod
-    def _streams_in(conns: list[_Connection]) -> int:
-        return sum(1 for conn in conns if conn.stream)
-
-    def _serve_takers(self) -> None:
-        self._taker_watch = None
-        head = self.hub.locate(None)
-        while self._takers:
-            msg = self.hub.take(DEFAULT_CHANNEL, timeout=0)
-            if msg is None and not self.hub.closed:
-                break
-            conn = self._takers[0]
-            self._unpark(conn)
-            conn.handler.respond_json(HTTPStatus.OK,
-                                      {"message": None if msg is None else msg.message})
-            self._answered(conn, conn.handler.take_output())
-            self._process(conn)
-        if self._takers:
-            self._taker_watch = self.hub.watch(
-                DEFAULT_CHANNEL, functools.partial(self._call_soon, self._serve_takers),
-                since=head)
-
-    def _expire(self, conn: _Connection) -> None:
-        """A parked request's hold has ended: answer it as it stands."""
-        handler = conn.handler
-        if conn.group is not None:
-            names, position, limit = conn.group.key
-            self._unpark(conn)
-            batch = self.hub.read_checked(names, position, limit)
-            self.delivered += len(batch.messages)
-            handler.respond(HTTPStatus.OK, batch.to_json())
-        elif conn.taking:
-            self._unpark(conn)
-            handler.respond_json(HTTPStatus.OK, {"message": None})
-        self._answered(conn, handler.take_output())
-        self._process(conn)
-
-    # -- the loop -----------------------------------------------------------------
-
-    def _call_soon(self, callback: Callable[[], None]) -> None:
-        """Run *callback* on the loop; safe from any thread."""
-        self._pending.append(callback)
-        if threading.get_ident() != self._loop_thread and not self._woken:
-            self._woken = True
-            try:
-                self._wake_w.send(b"\0")
-            except OSError:
-                pass  # full (it is awake anyway) or closed (it is gone)
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def _run_pending(self) -> None:
-        self._woken = False
-        pending = self._pending
-        while pending:
-            try:
-                pending.popleft()()
-            except Exception:
-                logger.exception("error in the server loop")
-
-    def _on_event(self, data: Any, mask: int) -> None:
-        if not isinstance(data, _Connection):
-            data()  # the listening socket or the wake-up socket
-            return
-        try:
-            if mask & selectors.EVENT_READ:
-                self._on_readable(data)
-            if mask & selectors.EVENT_WRITE and not data.closed:
-                self._on_writable(data)
-        except Exception:  # a bug must cost one connection, never the server
-            logger.exception("error on a connection from %s", data.handler.client_address[0])
-            self._close(data)
-
-    def _select_timeout(self, poll_interval: float) -> float:
-        if self._pending:
-            return 0.0
-        now = time.monotonic()
-        timeout = min(poll_interval, max(0.0, self._next_sweep - now))
-        if self._fired:
-            timeout = min(timeout, max(0.0, self._last_fanout + self.coalesce - now))
-        if self._streams:
-            timeout = min(timeout, max(0.0, self._next_keepalive - now))
-        timers = self._timers
-        while timers and timers[0][2].timer != timers[0][1]:
-            heapq.heappop(timers)  # cancelled
-            self._stale -= 1
-        if timers:
-            timeout = min(timeout, max(0.0, timers[0][0] - now))
-        return timeout
-
-    def _set_timer(self, conn: _Connection, deadline: float | None) -> None:
-        """Arm (or with None, cancel) the one hold timer of *conn*."""
-        if conn.timer is not None:
-            self._stale += 1
-            conn.timer = None
-        if deadline is not None:
-            conn.timer = next(self._timer_ids)
-            heapq.heappush(self._timers, (deadline, conn.timer, conn))
-        if self._stale > 1024 and self._stale > len(self._timers) // 2:
-            self._timers = [t for t in self._timers if t[2].timer == t[1]]
-            heapq.heapify(self._timers)
-            self._stale = 0
-
-    def _run_timers(self) -> None:
-        now = time.monotonic()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, timer, conn = heapq.heappop(timers)
-            if conn.timer != timer:
-                self._stale -= 1
-                continue
-            conn.timer = None
-            self._expire(conn)
-        if now >= self._next_sweep:
-            self._next_sweep = now + self.sweep_interval
-            self._sweep(now)
-            self.service_actions()
-        if self._streams and now >= self._next_keepalive:
-            self._next_keepalive = now + self.keepalive
-            for conn in [c for c in self._connections if c.stream]:
-                self._answered(conn, b": keepalive\n\n", final=False)
-
-    def _sweep(self, now: float) -> None:
-        """Close connections past their deadline: idle ones, slow requests,
-        clients that do not read their answer, finished lingering."""
-        for conn in [c for c in self._connections if c.deadline is not None and c.deadline < now]:
-            if conn.partial and not conn.outbuf and not conn.linger and not conn.busy:
-                conn.handler.raw_requestline = bytes(conn.inbuf[:80])
-                conn.inbuf.clear()
-                conn.handler.refuse(HTTPStatus.REQUEST_TIMEOUT,
-                                    "the request was not received in time")
-                self._answered(conn, conn.handler.take_output())
-            else:
-                self._close(conn)
+    def _close_idle(self) -> None:
+        """Part of close(): stop accepting; close the connections with
+        nothing under way (the others close once their answer is out)."""
+        self.loop.stop_accepting()
+        self.waiters.stop()
+        for conn in list(self.loop.connections):
+            if conn.state in (State.IDLE, State.READING, State.HANDSHAKE, State.LINGERING):
+                self.loop.close(conn)
+            elif conn.state is State.SENDING:
+                conn.state = State.CLOSING
 
     def service_actions(self) -> None:
         """Housekeeping, about once a second, on the loop."""
@@ -2441,339 +3315,6 @@ class Server:
                 if limiter is not None:
                     limiter.prune()
 
-    def _accept(self) -> None:
-        for _ in range(512):  # a burst at a time, so the loop keeps serving others
-            try:
-                sock, address = self.socket.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    logger.warning("cannot accept more connections (%s) with %d open; "
-                                   "pausing for a second (raise `ulimit -n`)",
-                                   exc.strerror, len(self._connections))
-                    self._pause_accepting(1.0)
-                return
-            if self.closing:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            try:  # without it a small answer can wait 40 ms for a delayed ACK
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            if self.ssl_context is not None:
-                try:
-                    sock = self.ssl_context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False)
-                except OSError:
-                    sock.close()
-                    continue
-            conn = _Connection(sock)
-            conn.handler = self.handler_class(self, address, conn)
-            conn.deadline = time.monotonic() + self.read_timeout  # the handshake's too
-            conn.handshaking = self.ssl_context is not None
-            self._connections.add(conn)
-            self._selector.register(sock, selectors.EVENT_READ, conn)
-
-    def _handshake(self, conn: _Connection) -> None:
-        """Take a TLS handshake one step further, as the socket allows."""
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
-            return
-        except ssl.SSLWantWriteError:
-            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-            return
-        except (OSError, ValueError) as exc:  # not TLS, an untrusted client, a reset
-            logger.debug("TLS handshake with %s failed: %s",
-                         conn.handler.client_address[0], exc)
-            if getattr(exc, "reason", None) == "HTTP_REQUEST":  # plain HTTP: say so, in it
-                conn.handshaking = False
-                conn.handler.refuse(HTTPStatus.BAD_REQUEST,
-                                    "this port speaks HTTPS: use an https:// URL")
-                try:
-                    socket.socket.send(conn.sock, conn.handler.take_output())
-                except OSError:
-                    pass
-                conn.linger = 1 << 16
-                self._finish(conn)
-            else:
-                self._close(conn)
-            return
-        conn.handshaking = False
-        self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
-        self._on_readable(conn)  # the first request may have come with the handshake
-
-    def _pause_accepting(self, seconds: float) -> None:
-        if self._accepting:
-            self._accepting = False
-            self._selector.unregister(self.socket)
-            timer = threading.Timer(seconds, self._call_soon, (self._resume_accepting,))
-            timer.daemon = True
-            timer.start()
-
-    def _resume_accepting(self) -> None:
-        if not self._accepting and not self.closing:
-            self._accepting = True
-            self._selector.register(self.socket, selectors.EVENT_READ, self._accept)
-
-    def _on_readable(self, conn: _Connection) -> None:
-        if conn.handshaking:
-            self._handshake(conn)
-            return
-        try:
-            data = conn.sock.recv(65536)
-            if self.ssl_context is not None:
-                while data and conn.sock.pending():  # decrypted, so select() will not tell
-                    data += conn.sock.recv(65536)
-        except _WOULD_BLOCK:
-            return
-        except (OSError, ValueError):
-            self._close(conn)
-            return
-        if not data:  # the client has gone (a parked one too)
-            self._close(conn)
-            return
-        if conn.linger:  # draining a refused body before closing
-            conn.linger -= len(data)
-            if conn.linger <= 0:
-                self._close(conn)
-            return
-        conn.inbuf += data
-        if conn.busy or conn.handler.parked or conn.outbuf or conn.close_after:
-            if len(conn.inbuf) > self.max_head + self.max_body:
-                self._close(conn)  # pipelining far ahead of the answers
-            return
-        self._process(conn)
-
-    def _on_writable(self, conn: _Connection) -> None:
-        if conn.handshaking:
-            self._handshake(conn)
-            return
-        try:
-            sent = conn.sock.send(conn.outbuf)
-        except _WOULD_BLOCK:
-            return
-        except (OSError, ValueError):
-            self._close(conn)
-            return
-        del conn.outbuf[:sent]
-        if not conn.outbuf:
-            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
-            if conn.close_after:
-                self._finish(conn)
-            else:
-                self._process(conn)
-
-    def _process(self, conn: _Connection) -> None:
-        """Handle the requests waiting in *conn*'s input, one at a time."""
-        while not (conn.closed or conn.busy or conn.handler.parked or conn.outbuf
-                   or conn.close_after):
-            raw = self._frame(conn)
-            if raw is None:
-                break
-            conn.partial = 0.0
-            conn.continue_sent = False
-            # POST, PUT, PATCH: a large body to decode, or a store across the
-            # network to wait for, on a worker, so the loop never stalls.
-            if raw[:1] == b"P" and (len(raw) > self.inline_body_limit or self.hub.store.shared):
-                conn.busy = True
-                conn.deadline = None
-                self._pool.submit(self._handle_on_worker, conn, raw)
-                return
-            self._answered(conn, conn.handler.handle_buffered(raw))
-        if not (conn.closed or conn.busy or conn.handler.parked or conn.outbuf or conn.linger):
-            # Idle: from now. A request under way: from its first byte, so a
-            # client trickling bytes (slow loris) cannot push it back.
-            conn.deadline = (conn.partial or time.monotonic()) + self.read_timeout
-
-    def _frame(self, conn: _Connection) -> bytes | None:
-        """Cut one whole request (head and body) off *conn*'s input, or None
-        while it is incomplete. What cannot be framed goes to the handler
-        to be refused, and the connection closes after the answer."""
-        buf = conn.inbuf
-        if not buf:
-            return None
-        if not conn.partial:
-            conn.partial = time.monotonic()
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if buf.find(b"\n", 0, Handler.max_request_line + 1) < 0 < len(buf) - Handler.max_request_line:
-                return self._take_all(conn)  # the handler answers 414
-            if len(buf) > self.max_head:
-                conn.close_after = True
-                handler = conn.handler
-                handler.raw_requestline = bytes(buf[:buf.find(b"\n") + 1])
-                handler.refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                               "request header section too large")
-                buf.clear()
-                self._answered(conn, handler.take_output())
-            return None
-        head_end = end + 4
-        head = bytes(buf[:head_end])
-        lower = head.lower()
-        if b"content-length" not in lower and b"transfer-encoding" not in lower:
-            del buf[:head_end]
-            return head
-        lengths, encoding, expect = set(), None, False
-        for line in lower.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            name, value = name.strip(), value.strip()
-            if name == b"content-length":
-                lengths.add(value)
-            elif name == b"transfer-encoding":
-                encoding = value
-            elif name == b"expect":
-                expect = value == b"100-continue"
-        if encoding is None and not lengths:
-            del buf[:head_end]  # "content-length" was only in the path or a value
-            return head
-        if encoding is not None:
-            if encoding != b"chunked":
-                return self._take_all(conn)  # refused as unsupported
-            size = _chunked_size(buf, head_end)
-            if size is None:
-                if len(buf) - head_end > self.max_body + 64 * 1024:
-                    return self._take_all(conn)  # the handler answers 413
-                self._send_continue(conn, expect)
-                return None
-            if size < 0:
-                return self._take_all(conn)  # malformed: the handler answers 400
-            total = head_end + size
-        else:
-            length = lengths.pop() if len(lengths) == 1 else b""
-            if not length.isdigit() or int(length) > self.max_body:
-                del buf[:head_end]
-                return head  # the handler answers 400 or 413 without the body
-            total = head_end + int(length)
-            if len(buf) < total:
-                self._send_continue(conn, expect)
-                return None
-        raw = bytes(buf[:total])
-        del buf[:total]
-        return raw
-
-    def _take_all(self, conn: _Connection) -> bytes:
-        raw = bytes(conn.inbuf)
-        conn.inbuf.clear()
-        conn.close_after = True
-        return raw
-
-    def _send_continue(self, conn: _Connection, expect: bool) -> None:
-        if expect and not conn.continue_sent:
-            conn.continue_sent = True
-            self._answered(conn, b"HTTP/1.1 100 Continue\r\n\r\n", final=False)
-
-    def _handle_on_worker(self, conn: _Connection, raw: bytes) -> None:
-        try:
-            out = conn.handler.handle_buffered(raw)
-        except Exception:
-            logger.exception("error serving a request from %s", conn.handler.client_address[0])
-            out, conn.handler.close_connection = b"", True
-        self._call_soon(functools.partial(self._worker_done, conn, out))
-
-    def _worker_done(self, conn: _Connection, out: bytes) -> None:
-        conn.busy = False
-        if not conn.closed:
-            self._answered(conn, out)
-            self._process(conn)
-
-    def _answered(self, conn: _Connection, data: bytes, final: bool = True) -> None:
-        """Send what a handler wrote; if it asked to close, close after it."""
-        if conn.closed:
-            return
-        if final and conn.handler.close_connection and not conn.handler.parked:
-            conn.close_after = True
-            if conn.handler._body_unread and not conn.linger:
-                conn.linger = 16 << 20  # read and drop what the client still sends
-        if data:
-            if conn.outbuf:
-                conn.outbuf += data
-                return
-            try:
-                sent = conn.sock.send(data)
-            except _WOULD_BLOCK:
-                sent = 0
-            except (OSError, ValueError):
-                self._close(conn)
-                return
-            if sent < len(data):
-                conn.outbuf += memoryview(data)[sent:]
-                conn.deadline = time.monotonic() + self.read_timeout  # a slow reader
-                self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-                return
-        if final and conn.close_after:
-            self._finish(conn)
-
-    def _finish(self, conn: _Connection) -> None:
-        """The last answer is out: close, after draining a refused body (a
-        "lingering close", so the client reads our answer, not a reset)."""
-        if conn.linger:
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._close(conn)
-                return
-            conn.inbuf.clear()
-            conn.deadline = time.monotonic() + 2.0
-        else:
-            self._close(conn)
-
-    def _close(self, conn: _Connection) -> None:
-        if conn.closed:
-            return
-        if conn.stream:
-            conn.stream = False
-            self._streams -= 1
-        self._unpark(conn)
-        conn.closed = True
-        self._connections.discard(conn)
-        try:
-            self._selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-
-    def _close_idle(self) -> None:
-        """Part of close(): stop accepting; close connections with nothing
-        under way (the others close once their answer is out)."""
-        if self._accepting:
-            self._accepting = False
-            self._selector.unregister(self.socket)
-        for conn in list(self._connections):
-            if conn.taking:
-                self._expire(conn)
-            elif conn.stream and not conn.outbuf:
-                self._close(conn)
-            elif not (conn.busy or conn.group or conn.outbuf or conn.linger):
-                self._close(conn)
-
-
-def _chunked_size(buf: bytearray, start: int) -> int | None:
-    """Bytes of the chunked body starting at *start* (trailers included),
-    None while incomplete, -1 if malformed."""
-    pos = start
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None if len(buf) - pos < 1024 else -1
-        try:
-            size = int(bytes(buf[pos:eol]).split(b";")[0].strip(), 16)
-        except ValueError:
-            return -1
-        if size < 0:
-            return -1
-        if size == 0:
-            end = buf.find(b"\r\n\r\n", eol)
-            if end < 0:
-                return None
-            return end + 4 - start
-        pos = eol + 2 + size + 2
-        if pos > len(buf):
-            return None
-
 
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 hub: Hub | None = None, *, certfile: str | None = None,
@@ -2781,8 +3322,16 @@ def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     """Bind a ``Server`` (port 0 picks a free port: read ``server.url``).
 
     With *certfile* (a PEM certificate chain, and the key in it or in
-    *keyfile*) it serves HTTPS. Other options go to ``Server``.
+    *keyfile*) it serves HTTPS. The hub's options (``retention``,
+    ``max_age``, ``max_channels``, ``store``) make a new ``Hub`` when none is
+    given; the others go to ``Server`` (see ``OPTIONS``).
     """
+    hub_options = {name: options.pop(name) for name in list(options)
+                   if name in _OPTION_PARTS and _OPTION_PARTS[name] == "hub"}
+    if hub_options:
+        if hub is not None:
+            raise TypeError(f"give {', '.join(hub_options)} to the Hub, or give no hub")
+        hub = Hub(**_settings("hub", hub_options))
     if certfile:
         options["ssl_context"] = _tls_context(certfile, keyfile)
     return Server((host, port), hub, **options)
@@ -3001,19 +3550,34 @@ class Client:
             error.untrusted = untrusted  # retrying cannot help
             raise error from None
 
-    def _call(self, method: str, path: str, body: bytes | None,
-              socket_timeout: float, safe: bool = True) -> dict[str, Any]:
-        """``_request`` with retries, backoff and failover."""
-        failures = 0
+    def _call(self, method: str, path: str, body: bytes | None, socket_timeout: float,
+              safe: bool = True, *, retries: float | None = None, cutoff: _Cutoff | None = None,
+              stop: threading.Event | None = None,
+              on_retry: Callable[[LongpollError], None] | None = None) -> dict[str, Any] | None:
+        """``_request`` with retries (*retries*, default ``self.retries``),
+        backoff and failover: the one retry loop of the client. With *stop*,
+        waits end early when it is set, and then None is returned."""
+        failures, retries = 0, self.retries if retries is None else retries
         while True:
             try:
-                return self._request(method, path, body, socket_timeout)
+                return self._request(method, path, body, socket_timeout, cutoff)
             except LongpollError as error:
-                if not self._retryable(error, safe) or failures >= self.retries:
+                if stop is not None and stop.is_set():
+                    return None
+                if not self._retryable(error, safe) or failures >= retries:
                     raise
                 failures += 1
                 self._failover(error)
-                time.sleep(self._delay(failures, _retry_after(error)))
+                if on_retry is not None:
+                    on_retry(error)
+                delay = self._delay(failures, _retry_after(error))
+                if stop is None:
+                    time.sleep(delay)
+                elif stop.wait(delay):
+                    return None
+            finally:
+                if cutoff is not None:
+                    cutoff.sockets.clear()
 
     @staticmethod
     def _retryable(error: LongpollError, safe: bool) -> bool:
@@ -3071,29 +3635,24 @@ class Subscription:
         """Each server answer that says something, as received:
         ``{"messages": [...], "cursor": ..., "gap"?: true}``. The cursor
         moves past an answer when the next one is asked for."""
-        client, failures, connected, gap_pending = self.client, 0, None, False
+        client, gap_pending, lost = self.client, False, False
+
+        def on_retry(error: LongpollError) -> None:
+            nonlocal lost
+            if not lost and self.on_connection is not None:
+                self.on_connection(False, error)
+            lost = True
+
         while not self._stop.is_set():
             path = client._poll_path(self.channels, self.cursor, self.timeout, None)
-            try:
-                answer = client._request("GET", path, None,
-                                         client._socket_timeout(self.timeout), self._cutoff)
-            except LongpollError as error:
-                if self._stop.is_set():
-                    break
-                if not client._retryable(error, safe=True):
-                    raise
-                if connected is not False and self.on_connection is not None:
-                    self.on_connection(False, error)
-                connected = False
-                failures += 1
-                client._failover(error)
-                self._stop.wait(client._delay(failures, _retry_after(error)))
-                continue
-            finally:
-                self._cutoff.sockets.clear()
-            if connected is False and self.on_connection is not None:
+            answer = client._call("GET", path, None, client._socket_timeout(self.timeout),
+                                  retries=math.inf, cutoff=self._cutoff, stop=self._stop,
+                                  on_retry=on_retry)
+            if answer is None:
+                break
+            if lost and self.on_connection is not None:
                 self.on_connection(True, None)
-            connected, failures = True, 0
+            lost = False
             messages = answer.setdefault("messages", [])
             if answer.get("gap"):
                 self.gaps += 1
@@ -3284,28 +3843,18 @@ def _serve(args: Any) -> int:
         logger.error("--keyfile needs --certfile (the certificate it is the key of)")
         return 2
     try:
-        hub = Hub(retention=args.retention, max_age=args.max_age or None,
-                  max_channels=args.max_channels, store=args.store)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
-    try:
+        hub = Hub(**{option.name: getattr(args, option.name)
+                     for option in OPTIONS if option.part == "hub"})
         auth = Auth.from_file(args.auth) if args.auth else None
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
     try:
-        server = make_server(args.host, args.port, hub, timeout=args.timeout,
-                             max_timeout=args.max_timeout, max_body=args.max_body,
-                             cors_origins=args.cors_origin, auth=auth,
-                             publish_rate=args.publish_rate or None,
-                             publish_burst=args.publish_burst,
-                             request_rate=args.request_rate or None,
-                             request_burst=args.request_burst, max_waiting=args.max_waiting,
-                             max_waiting_per_client=args.max_waiting_per_client,
-                             trust_proxy=args.trust_proxy, certfile=args.certfile,
-                             keyfile=args.keyfile)
-        server.keepalive = args.keepalive
+        server = make_server(args.host, args.port, hub, auth=auth,
+                             cors_origins=args.cors_origin, trust_proxy=args.trust_proxy,
+                             certfile=args.certfile, keyfile=args.keyfile,
+                             **{option.name: getattr(args, option.name)
+                                for option in OPTIONS if option.part == "server"})
     except LongpollError as exc:
         logger.error("%s", exc)
         return 2
@@ -3412,46 +3961,17 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    serve.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                       help="seconds a poll is held when the client names none (default 30)")
-    serve.add_argument("--max-timeout", type=float, default=MAX_TIMEOUT,
-                       help="longest hold a client may ask for (default 300)")
-    serve.add_argument("--retention", type=int, default=DEFAULT_RETENTION,
-                       help="messages kept per channel (default 1000)")
-    serve.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE,
-                       help="seconds a message is kept, 0 for no limit (default 86400)")
-    serve.add_argument("--store", default="memory:", metavar="URL",
-                       help="where messages are kept: memory: (default; lost on restart), "
-                            "sqlite:PATH (survives restarts) or redis://host:port/db "
-                            "(several servers share channels)")
-    serve.add_argument("--max-channels", type=int, default=DEFAULT_MAX_CHANNELS, metavar="N",
-                       help="channels held at once; a new one past it gets 503 "
-                            f"(default {DEFAULT_MAX_CHANNELS})")
-    serve.add_argument("--max-body", type=int, default=MAX_BODY,
-                       help="largest request body in bytes (default 1048576)")
+    for option in OPTIONS:
+        serve.add_argument("--" + option.name.replace("_", "-"), type=type(option.default),
+                           default=option.default, metavar=option.metavar,
+                           help=f"{option.help} (default {option.default})")
     serve.add_argument("--auth", metavar="FILE",
                        help="JSON file of tokens and the channels they may read and write "
                             "(reloaded on SIGHUP); without it the server is open to anyone "
                             "who can reach it")
-    for kind, plural, rate, burst in (
-            ("publish", "publishes", DEFAULT_PUBLISH_RATE, DEFAULT_PUBLISH_BURST),
-            ("request", "requests", DEFAULT_REQUEST_RATE, DEFAULT_REQUEST_BURST)):
-        serve.add_argument(f"--{kind}-rate", type=float, default=rate, metavar="PER_SECOND",
-                           help=f"{plural} per second per client, 0 for no limit "
-                                f"(default {rate:g})")
-        serve.add_argument(f"--{kind}-burst", type=int, default=burst, metavar="N",
-                           help=f"{plural} a client may make at once (default {burst})")
-    serve.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
-                       help=f"parked requests in all before 503 (default {DEFAULT_MAX_WAITING})")
-    serve.add_argument("--max-waiting-per-client", type=int, metavar="N",
-                       default=DEFAULT_MAX_WAITING_PER_CLIENT,
-                       help="parked requests per client before 503 "
-                            f"(default {DEFAULT_MAX_WAITING_PER_CLIENT})")
     serve.add_argument("--trust-proxy", action="store_true",
                        help="take the client address from X-Forwarded-For (only behind "
                             "your own proxy)")
-    serve.add_argument("--keepalive", type=float, default=Server.keepalive, metavar="SECONDS",
-                       help="seconds between keepalive comments on event streams (default 15)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="let pages from ORIGIN (e.g. https://example.com) publish and "
                             "subscribe; repeatable; * for any")
