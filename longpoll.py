@@ -1413,7 +1413,7 @@ class Request:
                 part.partition("=")[0] + "=***"
                 if urllib.parse.unquote_plus(part.partition("=")[0]) == "token" else part
                 for part in query.split("&"))
-        return _printable(f"{self.method} {target} {self.version}")
+        return _printable(" ".join(filter(None, (self.method, target, self.version))))
 
     def __repr__(self) -> str:
         return f"<Request {self.loggable()}>"
@@ -1453,6 +1453,8 @@ class RequestReader:
         self._trailers = False     # past the last chunk, reading trailer lines
         self._parts: list[bytes] = []
         self._size = 0             # body bytes so far
+        #: The first line of the last head refused (for the log), at most 200 bytes.
+        self.first_line = b""
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -1472,12 +1474,16 @@ class RequestReader:
                 skip += 2
             del buf[:skip]
         end = buf.find(b"\r\n\r\n", 0, self.max_head + 4)
-        if end < 0:
-            self._check_partial_head()
-            return None
-        head = bytes(buf[:end + 2])
-        del buf[:end + 4]
-        return self._parse_head(head)
+        head = bytes(buf[:end + 2]) if end >= 0 else bytes(buf[:200])
+        try:
+            if end < 0:
+                self._check_partial_head()
+                return None
+            del buf[:end + 4]
+            return self._parse_head(head)
+        except LongpollError:
+            self.first_line = head[:200].partition(b"\n")[0].rstrip(b"\r")
+            raise
 
     def _check_partial_head(self) -> None:
         """Refuse at once what can never become a valid head."""
@@ -2624,9 +2630,8 @@ class HTTPProtocol:
     def _refuse(self, conn: Connection, request: Request | None, error: LongpollError) -> None:
         """Answer a request that cannot go on, then close: lingering, since
         the client may still be sending what we will never read."""
-        if request is None:  # no head yet: a request line for the log, if any
-            line = bytes(conn.reader.buffer[:80]).split(b"\r\n")[0].decode("latin-1")
-            request = Request("-", _printable(line), "HTTP/1.1", {})
+        if request is None:  # no head: the line it began with, for the log
+            request = Request(conn.reader.first_line.decode("latin-1"), "", "", {})
             request.client = conn.address
         conn.request = None
         self.respond(conn, request, _error_response(error), close=True, linger=True)

@@ -175,3 +175,68 @@ def redis_url(redis_server):
     client.flushdb()
     client.close()
     return redis_server + "/0"
+
+
+def talk(server, data, timeout=5, source=None, pieces=None):
+    """Send *data* raw (in *pieces* of these sizes, if given) from *source*
+    (an address to bind), then read until the server closes or goes quiet
+    for *timeout* seconds; return every byte it sent."""
+    host, port = server.server_address[:2]
+    sock = socket.create_connection((host, port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+    with sock:
+        try:
+            if pieces:
+                at = 0
+                for size in pieces:
+                    sock.sendall(data[at:at + size])
+                    at += size
+                sock.sendall(data[at:])
+            else:
+                sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before taking it all
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+def strict_responses(data):
+    """The responses in *data* as a strict HTTP parser (h11) reads them:
+    [(status, {lower-case header: value}, body)]. Fails on anything h11
+    refuses; stops after a response that closes the connection."""
+    import h11
+    conn = h11.Connection(h11.CLIENT)
+    conn.receive_data(data)
+    conn.receive_data(b"")  # and then the server closed (or went quiet)
+    out = []
+    while True:
+        conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        conn.send(h11.EndOfMessage())
+        status, headers, body = None, None, b""
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += bytes(event.data)
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+        if status is None:
+            return out
+        out.append((status, headers, body))
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+            return out
+        conn.start_next_cycle()
