@@ -526,14 +526,18 @@ class Hub:
         return waiters
 
     def _follow(self, messages: Iterable[Message], head: int = 0,
-                dropped: dict[str, int] | None = None) -> None:
-        """Apply what was published through other hubs sharing this one's
-        store, in order, and move the head to at least *head*."""
+                marks: dict[str, tuple[int, int]] | None = None, forgotten: int = 0) -> None:
+        """For stores: apply messages published before (a store reopened)
+        or through other hubs sharing this one's store, in order; move the
+        head to at least *head*, and each channel's dropped and taken marks
+        (*marks*: {name: (dropped, taken)}) and the forgotten watermark up
+        to at least what is given. The only way a store changes a hub."""
         waiters: set[Callable[[], None]] = set()
         with self._lock:
-            for name, seq in (dropped or {}).items():
+            self._forgotten = max(self._forgotten, forgotten)
+            for name, (dropped, taken) in (marks or {}).items():
                 ch = self._channel(name)
-                ch.dropped = max(ch.dropped, seq)
+                ch.dropped, ch.taken = max(ch.dropped, dropped), max(ch.taken, taken)
             for msg in messages:
                 if msg.seq > self._seq:
                     self._seq = msg.seq
@@ -830,7 +834,8 @@ class Store:
     new history (old cursors then get ``gap``).
 
     A hub calls, under its lock: ``open(hub)`` once, to give back what was
-    kept (``hub.history``, ``hub._seq``, messages through ``hub._apply``);
+    kept (``hub.history``, then messages, sequence and marks through
+    ``hub._follow``);
     ``append(msg)`` before a publish is acknowledged (raise to refuse it);
     ``took(channel, seq)`` when ``/receive`` hands a message out;
     ``dropped(messages)`` when retention drops some; ``pruned(hub,
@@ -909,16 +914,15 @@ class SqliteStore(Store):
             db.execute("INSERT OR IGNORE INTO meta VALUES ('history', ?)", (hub.history,))
             meta = dict(db.execute("SELECT key, value FROM meta"))
             hub.history = meta["history"]
-            hub._forgotten = int(meta.get("forgotten", 0))
+            messages = []
             for seq, wire in db.execute("SELECT seq, json FROM messages ORDER BY seq"):
                 d = json.loads(wire)  # as the wire carried it
-                hub._apply(Message(seq, hub._cursor(seq), d["channel"], d["message"],
-                                   d.get("title"), d.get("priority"), None, d["time"]))
-                hub._seq = seq
-            hub._seq = max(hub._seq, int(meta.get("seq", 0)))
-            for name, dropped, taken in db.execute("SELECT * FROM channels"):
-                ch = hub._channel(name)
-                ch.dropped, ch.taken = max(ch.dropped, dropped), taken
+                messages.append(Message(seq, hub._cursor(seq), d["channel"], d["message"],
+                                        d.get("title"), d.get("priority"), None, d["time"]))
+            marks = {name: (dropped, taken)
+                     for name, dropped, taken in db.execute("SELECT * FROM channels")}
+            hub._follow(messages, int(meta.get("seq", 0)), marks,
+                        int(meta.get("forgotten", 0)))
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open the store {self.path}: {exc}") from None
 
@@ -1154,11 +1158,10 @@ class RedisStore(Store):
             channel = key.decode()[len(_R_STREAM):]
             for entry_id, fields in client.xrange(key, f"({after}-0", f"{head}-0"):
                 messages.append(self._message(hub, channel, entry_id, fields))
-        dropped = {k.decode(): int(v) for k, v in client.hgetall(_R_DROPPED).items()
-                   if int(v) > after}
+        marks = {k.decode(): (int(v), 0) for k, v in client.hgetall(_R_DROPPED).items()
+                 if int(v) > after}
         messages.sort(key=_seq_of)
-        hub._forgotten = max(hub._forgotten, int(client.get(_R_FORGOTTEN) or 0))
-        hub._follow(messages, head, dropped)
+        hub._follow(messages, head, marks, int(client.get(_R_FORGOTTEN) or 0))
         self._last = max(head, after)  # (head is lower if Redis lost its data)
 
     def _read_feed(self, hub: "Hub", client: Any, block: int | None) -> None:
@@ -1340,9 +1343,18 @@ _decode = json.JSONDecoder(parse_constant=_reject_constant).decode
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):(.*)", re.DOTALL)
+_TOKEN_NAME = re.compile(_TOKEN.decode())
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR, LF checked apart
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
 _ABSOLUTE_FORM = re.compile(r"https?://[^/?#]*", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_name(raw: str) -> str | None:
+    """A header name, lower-cased; None if it is not a token (RFC 9110 5.1:
+    no space before the colon). Cached: the same few names come every time."""
+    return raw.lower() if _TOKEN_NAME.fullmatch(raw) else None
 
 
 def _parse_query(query: str) -> dict[str, str]:
@@ -1535,33 +1547,33 @@ class RequestReader:
 
     def _parse_head(self, head: bytes) -> Request:
         self._check_line_ends(head, len(head))
-        lines = head.split(b"\r\n")
+        if _CONTROL_IN_HEAD.search(head):
+            raise _bad_request("the request head holds a control character")
+        lines = head.decode("latin-1").split("\r\n")
         lines.pop()  # "" after the last CRLF
-        method, target, version = self._request_line(lines[0] + b"\r\n")
+        method, target, version = self._request_line(lines[0].encode("latin-1") + b"\r\n")
         if len(lines) - 1 > self.max_headers:
             raise LongpollError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                                 f"more than {self.max_headers} header lines")
         headers: dict[str, str] = {}
         for line in itertools.islice(lines, 1, None):
-            match = _HEADER_LINE.fullmatch(line)
-            if match is None:
-                if line[:1] in (b" ", b"\t"):
+            raw, colon, value = line.partition(":")
+            name = _header_name(raw) if colon else None
+            if name is None:
+                if line[:1] in (" ", "\t"):
                     raise _bad_request("folded header lines (obs-fold) are not accepted")
-                raise _bad_request(f"malformed header line {_printable(line[:40].decode('latin-1'))!r}")
-            value = match.group(2).strip(b" \t")
-            if _CONTROL.search(value):
-                raise _bad_request("a header value holds a control character")
-            name, text = match.group(1).decode("ascii").lower(), value.decode("latin-1")
+                raise _bad_request(f"malformed header line {_printable(line[:40])!r}")
+            value = value.strip(" \t")
             seen = headers.get(name)
             if seen is None:
-                headers[name] = text
+                headers[name] = value
             elif name == "host":
                 raise _bad_request("more than one Host header")
             elif name == "content-length":
-                if seen != text:
+                if seen != value:
                     raise _bad_request("Content-Length must be one whole number")
             else:
-                headers[name] = seen + ", " + text
+                headers[name] = seen + ", " + value
         if version == "HTTP/1.1" and "host" not in headers:
             raise _bad_request("an HTTP/1.1 request needs a Host header")
         request = Request(method, target, version, headers)
@@ -2047,7 +2059,8 @@ class Loop:
     ``connection_made(conn)`` (give it a reader), ``received(conn)`` (new
     bytes in ``conn.reader``), ``drained(conn)`` (its output is all sent),
     ``expired(conn)`` (its hold timer ran out), ``timed_out(conn)`` (its
-    deadline passed), ``connection_lost(conn)``.
+    deadline passed), ``connection_lost(conn)``; and ``refusal()``, the
+    bytes a connection over the per-address cap is sent before it is closed.
     """
 
     #: Listen backlog: room for thousands of clients reconnecting at once.
@@ -2259,17 +2272,9 @@ class Loop:
                     self._pause_accepting(1.0)
                 return
             host = address[0]
-            if not self._admit(host):
+            admitted = self._admit(host)
+            if not admitted and self.ssl_context is not None:
                 self.refused += 1
-                logger.debug("refused a connection from %s: it holds %d already", host,
-                             self.max_connections_per_client)
-                try:
-                    sock.send(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
-                              b"Retry-After: 5\r\nContent-Type: application/json\r\n"
-                              b"Content-Length: 44\r\n\r\n"
-                              b'{"error": "too many connections from you"}\n\n')
-                except OSError:
-                    pass
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -2288,10 +2293,17 @@ class Loop:
             conn.state = State.HANDSHAKE if self.ssl_context is not None else State.IDLE
             conn.deadline = time.monotonic() + self.read_timeout  # the handshake's too
             self.connections.add(conn)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+            if not admitted:  # told why, then closed (lingering briefly, so it reads it)
+                self.refused += 1
+                logger.debug("refused a connection from %s: it holds %d already", host,
+                             self.max_connections_per_client)
+                self.send(conn, self.protocol.refusal())
+                self.finish(conn, linger=True, seconds=2.0)
+                continue
             if self.max_connections_per_client and host not in _LOOPBACK:
                 self._by_address.setdefault(host, {})[conn] = None
             self.protocol.connection_made(conn)
-            self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _admit(self, host: str) -> bool:
         """Room for one more connection from *host*? At its cap, its longest
@@ -2436,10 +2448,11 @@ class Loop:
 
     # -- closing ----------------------------------------------------------------------
 
-    def finish(self, conn: Connection, linger: bool) -> None:
+    def finish(self, conn: Connection, linger: bool, seconds: float | None = None) -> None:
         """The last answer is out: close; with *linger*, half-close and read
-        and drop what the client still sends for up to ``linger_time`` (so it
-        reads our answer, not a reset), as nginx's lingering close does."""
+        and drop what the client still sends for up to ``linger_time`` (or
+        *seconds*), so it reads our answer, not a reset, as nginx's
+        lingering close does."""
         if not linger:
             self.close(conn)
             return
@@ -2448,9 +2461,8 @@ class Loop:
         except OSError:
             self.close(conn)
             return
-        conn.state = State.LINGERING
-        conn.deadline = time.monotonic() + self.linger_time
-        conn.reader = RequestReader()  # what is left unread is dropped
+        conn.state = State.LINGERING  # what arrives now is dropped
+        conn.deadline = time.monotonic() + (self.linger_time if seconds is None else seconds)
 
     def close(self, conn: Connection) -> None:
         if conn.state is State.CLOSED:
@@ -2568,8 +2580,8 @@ class HTTPProtocol:
             self.received(conn)
         elif conn.state is State.CLOSING:
             self.loop.finish(conn, conn.linger)
-        elif conn.state is State.STREAMING:
-            conn.deadline = None
+        elif conn.state in (State.STREAMING, State.PARKED, State.BUSY):
+            conn.deadline = None  # no longer a slow reader
 
     def expired(self, conn: Connection) -> None:
         self.waiters.expire(conn)
@@ -2583,6 +2595,11 @@ class HTTPProtocol:
 
     def connection_lost(self, conn: Connection) -> None:
         self.waiters.forget(conn)
+
+    def refusal(self) -> bytes:
+        return _response(HTTPStatus.SERVICE_UNAVAILABLE, _json_body(
+            {"error": "too many connections from your address: close some"}),
+            "application/json", self.date(), (("Retry-After", "5"),), "close")
 
     # -- requests ---------------------------------------------------------------------
 
@@ -2798,10 +2815,10 @@ class Waiters:
         if not live:
             self.protocol.reply(conn, head + b": connected\n\n", keep=False)
             return
-        self.loop.send(conn, head + b": connected\n\n")
         self.streams[conn] = None
         self._park(conn, request, State.STREAMING, None)
         self._fired[group] = None  # send what is already there at the next fan-out
+        self.loop.send(conn, head + b": connected\n\n")
 
     def take(self, conn: Connection, request: Request, take: Take) -> None:
         """``/receive``: hand over the next untaken message, or park."""

@@ -6,6 +6,7 @@
 
 Servers (each started fresh for every row, as a subprocess of this script):
   longpoll   python -m longpoll serve
+  longpoll-baseline the same, from the folder --baseline DIR (an older checkout)
   longpoll-sqlite   the same with --store sqlite:FILE (a new file per row)
   longpoll-redis    the same with --store redis://... (a redis-server this
                     script starts on a free port, emptied for every row)
@@ -45,6 +46,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINE = ROOT  # --baseline DIR: where longpoll-baseline's longpoll.py is
 HERE = os.path.dirname(os.path.abspath(__file__))
 TICK = os.sysconf("SC_CLK_TCK")
 SERVERS = {
@@ -95,7 +97,8 @@ class ServerProcess:
             command = command + ["--store", f"sqlite:{self.folder}/bench.db"]
         elif STORES.get(name) == "redis":
             command = command + ["--store", Redis.start()]
-        self.proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        cwd = BASELINE if name == "longpoll-baseline" else ROOT
+        self.proc = subprocess.Popen(command, cwd=cwd, stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             match = re.search(r"listening on http://([\d.]+):(\d+)", line)
             if match:
@@ -445,6 +448,9 @@ async def main_async(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default="longpoll,floor,tornado,threaded")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="a folder holding another longpoll.py (e.g. a checkout of an "
+                             "older commit), run as the server longpoll-baseline")
     parser.add_argument("--clients", default="1000,5000,10000", help="N for the fan-out rows")
     parser.add_argument("--messages", type=int, default=50)
     parser.add_argument("--rate", type=float, default=10.0)
@@ -456,6 +462,8 @@ def main():
     parser.add_argument("--fanout-only", action="store_true")
     parser.add_argument("--throughput-only", action="store_true")
     args = parser.parse_args()
+    global BASELINE
+    BASELINE = os.path.abspath(args.baseline) if args.baseline else ROOT
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:

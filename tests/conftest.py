@@ -224,7 +224,12 @@ def strict_responses(data):
         conn.send(h11.EndOfMessage())
         status, headers, body = None, None, b""
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                if status is None and out:  # closed between two responses
+                    return out
+                raise
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):

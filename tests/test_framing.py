@@ -365,3 +365,41 @@ def test_one_address_holding_many_connections_does_not_stop_another(make_server)
     finally:
         for sock in hog:
             sock.close()
+
+
+def test_at_its_cap_an_address_with_no_idle_connection_gets_503(make_server):
+    server = make_server(max_connections_per_client=2)
+    parked = [threading.Thread(target=talk, args=(
+        server, b"GET /channels/cap?timeout=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        kwargs={"source": "127.0.0.2", "timeout": 10}) for _ in range(2)]
+    for t in parked:
+        t.start()
+    wait_until(lambda: server.waiting == 2)
+    ((status, headers, body),) = answers(server, HEALTH, source="127.0.0.2")
+    assert status == 503 and headers["retry-after"] == "5" and json.loads(body)["error"]
+    assert answers(server, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                   source="127.0.0.3")[0][0] == 200  # another address
+    server.hub.publish("cap", "go")
+    for t in parked:
+        t.join(10)
+        assert not t.is_alive()
+    assert "longpoll_connections_refused_total 1" in server.metrics_text()
+
+
+# -- one table of options -------------------------------------------------------------------
+
+def test_every_option_is_a_serve_flag_and_a_make_server_keyword(capsys):
+    with pytest.raises(SystemExit):
+        longpoll.main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for option in longpoll.OPTIONS:
+        assert "--" + option.name.replace("_", "-") in text
+    server = longpoll.make_server("127.0.0.1", 0, retention=7, max_queued=12345)
+    try:
+        assert (server.hub.retention, server.max_queued, server.loop.max_queued) == \
+            (7, 12345, 12345)
+        assert server.read_timeout == 30.0  # the table's default
+    finally:
+        server.close()
+    with pytest.raises(TypeError, match="max_bogus"):
+        longpoll.make_server("127.0.0.1", 0, max_bogus=1)
