@@ -15,7 +15,8 @@ or from Python, in the same process or over HTTP::
 
 The module holds five parts, each usable alone: the ``Hub`` (channels of
 messages with cursors, no HTTP), its stores (memory, ``sqlite3``, Redis),
-the ``Server`` (the wire protocol over ``http.server``), the ``Client``
+the ``Server`` (the wire protocol: a strict HTTP/1.1 ``RequestReader``, a
+``selectors`` loop, the routes and the waiting layer), the ``Client``
 (``urllib``), and the command line.
 
 Limits, stated honestly:

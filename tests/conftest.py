@@ -58,22 +58,7 @@ def request(server, method, path, body=None, headers=None, timeout=10, conn=None
 def raw(server, data, timeout=5):
     """Send raw bytes; return what the server sends, up to the end of its
     first complete response or until it closes the connection."""
-    host, port = server.server_address[:2]
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before taking it all
-        received = b""
-        while not _complete(received):
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-    return received
+    return talk(server, data, timeout, until=_complete)
 
 
 def _complete(data):
@@ -177,10 +162,10 @@ def redis_url(redis_server):
     return redis_server + "/0"
 
 
-def talk(server, data, timeout=5, source=None, pieces=None):
+def talk(server, data, timeout=5, source=None, pieces=None, until=None):
     """Send *data* raw (in *pieces* of these sizes, if given) from *source*
-    (an address to bind), then read until the server closes or goes quiet
-    for *timeout* seconds; return every byte it sent."""
+    (an address to bind), then read until the server closes, goes quiet
+    for *timeout* seconds, or what it sent satisfies *until*; return it."""
     host, port = server.server_address[:2]
     sock = socket.create_connection((host, port), timeout=timeout,
                                     source_address=(source, 0) if source else None)
@@ -197,10 +182,12 @@ def talk(server, data, timeout=5, source=None, pieces=None):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered and closed before taking it all
         received = b""
-        while True:
+        while until is None or not until(received):
             try:
                 chunk = sock.recv(65536)
             except socket.timeout:
+                if until is not None:
+                    raise
                 break
             except ConnectionResetError:
                 break
