@@ -2705,7 +2705,7 @@ class HTTPProtocol:
         """Count the answer (for /metrics) and write the access-log line."""
         self.server.metrics.answered(request.route, status)
         if logger.isEnabledFor(logging.INFO):
-            logger.info('%s "%s" %s %s %.1fms', request.client, request.loggable(), status,
+            logger.info('%s "%s" %d %s %.1fms', request.client, request.loggable(), status,
                         size, (time.monotonic() - request.started) * 1000)
 
 
