@@ -115,6 +115,7 @@ MAX_LIMIT = 1000
 DEFAULT_RETENTION = 1000        # messages kept per channel
 DEFAULT_MAX_AGE = 24 * 3600.0   # seconds a message is kept
 MAX_BODY = 1 << 20              # bytes in a request body
+MAX_HEAD = 64 << 10             # bytes in a request head (request line and headers)
 MAX_TITLE = 256                 # characters in a title
 MAX_CHANNELS_PER_REQUEST = 32
 DEFAULT_CHANNEL = "default"     # where /send publishes and /receive takes
@@ -602,7 +603,7 @@ class Hub:
             available = list(heapq.merge(*runs, key=_seq_of))
         if max_bytes is not None:  # the rest comes on the next read
             size = 0
-            for count, msg in enumerate(available[:limit]):
+            for count, msg in enumerate(itertools.islice(available, limit)):
                 size += len(msg.json) + 1
                 if size > max_bytes and count:
                     limit = count
@@ -1406,10 +1407,6 @@ class Request:
         self.refusal: LongpollError | None = None  # answer this once the body is in
         self._query: dict[str, str] | None = None
 
-    def header(self, name: str, default: str | None = None) -> str | None:
-        """The value of header *name* (lower-case), or *default*."""
-        return self.headers.get(name, default)
-
     @property
     def query(self) -> dict[str, str]:
         """The query parameters, decoded (the last of repeated names wins)."""
@@ -1455,7 +1452,7 @@ class RequestReader:
     de-chunked body. Holds at most one head and one body, both bounded.
     """
 
-    def __init__(self, max_head: int = 64 * 1024, max_body: int = MAX_BODY,
+    def __init__(self, max_head: int = MAX_HEAD, max_body: int = MAX_BODY,
                  max_line: int = 8192, max_headers: int = 100) -> None:
         self.max_head, self.max_body = max_head, max_body
         self.max_line, self.max_headers = max_line, max_headers
@@ -2050,6 +2047,42 @@ class Connection:
         return f"<Connection {self.address} {self.state}>"
 
 
+class ConnectionCap:
+    """Connections per client address, capped (``--max-connections-per-client``;
+    0: no cap). Loopback is exempt. At the cap, the address's longest-idle
+    keep-alive connection makes room; if none is idle, the new one is refused."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._by_address: dict[str, dict[Connection, None]] = {}
+        #: Connections refused: their address held its maximum.
+        self.refused = 0
+
+    def admit(self, host: str, close: Callable[[Connection], None]) -> bool:
+        """Room for one more connection from *host*? (*close* makes room.)"""
+        mine = self._by_address.get(host)
+        if mine is None or len(mine) < self.cap:
+            return True
+        idle = [c for c in mine if c.state is State.IDLE]
+        if not idle:
+            self.refused += 1
+            logger.debug("refused a connection from %s: it holds %d already", host, self.cap)
+            return False
+        close(min(idle, key=lambda c: c.deadline or 0.0))
+        return True
+
+    def add(self, conn: Connection) -> None:
+        if self.cap and conn.address not in _LOOPBACK:
+            self._by_address.setdefault(conn.address, {})[conn] = None
+
+    def remove(self, conn: Connection) -> None:
+        mine = self._by_address.get(conn.address)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self._by_address[conn.address]
+
+
 class Loop:
     """One thread's ``selectors`` loop that owns every socket: accepts (with
     a cap per client address), drives TLS handshakes, reads, writes through
@@ -2069,17 +2102,14 @@ class Loop:
     #: Seconds between sweeps for connections past their deadline.
     sweep_interval = 1.0
 
-    def __init__(self, address: tuple[str, int], protocol: Any, *, ssl_context: Any = None,
-                 read_timeout: float = 30.0, linger_time: float = 30.0,
-                 max_queued: int = 4 << 20, max_input: int = MAX_BODY + (64 << 10),
-                 max_connections_per_client: int = 0,
-                 housekeeping: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, address: tuple[str, int], protocol: Any, *, ssl_context: Any,
+                 read_timeout: float, linger_time: float, max_queued: int, max_input: int,
+                 max_connections_per_client: int, housekeeping: Callable[[], None]) -> None:
         self.protocol = protocol
         self.ssl_context = ssl_context
         self.read_timeout, self.linger_time = read_timeout, linger_time
         self.max_queued, self.max_input = max_queued, max_input
-        #: Connections one address may hold (0: no cap); loopback is exempt.
-        self.max_connections_per_client = max_connections_per_client
+        self.per_address = ConnectionCap(max_connections_per_client)
         self.housekeeping = housekeeping
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -2093,9 +2123,8 @@ class Loop:
             raise
         self.server_address = self.socket.getsockname()
         self.connections: set[Connection] = set()
-        self._by_address: dict[str, dict[Connection, None]] = {}
-        #: Connections refused or cut: over the per-client cap; not reading.
-        self.refused = self.cut = 0
+        #: Connections cut: the client left more than max_queued bytes unread.
+        self.cut = 0
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -2273,10 +2302,9 @@ class Loop:
                     self._pause_accepting(1.0)
                 return
             host = address[0]
-            admitted = self._admit(host)
+            admitted = self.per_address.admit(host, self.close)
             if not admitted and self.ssl_context is not None:
-                self.refused += 1
-                sock.close()
+                sock.close()  # (no plain-text answer on a TLS port)
                 continue
             sock.setblocking(False)
             try:  # without it a small answer can wait 40 ms for a delayed ACK
@@ -2296,29 +2324,11 @@ class Loop:
             self.connections.add(conn)
             self._selector.register(sock, selectors.EVENT_READ, conn)
             if not admitted:  # told why, then closed (lingering briefly, so it reads it)
-                self.refused += 1
-                logger.debug("refused a connection from %s: it holds %d already", host,
-                             self.max_connections_per_client)
                 self.send(conn, self.protocol.refusal())
                 self.finish(conn, linger=True, seconds=2.0)
                 continue
-            if self.max_connections_per_client and host not in _LOOPBACK:
-                self._by_address.setdefault(host, {})[conn] = None
+            self.per_address.add(conn)
             self.protocol.connection_made(conn)
-
-    def _admit(self, host: str) -> bool:
-        """Room for one more connection from *host*? At its cap, its longest
-        idle keep-alive connection makes room; if none is idle, no."""
-        if not self.max_connections_per_client or host in _LOOPBACK:
-            return True
-        mine = self._by_address.get(host)
-        if mine is None or len(mine) < self.max_connections_per_client:
-            return True
-        idle = [c for c in mine if c.state is State.IDLE]
-        if not idle:
-            return False
-        self.close(min(idle, key=lambda c: c.deadline or 0.0))
-        return True
 
     def _pause_accepting(self, seconds: float) -> None:
         if self._accepting:
@@ -2473,11 +2483,7 @@ class Loop:
         if conn.timer is not None:
             self.hold(conn, None)
         self.connections.discard(conn)
-        mine = self._by_address.get(conn.address)
-        if mine is not None:
-            mine.pop(conn, None)
-            if not mine:
-                del self._by_address[conn.address]
+        self.per_address.remove(conn)
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -3110,7 +3116,7 @@ class Metrics:
                [("", self.rate_limited)])
         metric("connections_refused_total", "counter",
                "Connections refused: the client address held its maximum.",
-               [("", loop.refused)])
+               [("", loop.per_address.refused)])
         metric("slow_clients_cut_total", "counter",
                "Connections cut because the client left too much unread.", [("", loop.cut)])
         metric("store_failures_total", "counter",
@@ -3164,7 +3170,7 @@ class Server:
     """
 
     #: Largest request head (request line and headers) in bytes; more is 431.
-    max_head = 64 * 1024
+    max_head = MAX_HEAD
     #: Bodies larger than this are decoded by a worker, not the loop.
     inline_body_limit = 64 * 1024
 
