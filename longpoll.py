@@ -2552,22 +2552,21 @@ class HTTPProtocol:
     def received(self, conn: Connection) -> None:
         """Handle the requests waiting in *conn*'s input while it is free."""
         while conn.state is State.IDLE or conn.state is State.READING:
+            if conn.state is State.IDLE:
+                if not conn.reader.buffered:
+                    return
+                # A request begins. Its deadline runs from its first byte: a
+                # client trickling bytes (slow loris) cannot push it back.
+                conn.state = State.READING
+                conn.deadline = time.monotonic() + self.loop.read_timeout
             request = conn.request
             try:
                 if request is None:
                     request = conn.reader.read_head()
                     if request is None:
-                        if conn.state is State.IDLE and conn.reader.buffered:
-                            # From its first byte: a client trickling bytes
-                            # (slow loris) cannot push the deadline back.
-                            conn.state = State.READING
-                            conn.deadline = time.monotonic() + self.loop.read_timeout
                         return
                     request.client = conn.address
                     conn.request = request
-                    if conn.state is State.IDLE:
-                        conn.state = State.READING
-                        conn.deadline = time.monotonic() + self.loop.read_timeout
                     if not self._decide(conn, request):
                         return
                 if request.has_body:
@@ -2584,7 +2583,7 @@ class HTTPProtocol:
     def drained(self, conn: Connection) -> None:
         if conn.state is State.SENDING:
             self.idle(conn)
-            self.received(conn)
+            self.resume(conn)
         elif conn.state is State.CLOSING:
             self.loop.finish(conn, conn.linger)
         elif conn.state in (State.STREAMING, State.PARKED, State.BUSY):
@@ -3019,8 +3018,8 @@ class Waiters:
                 logger.info('%s "%s" 200 %s %.1fms', request.client, request.loggable(),
                             len(body), (time.monotonic() - request.started) * 1000)
             protocol.reply(conn, data, keep)
-            if conn.reader.buffered and conn.state is State.IDLE:
-                protocol.received(conn)  # pipelined input
+            if conn.reader.buffered:
+                protocol.resume(conn)  # pipelined input
         server.metrics.answered("poll", 200, polls)
 
     def _serve_takers(self) -> None:
