@@ -421,6 +421,7 @@ class Hub:
         self.max_channels = max_channels
         self._pruned = 0.0
         self._forgotten = 0  # newest message dropped from a channel since forgotten
+        self._unreported: dict[str, int] = {}  # channels forgotten, for the store's next prune
         #: Names this hub's history in every cursor it hands out.
         self.history = secrets.token_hex(4)
         self._lock = threading.Lock()
@@ -567,13 +568,27 @@ class Hub:
             raise _bad_request(
                 f"invalid since {since!r}: pass 0 or a cursor this server returned")
         seq = int(match.group(2))
-        if match.group(1) != self.history or seq > self._seq and not (
-                self.store.shared and seq <= self.store.head()):  # (another server's news)
+        if match.group(1) != self.history or seq > self._seq and not self.store.shared:
             return Position(0, False, True)  # another history: answer from the oldest
+        if seq > self._seq:  # another server's news, not here yet: see settle()
+            return Position(seq, False, False)
         if len(self._positions) >= 1024:  # a cursor of ours never changes place
             self._positions.clear()
         position = self._positions[since] = Position(seq, False, False)
         return position
+
+    def ahead(self, position: Position) -> bool:
+        """Whether *position* lies past every message this hub has seen. With
+        a shared store that is another server's news, which this hub's feed
+        brings within milliseconds, or a position no server handed out."""
+        return position.after > self._seq
+
+    def settle(self, position: Position) -> Position:
+        """*position* after a wait: one still ahead of this hub was handed out
+        by no server (the feed would have brought it), so it is unplaceable
+        and is answered from the oldest held message with ``gap``. Placing
+        it this way costs no call to the store."""
+        return Position(0, False, True) if position.after > self._seq else position
 
     def _read(self, names: tuple[str, ...], position: Position, limit: int,
               max_bytes: int | None = None) -> Batch:
@@ -777,10 +792,12 @@ class Hub:
         this now and then."""
         with self._lock:
             self._prune()
+            forgotten, self._unreported = self._unreported, {}
+            head, watermark = self._seq, self._forgotten
+        self.store.pruned(head, watermark, forgotten)  # not under the lock: it may wait on I/O
 
     def _prune(self) -> None:
         self._pruned = time.monotonic()
-        forgotten = []
         for name, ch in list(self._channels.items()):
             gone = ch.trim(self.retention, self.max_age)
             if gone:
@@ -788,8 +805,7 @@ class Hub:
             if not (ch.messages or ch.waiters):
                 del self._channels[name]
                 self._forgotten = max(self._forgotten, ch.dropped)
-                forgotten.append(ch)
-        self.store.pruned(self, forgotten)
+                self._unreported[name] = ch.dropped
 
     def close(self) -> None:
         """Wake every waiter; from now on waits return at once and publishing
@@ -840,10 +856,13 @@ class Store:
     ``hub._follow``);
     ``append(msg)`` before a publish is acknowledged (raise to refuse it);
     ``took(channel, seq)`` when ``/receive`` hands a message out;
-    ``dropped(messages)`` when retention drops some; ``pruned(hub,
-    forgotten)`` now and then, after retention ran; and ``close()``.
+    ``dropped(messages)`` when retention drops some; and ``close()``. Not
+    under the lock, from ``Hub.prune`` now and then (on a server, off its
+    loop when the store is shared): ``pruned(head, watermark, forgotten)``
+    with the hub's head, its forgotten-channel watermark and the channels
+    forgotten since the last call ({name: newest dropped seq}).
     A *shared* store (several servers, one history) numbers messages itself:
-    the hub calls its ``publish``, ``take`` and ``head`` instead, and the
+    the hub calls its ``publish`` and ``take`` instead, and the
     store feeds every message to ``hub._follow`` in order.
     """
 
@@ -866,7 +885,7 @@ class Store:
     def dropped(self, messages: list[Message]) -> None:
         pass
 
-    def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
+    def pruned(self, head: int, watermark: int, forgotten: dict[str, int]) -> None:
         pass
 
     def close(self) -> None:
@@ -877,9 +896,6 @@ class Store:
         raise NotImplementedError
 
     def take(self, hub: "Hub", channel: str) -> Message | None:
-        raise NotImplementedError
-
-    def head(self) -> int:
         raise NotImplementedError
 
 
@@ -898,6 +914,7 @@ class SqliteStore(Store):
         self.path, self.url = path, f"sqlite:{path}"
         self._gone: list[tuple[int]] = []  # messages dropped, to delete at the next prune
         self._dropped: dict[str, int] = {}  # and each channel's newest of them
+        self._db_lock = threading.Lock()  # a prune's transaction is not shared with a publish
 
     def open(self, hub: "Hub") -> None:
         import sqlite3  # here, not at the top: some Pythons are built without it
@@ -930,14 +947,16 @@ class SqliteStore(Store):
 
     def append(self, msg: Message) -> None:
         try:
-            self.db.execute("INSERT INTO messages VALUES (?, ?)", (msg.seq, msg.json))
+            with self._db_lock:
+                self.db.execute("INSERT INTO messages VALUES (?, ?)", (msg.seq, msg.json))
         except self._error as exc:
             raise _unavailable(self, "cannot store the message", exc) from None
 
     def took(self, channel: str, seq: int) -> None:
         try:
-            self.db.execute("INSERT INTO channels (name, taken) VALUES (?, ?) ON CONFLICT "
-                            "(name) DO UPDATE SET taken = excluded.taken", (channel, seq))
+            with self._db_lock:
+                self.db.execute("INSERT INTO channels (name, taken) VALUES (?, ?) ON CONFLICT "
+                                "(name) DO UPDATE SET taken = excluded.taken", (channel, seq))
         except self._error as exc:
             raise _unavailable(self, "cannot store the take", exc) from None
 
@@ -945,25 +964,30 @@ class SqliteStore(Store):
         self._gone.extend((m.seq,) for m in messages)
         self._dropped[messages[-1].channel] = messages[-1].seq
 
-    def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
+    def pruned(self, head: int, watermark: int, forgotten: dict[str, int]) -> None:
         """Delete what retention dropped, in one transaction."""
         db = self.db
-        try:
-            db.execute("BEGIN")
-            db.executemany("DELETE FROM messages WHERE seq = ?", self._gone)
-            db.executemany("INSERT INTO channels (name, dropped) VALUES (?, ?) ON CONFLICT "
-                           "(name) DO UPDATE SET dropped = excluded.dropped",
-                           self._dropped.items())
-            db.executemany("DELETE FROM channels WHERE name = ?", ((ch.name,) for ch in forgotten))
-            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                           (("seq", str(hub._seq)), ("forgotten", str(hub._forgotten))))
-            db.execute("COMMIT")
-            self._gone.clear()
-            self._dropped.clear()
-        except self._error as exc:
-            logger.error("cannot prune the store %s: %s", self.path, exc)
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+        with self._db_lock:  # one transaction at a time on this connection
+            gone, self._gone = self._gone, []
+            dropped, self._dropped = self._dropped, {}
+            try:
+                db.execute("BEGIN")
+                db.executemany("DELETE FROM messages WHERE seq = ?", gone)
+                db.executemany("INSERT INTO channels (name, dropped) VALUES (?, ?) ON CONFLICT "
+                               "(name) DO UPDATE SET dropped = excluded.dropped",
+                               dropped.items())
+                db.executemany("DELETE FROM channels WHERE name = ?",
+                               ((name,) for name in forgotten))
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                               (("seq", str(head)), ("forgotten", str(watermark))))
+                db.execute("COMMIT")
+            except self._error as exc:
+                logger.error("cannot prune the store %s: %s", self.path, exc)
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self._gone[:0] = gone  # the next prune tries again
+                for name, seq in dropped.items():
+                    self._dropped[name] = max(seq, self._dropped.get(name, 0))
 
     def close(self) -> None:
         self.db.close()
@@ -1083,9 +1107,6 @@ class RedisStore(Store):
             self._retry_at = time.monotonic() + 1.0
             raise _unavailable(self, "the store is unavailable", exc) from None
 
-    def head(self) -> int:
-        return int(self._ask(self.client.get, _R_SEQ) or 0)
-
     def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
                 priority: int | None, payload: bytes) -> Message:
         at = round(time.time(), 3)
@@ -1110,11 +1131,12 @@ class RedisStore(Store):
     def dropped(self, messages: list[Message]) -> None:
         self._dropped[messages[-1].channel] = messages[-1].seq
 
-    def pruned(self, hub: "Hub", forgotten: list[Channel]) -> None:
+    def pruned(self, head: int, watermark: int, forgotten: dict[str, int]) -> None:
         """Apply age retention to the streams too (any server may: it is
         idempotent), and delete the streams of forgotten channels."""
-        gone = {ch.name: ch.dropped for ch in forgotten}
-        trims, self._dropped = {**self._dropped, **gone}, {}
+        gone = forgotten
+        dropped, self._dropped = self._dropped, {}
+        trims = {**dropped, **gone}
         try:
             for name, seq in list(trims.items()):
                 self._ask(self._trim, keys=[_R_STREAM + name, _R_DROPPED, _R_TAKEN, _R_FORGOTTEN],
@@ -2755,6 +2777,9 @@ class Waiters:
     #: seconds, so each answer carries a batch instead of one message; a
     #: poll is never held back longer than this. 0 turns it off.
     coalesce = 0.005
+    #: Seconds a cursor ahead of this server (another server's news, with a
+    #: shared store) waits for the feed before it is taken as unplaceable.
+    settle_after = 1.0
 
     def __init__(self, server: "Server", protocol: HTTPProtocol, loop: Loop) -> None:
         self.server, self.hub = server, server.hub
@@ -2766,6 +2791,7 @@ class Waiters:
         self._next_keepalive = 0.0
         self._takers: collections.deque[Connection] = collections.deque()
         self._taker_watch: Callable[[], None] | None = None
+        self._taking = False  # a take for the parked takers is under way
         #: Requests parked now, in all and per client key.
         self.parked = 0
         self.parked_by: collections.Counter[str] = collections.Counter()
@@ -2790,6 +2816,8 @@ class Waiters:
     def poll(self, conn: Connection, request: Request, poll: Poll) -> None:
         """Answer a long-poll now if there is something to say, else park it."""
         names, position, timeout, limit = poll
+        if self.hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
+            timeout = max(timeout, self.settle_after)
         batch = self.hub.read_checked(names, position, limit, self.server.max_answer)
         ready = bool(batch.messages or batch.gap)
         if timeout <= 0 or self._stopping() or (
@@ -2822,18 +2850,59 @@ class Waiters:
             self.protocol.reply(conn, head + b": connected\n\n", keep=False)
             return
         self.streams[conn] = None
-        self._park(conn, request, State.STREAMING, None)
+        self._park(conn, request, State.STREAMING,
+                   self.settle_after if self.hub.ahead(position) else None)
         self._fired[group] = None  # send what is already there at the next fan-out
         self.loop.send(conn, head + b": connected\n\n")
+
+    def _with_store(self, call: Callable[[], Any], then: Callable[[Any], None]) -> None:
+        """Run *call*, which may ask the store, and hand its result (or its
+        ``LongpollError``) to *then* on the loop. With a store across the
+        network it runs on a worker: a hung Redis must cost the requests
+        that need it a prompt 503, and everyone else nothing."""
+        def run() -> Any:
+            try:
+                return call()
+            except LongpollError as error:
+                return error
+            except Exception:
+                logger.exception("error asking the store %s", self.hub.store.url)
+                return LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
+
+        if not self.hub.store.shared:
+            then(run())
+            return
+        self.server.pool.submit(lambda: self.loop.call_soon(functools.partial(then, run())))
 
     def take(self, conn: Connection, request: Request, take: Take) -> None:
         """``/receive``: hand over the next untaken message, or park."""
         head = self.hub.locate(None)
-        msg = self.hub.take(take.channel, timeout=0)
+        if self.hub.store.shared:
+            conn.state, conn.deadline = State.BUSY, None  # while the store answers
+        self._with_store(functools.partial(self.hub.take, take.channel, timeout=0),
+                         functools.partial(self._took, conn, request, take, head))
+
+    def _took(self, conn: Connection, request: Request, take: Take, head: Position,
+              msg: "Message | LongpollError | None") -> None:
+        if conn.state is State.CLOSED:
+            if isinstance(msg, Message):
+                logger.warning("a /receive taker left before its answer: message %s is lost "
+                               "to the queue", msg.id)
+            return
+        if isinstance(msg, LongpollError):
+            self.protocol.respond(conn, request, _error_response(msg))
+            self._resume_after_store(conn)
+            return
         if msg is not None or take.timeout <= 0 or self._stopping():
             self._respond_taken(conn, request, msg)
+            self._resume_after_store(conn)
             return
-        self.admit(conn, request)
+        try:
+            self.admit(conn, request)
+        except LongpollError as error:
+            self.protocol.respond(conn, request, _error_response(error))
+            self._resume_after_store(conn)
+            return
         conn.group = _TAKING
         self._takers.append(conn)
         self._park(conn, request, State.PARKED, take.timeout)
@@ -2841,6 +2910,13 @@ class Waiters:
             self._taker_watch = self.hub.watch(
                 take.channel, functools.partial(self.loop.call_soon, self._serve_takers),
                 since=head)
+
+    def _resume_after_store(self, conn: Connection) -> None:
+        """Go on with *conn*'s pipelined requests after an answer that came
+        from a worker (when the answer came at once, the HTTP layer's own
+        loop goes on; resuming here too would recurse)."""
+        if self.hub.store.shared:
+            self.protocol.resume(conn)
 
     def _respond_taken(self, conn: Connection, request: Request, msg: Message | None) -> None:
         body = b'{"message":' + (b"null" if msg is None else msg.payload) + b"}"
@@ -2922,11 +2998,19 @@ class Waiters:
         group, request = conn.group, conn.request
         if group is None or request is None:
             return
+        if conn.state is State.STREAMING:  # its position was ahead: settle it
+            names, position, limit = group.key
+            self._unpark(conn)
+            conn.owner = request.key
+            self._park(conn, request, State.STREAMING, None)
+            self._fired[self._join(conn, (names, self.hub.settle(position), limit))] = None
+            return
         self._unpark(conn)
         if group is _TAKING:
             self._respond_taken(conn, request, None)
         else:
             names, position, limit = group.key
+            position = self.hub.settle(position)
             batch = self.hub.read_checked(names, position, limit, self.server.max_answer)
             self.server.metrics.delivered += len(batch.messages)
             self.protocol.respond(conn, request, Response(HTTPStatus.OK, batch.to_json()))
@@ -3023,18 +3107,28 @@ class Waiters:
         server.metrics.answered("poll", 200, polls)
 
     def _serve_takers(self) -> None:
+        """A publish reached the queue: take for the parked takers, one
+        message at a time (asking the store off the loop, if it is shared)."""
         self._taker_watch = None
-        head = self.hub.locate(None)
-        while self._takers:
-            msg = self.hub.take(DEFAULT_CHANNEL, timeout=0)
-            if msg is None and not self.hub.closed:
-                break
+        if self._takers and not self._taking:
+            self._taking = True
+            self._with_store(functools.partial(self.hub.take, DEFAULT_CHANNEL, timeout=0),
+                             functools.partial(self._handed, self.hub.locate(None)))
+
+    def _handed(self, head: Position, msg: "Message | LongpollError | None") -> None:
+        self._taking = False
+        if isinstance(msg, LongpollError):
+            msg = None  # the store failed: the takers wait on (until their hold ends)
+        if (msg is not None or self.hub.closed) and self._takers:
             conn = self._takers[0]
             request = conn.request
             self._unpark(conn)
             self._respond_taken(conn, request, msg)
             self.protocol.resume(conn)
-        if self._takers:
+            self.loop.call_soon(self._serve_takers)  # the next message, for the next taker
+        elif msg is not None:
+            logger.warning("every /receive taker left: message %s is lost to the queue", msg.id)
+        elif self._takers and self._taker_watch is None:
             self._taker_watch = self.hub.watch(
                 DEFAULT_CHANNEL, functools.partial(self.loop.call_soon, self._serve_takers),
                 since=head)
@@ -3196,6 +3290,7 @@ class Server:
         self.started = time.monotonic()
         self.closing = False
         self._next_prune = 0.0
+        self._pruning: concurrent.futures.Future | None = None
         self.handler = handler_class(self)
         self.protocol = HTTPProtocol(self)
         # Behind a trusted proxy every client shares the proxy's address:
@@ -3338,7 +3433,10 @@ class Server:
         now = time.monotonic()
         if now >= self._next_prune:
             self._next_prune = now + 10.0
-            self.hub.prune()
+            if not self.hub.store.shared:
+                self.hub.prune()
+            elif self._pruning is None or self._pruning.done():  # off the loop: it asks Redis
+                self._pruning = self.pool.submit(self.hub.prune)
             for limiter in (self.publish_limit, self.request_limit):
                 if limiter is not None:
                     limiter.prune()

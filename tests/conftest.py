@@ -232,3 +232,49 @@ def strict_responses(data):
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
             return out
         conn.start_next_cycle()
+
+
+class RedisProcess:
+    """A redis-server of a test's own (no persistence, on a free port), which
+    the test may pause (SIGSTOP), resume, or wipe."""
+
+    def __init__(self, folder):
+        import shutil
+        import subprocess
+        if not shutil.which("redis-server"):
+            if E2E:
+                pytest.fail("redis-server is missing (apt-get install redis-server)")
+            pytest.skip("needs redis-server")
+        redis = pytest.importorskip("redis")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.admin = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        wait_until(lambda: _pings(self.admin), what="redis-server to start")
+
+    def pause(self):
+        import signal
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        import signal
+        self.proc.send_signal(signal.SIGCONT)
+
+    def wipe(self):
+        self.admin.flushdb()
+
+    def close(self):
+        self.resume()
+        self.admin.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    redis = RedisProcess(tmp_path)
+    yield redis
+    redis.close()
