@@ -351,6 +351,7 @@ class Position(NamedTuple):
     after: int            # messages with a larger seq come next
     everything: bool      # since=0: what is held, with no gap for what is not
     unplaceable: bool     # another history's cursor: answer with a gap
+    history: str | None = None  # the history it was placed in (None: any)
 
 
 class Channel:
@@ -422,6 +423,7 @@ class Hub:
         self._pruned = 0.0
         self._forgotten = 0  # newest message dropped from a channel since forgotten
         self._unreported: dict[str, int] = {}  # channels forgotten, for the store's next prune
+        self._lost = 0  # a shared store lost what followed this seq (Redis lost its data)
         #: Names this hub's history in every cursor it hands out.
         self.history = secrets.token_hex(4)
         self._lock = threading.Lock()
@@ -529,15 +531,19 @@ class Hub:
         return waiters
 
     def _follow(self, messages: Iterable[Message], head: int = 0,
-                marks: dict[str, tuple[int, int]] | None = None, forgotten: int = 0) -> None:
+                marks: dict[str, tuple[int, int]] | None = None, forgotten: int = 0,
+                lost: int = 0) -> None:
         """For stores: apply messages published before (a store reopened)
         or through other hubs sharing this one's store, in order; move the
         head to at least *head*, and each channel's dropped and taken marks
         (*marks*: {name: (dropped, taken)}) and the forgotten watermark up
-        to at least what is given. The only way a store changes a hub."""
+        to at least what is given; *lost*: messages after it may be missing
+        (Redis lost its data), so older cursors get ``gap``. With ``adopt``,
+        the only ways a store changes a hub."""
         waiters: set[Callable[[], None]] = set()
         with self._lock:
             self._forgotten = max(self._forgotten, forgotten)
+            self._lost = max(self._lost, lost)
             for name, (dropped, taken) in (marks or {}).items():
                 ch = self._channel(name)
                 ch.dropped, ch.taken = max(ch.dropped, dropped), max(ch.taken, taken)
@@ -549,6 +555,28 @@ class Hub:
         for wake in waiters:
             wake()
 
+    def adopt(self, history: str) -> None:
+        """For shared stores: the store's history was replaced (Redis lost
+        its data and another server began anew). Take its name and forget
+        every message held, which belong to the old one; every waiter is
+        woken, and every cursor of the old history is answered with ``gap``
+        from the oldest message of the new one. The store then brings the
+        new history's messages through ``_follow``."""
+        with self._lock:
+            logger.warning("history %s replaced by %s: cursors from before get a gap",
+                           self.history, history)
+            self.history = history
+            self._seq = self._forgotten = self._lost = 0
+            self._positions.clear()
+            waiters: set[Callable[[], None]] = set()
+            for ch in self._channels.values():
+                ch.messages.clear()
+                ch.dropped = ch.taken = 0
+                waiters |= ch.waiters
+                ch.waiters = set()
+        for wake in waiters:
+            wake()
+
     # -- reading --------------------------------------------------------------
 
     def locate(self, since: "str | None | Position") -> Position:
@@ -557,7 +585,7 @@ class Hub:
         if isinstance(since, Position):
             return since
         if since is None:
-            return Position(self._seq, False, False)
+            return Position(self._seq, False, False, self.history)
         if since == "0":
             return Position(0, True, False)
         position = self._positions.get(since)
@@ -571,10 +599,10 @@ class Hub:
         if match.group(1) != self.history or seq > self._seq and not self.store.shared:
             return Position(0, False, True)  # another history: answer from the oldest
         if seq > self._seq:  # another server's news, not here yet: see settle()
-            return Position(seq, False, False)
+            return Position(seq, False, False, self.history)
         if len(self._positions) >= 1024:  # a cursor of ours never changes place
             self._positions.clear()
-        position = self._positions[since] = Position(seq, False, False)
+        position = self._positions[since] = Position(seq, False, False, self.history)
         return position
 
     def ahead(self, position: Position) -> bool:
@@ -588,13 +616,23 @@ class Hub:
         by no server (the feed would have brought it), so it is unplaceable
         and is answered from the oldest held message with ``gap``. Placing
         it this way costs no call to the store."""
-        return Position(0, False, True) if position.after > self._seq else position
+        if position.after > self._seq or self._stale(position):
+            return Position(0, False, True)
+        return position
+
+    def _stale(self, position: Position) -> bool:
+        """Placed in a history this hub has since left (see ``adopt``)."""
+        return position.history is not None and position.history != self.history
 
     def _read(self, names: tuple[str, ...], position: Position, limit: int,
               max_bytes: int | None = None) -> Batch:
         """Read under the lock: messages after *position* in *names*, merged;
         at most *limit* of them and, past the first, *max_bytes* of JSON."""
-        after, everything, gap = position
+        after, everything, gap, history = position
+        if history is not None and history != self.history:  # placed before adopt()
+            after, everything, gap = 0, False, True
+        if self._lost > after and not everything:
+            gap = True  # the shared store lost messages after this position
         runs = []
         for name in names:
             ch = self._channels.get(name)
@@ -647,7 +685,8 @@ class Hub:
         placed *position* already: the hot path of every poll. With
         *max_bytes*, stop before the message that would pass it (the first
         one always comes)."""
-        if position.after == self._seq and not position.unplaceable:
+        if position.after == self._seq and not position.unplaceable and (
+                position.history is None or position.history == self.history):
             return Batch([], self._cursor(position.after))  # at the head: nothing newer
         with self._lock:
             return self._read(names, position, limit, max_bytes)
@@ -773,8 +812,9 @@ class Hub:
             ready = self._closed
             if since is not None and not ready:
                 position = self.locate(since)
-                ready = any(ch is not None and ch.messages and ch.messages[-1].seq > position.after
-                            for ch in map(self._channels.get, names))
+                ready = self._stale(position) or any(
+                    ch is not None and ch.messages and ch.messages[-1].seq > position.after
+                    for ch in map(self._channels.get, names))
             if not ready:
                 self._make_room(names)
                 for name in names:
@@ -999,17 +1039,34 @@ class SqliteStore(Store):
 _R_SEQ, _R_HISTORY, _R_FEED = "longpoll:seq", "longpoll:history", "longpoll:feed"
 _R_STREAM, _R_DROPPED, _R_TAKEN = "longpoll:channel:", "longpoll:dropped", "longpoll:taken"
 _R_FORGOTTEN = "longpoll:forgotten"  # the newest message of a channel since forgotten
+_R_LOST = "longpoll:lost"  # Redis lost its data: messages up to here may be missing
 _R_FEED_LENGTH = 10_000  # feed entries kept; a server further behind reads the streams
 
-_R_PUBLISH = """
-local history = redis.call('GET', KEYS[5])
-if not history then
-  redis.call('SET', KEYS[5], ARGV[8])  -- Redis lost its data: carry on with ours
-elseif history ~= ARGV[8] then
-  return redis.error_reply('this Redis database holds another history')
+# Redis lost its data (a restart without persistence, a FLUSHDB): the first
+# server to notice re-seeds it with its history, and every server of that
+# history raises the sequence to what it has seen (numbers are never reused)
+# and marks everything up to there as possibly lost. Returns the history
+# Redis holds: another one means another server began anew first.
+_R_RESEED_FUNCTION = """
+local function reseed(history_key, seq_key, lost_key, ours, head)
+  local history = redis.call('GET', history_key)
+  if not history then
+    redis.call('SET', history_key, ours)
+    history = ours
+  end
+  if history == ours and tonumber(redis.call('GET', seq_key) or '0') < tonumber(head) then
+    redis.call('SET', seq_key, head)  -- never reuse a number this server has seen
+    if tonumber(redis.call('GET', lost_key) or '0') < tonumber(head) then
+      redis.call('SET', lost_key, head)
+    end
+  end
+  return history
 end
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[9]) then
-  redis.call('SET', KEYS[1], ARGV[9])  -- Redis lost its data: never reuse a number
+"""
+_R_RESEED = _R_RESEED_FUNCTION + "return reseed(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])\n"
+_R_PUBLISH = _R_RESEED_FUNCTION + """
+if reseed(KEYS[5], KEYS[1], KEYS[6], ARGV[8], ARGV[9]) ~= ARGV[8] then
+  return redis.error_reply('this Redis database holds another history')
 end
 local seq = redis.call('INCR', KEYS[1])
 local id = seq .. '-0'
@@ -1049,6 +1106,10 @@ end
 """
 
 
+class _AnotherHistory(Exception):
+    """Redis holds a history other than the hub's (see ``RedisStore._adopt``)."""
+
+
 class RedisStore(Store):
     """``redis://host:port/db``: several servers share channels. Redis
     numbers the messages (one sequence, one history, so any server's cursor
@@ -1075,6 +1136,8 @@ class RedisStore(Store):
         self._publish = self.client.register_script(_R_PUBLISH)
         self._take = self.client.register_script(_R_TAKE)
         self._trim = self.client.register_script(_R_TRIM)
+        self._reseed = self.client.register_script(_R_RESEED)
+        self._checked = 0.0  # when the feed thread last checked Redis's history
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._feed_lock = threading.Lock()  # one reader of the feed applies at a time
@@ -1084,8 +1147,8 @@ class RedisStore(Store):
 
     def open(self, hub: "Hub") -> None:
         try:
-            self.client.set(_R_HISTORY, hub.history, nx=True)
-            hub.history = self.client.get(_R_HISTORY).decode()
+            hub.history = self._reseed(keys=[_R_HISTORY, _R_SEQ, _R_LOST],
+                                       args=[hub.history, 0]).decode()
             self._catch_up(hub)
             self._feed_id = self._feed_client.client_id()
         except self._redis.RedisError as exc:
@@ -1103,6 +1166,11 @@ class RedisStore(Store):
                                 {"Retry-After": "1"})
         try:
             return call(*args, **kwargs)
+        except self._redis.ResponseError as exc:
+            if "another history" in str(exc):
+                raise _AnotherHistory() from None
+            self._retry_at = time.monotonic() + 1.0
+            raise _unavailable(self, "the store is unavailable", exc) from None
         except self._redis.RedisError as exc:
             self._retry_at = time.monotonic() + 1.0
             raise _unavailable(self, "the store is unavailable", exc) from None
@@ -1110,10 +1178,20 @@ class RedisStore(Store):
     def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
                 priority: int | None, payload: bytes) -> Message:
         at = round(time.time(), 3)
-        seq = self._ask(self._publish,
-                        keys=[_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED, _R_HISTORY],
-                        args=[channel, repr(at), payload, _encode(title), _encode(priority),
-                              hub.retention, _R_FEED_LENGTH, hub.history, hub._seq])
+        for attempt in range(2):
+            try:
+                seq = self._ask(self._publish, keys=[_R_SEQ, _R_STREAM + channel, _R_FEED,
+                                                     _R_DROPPED, _R_HISTORY, _R_LOST],
+                                args=[channel, repr(at), payload, _encode(title),
+                                      _encode(priority), hub.retention, _R_FEED_LENGTH,
+                                      hub.history, hub._seq])
+                break
+            except _AnotherHistory:  # Redis lost its data and another server began anew
+                if attempt:
+                    raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                        "the store's history is changing: try again",
+                                        {"Retry-After": "1"}) from None
+                self._adopt(hub)
         hub.published += 1
         for _ in range(3):  # read the feed up to it, so a read now sees it
             if hub._seq >= seq or hub._closed:
@@ -1177,6 +1255,7 @@ class RedisStore(Store):
         when the feed has moved on beyond what this server saw)."""
         client = self.client
         after, head = hub._seq, int(client.get(_R_SEQ) or 0)
+        lost = int(client.get(_R_LOST) or 0)
         messages: list[Message] = []
         for key in client.scan_iter(match=_R_STREAM + "*", count=1000):
             channel = key.decode()[len(_R_STREAM):]
@@ -1185,8 +1264,29 @@ class RedisStore(Store):
         marks = {k.decode(): (int(v), 0) for k, v in client.hgetall(_R_DROPPED).items()
                  if int(v) > after}
         messages.sort(key=_seq_of)
-        hub._follow(messages, head, marks, int(client.get(_R_FORGOTTEN) or 0))
+        hub._follow(messages, head, marks, int(client.get(_R_FORGOTTEN) or 0), lost)
         self._last = max(head, after)  # (head is lower if Redis lost its data)
+
+    def _check_history(self, hub: "Hub") -> None:
+        """From the feed thread, once a second: if Redis lost its data,
+        re-seed it with this hub's history (so a server starting now joins
+        it rather than beginning another); if another server re-seeded it
+        first with a history of its own, adopt that one."""
+        history = self._reseed(keys=[_R_HISTORY, _R_SEQ, _R_LOST],
+                               args=[hub.history, hub._seq]).decode()
+        if history != hub.history:
+            self._adopt(hub)
+
+    def _adopt(self, hub: "Hub") -> None:
+        """Follow the history Redis holds now, from its beginning."""
+        with self._feed_lock:
+            history = self.client.get(_R_HISTORY)
+            if history is not None and history.decode() != hub.history:
+                logger.warning("%s holds another history (it lost its data and another "
+                               "server began anew): following that one", self.url)
+                hub.adopt(history.decode())
+                self._last = 0
+                self._catch_up(hub)
 
     def _read_feed(self, hub: "Hub", client: Any, block: int | None) -> None:
         """Apply the feed's next messages, in order (from the feed thread,
@@ -1217,6 +1317,9 @@ class RedisStore(Store):
                 if failures:  # a new connection
                     self._feed_id = self._feed_client.client_id()
                 self._read_feed(hub, self._feed_client, 1000)
+                if time.monotonic() >= self._checked + 1.0:
+                    self._checked = time.monotonic()
+                    self._check_history(hub)
                 if failures:
                     logger.warning("following %s again", self.url)
                 failures = 0

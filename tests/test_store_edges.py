@@ -38,3 +38,75 @@ def test_a_hung_redis_stalls_only_the_requests_that_need_it(own_redis, make_serv
         assert not t.is_alive()
     for resp in answers:  # each got an answer: a 503 from the store, or a gap
         assert resp.status == 503 or resp.json.get("gap") or "message" in resp.json, resp
+
+
+# -- Redis loses its data --------------------------------------------------------------
+
+def wipe(redis_url):
+    import redis
+    admin = redis.Redis.from_url(redis_url)
+    admin.flushdb()
+    admin.close()
+
+
+def publish(server, channel, message):
+    resp = request(server, "POST", f"/channels/{channel}", message)
+    assert resp.status == 201, resp
+    return resp.json["id"]
+
+
+def everything(server, channel, since="0"):
+    batch = server.hub.read(channel, since, limit=1000)
+    return [m.message for m in batch.messages], batch.gap
+
+
+def test_redis_wiped_then_a_server_restarted_all_servers_agree_again(make_server, redis_url):
+    a, b = (make_server(longpoll.Hub(store=redis_url)) for _ in range(2))
+    old = [publish(a if i % 2 else b, "w", f"old{i}") for i in range(6)]
+    wipe(redis_url)
+    c = make_server(longpoll.Hub(store=redis_url))  # b's restart, before any publish
+    for i, server in enumerate((a, b, c, a, b, c)):  # every server can publish at once
+        started = time.monotonic()
+        publish(server, "w", f"new{i}")
+        assert time.monotonic() - started < 1.0
+    expected = [f"new{i}" for i in range(6)]
+    for server in (a, b, c):  # all readers see the same messages, in one order
+        wait_until(lambda: everything(server, "w")[0][-6:] == expected, timeout=5,
+                   what="the new messages on every server")
+        assert server.hub.history == c.hub.history
+        got, gap = everything(server, "w", old[2])  # an old cursor: exact, or a gap
+        assert gap or got == [f"old{i}" for i in range(3, 6)] + expected, (got, gap)
+
+
+def test_after_a_wipe_an_old_cursor_never_skips_silently(make_server, redis_url):
+    a = make_server(longpoll.Hub(store=redis_url))
+    ids = [publish(a, "s", f"m{i}") for i in range(10)]
+    wipe(redis_url)
+    for i in range(10, 13):
+        publish(a, "s", f"m{i}")
+    restarted = make_server(longpoll.Hub(store=redis_url))
+    got, gap = everything(restarted, "s", ids[2])
+    assert gap and got == ["m10", "m11", "m12"]
+    got, gap = everything(a, "s", ids[2])  # the server that saw it all
+    assert gap or got == [f"m{i}" for i in range(3, 13)]
+    assert restarted.hub.history == a.hub.history
+
+
+def test_a_wiped_redis_is_reseeded_within_a_second(make_server, redis_url):
+    import redis
+    a = make_server(longpoll.Hub(store=redis_url))
+    ids = [publish(a, "r", f"m{i}") for i in range(3)]
+    wipe(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: admin.get("longpoll:history"), timeout=2.5,
+                   what="a running server to re-seed Redis")
+        assert int(admin.get("longpoll:seq")) >= 3  # numbers are never reused
+    finally:
+        admin.close()
+    joined = make_server(longpoll.Hub(store=redis_url))  # joins the history, no fork
+    assert joined.hub.history == a.hub.history
+    assert everything(joined, "r", ids[0])[1]  # what Redis lost is a gap there
+    new = publish(joined, "r", "after")
+    assert int(new.rsplit("-", 1)[1]) > int(ids[-1].rsplit("-", 1)[1])
+    wait_until(lambda: everything(a, "r", ids[-1])[0] == ["after"])
