@@ -1317,7 +1317,7 @@ class RedisStore(Store):
                 if failures:  # a new connection
                     self._feed_id = self._feed_client.client_id()
                 self._read_feed(hub, self._feed_client, 1000)
-                if time.monotonic() >= self._checked + 1.0:
+                if time.monotonic() >= self._checked + 1.0 and not self._stop.is_set():
                     self._checked = time.monotonic()
                     self._check_history(hub)
                 if failures:

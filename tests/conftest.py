@@ -278,3 +278,16 @@ def own_redis(tmp_path):
     redis = RedisProcess(tmp_path)
     yield redis
     redis.close()
+
+
+@pytest.fixture(autouse=True)
+def no_feed_thread_outlives_its_test():
+    """A hub on a shared store that a test forgets to close goes on writing
+    to Redis (its feed thread re-seeds a wiped database): fail that test."""
+    yield
+    import threading
+
+    def feeds():
+        return [t for t in threading.enumerate() if t.name == "longpoll-redis-feed"]
+    wait_until(lambda: not feeds(), timeout=10, what="every Redis feed thread to end "
+               "(close every Hub a test opens)")
