@@ -125,6 +125,9 @@ DEFAULT_REQUEST_RATE, DEFAULT_REQUEST_BURST = 500.0, 1000    # requests/s, at on
 DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT = 100_000, 1000
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 DEFAULT_MAX_CHANNELS = 100_000  # channels a hub holds at once (503 beyond)
+DEFAULT_IDEMPOTENCY_WINDOW = 600.0  # seconds a publish's Idempotency-Key is remembered
+MAX_IDEMPOTENCY_KEYS = 100_000  # keys a hub remembers at once (the oldest go first)
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 # A cursor names the hub's history and a position in it: "<history>-<seq>".
@@ -155,6 +158,9 @@ OPTIONS = (
            "SECONDS"),
     Option("max_channels", DEFAULT_MAX_CHANNELS,
            "channels held at once; a new one past it gets 503", "hub"),
+    Option("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW, "seconds a publish's "
+           "Idempotency-Key is remembered: a repeat within it is answered, not stored",
+           "hub", "SECONDS"),
     Option("store", "memory:", "where messages are kept: memory: (lost on restart), "
            "sqlite:PATH (survives restarts) or redis://host:port/db (several servers "
            "share channels)", "hub", "URL"),
@@ -261,7 +267,7 @@ class Message:
     a message costs its wire text and a small record, whatever its shape."""
 
     __slots__ = ("seq", "id", "channel", "time", "title", "priority", "json", "born",
-                 "_start", "_end")
+                 "_start", "_end", "replayed")
 
     def __init__(self, seq: int, id: str, channel: str, message: Any,
                  title: str | None, priority: int | None,
@@ -277,6 +283,9 @@ class Message:
             self.born = time.monotonic() - max(0.0, time.time() - at)
         self.title = title
         self.priority = priority
+        #: True when ``Hub.publish`` answers a repeated Idempotency-Key with
+        #: the message published the first time (nothing new was stored).
+        self.replayed = False
         if payload is None:
             payload = _encode(message)
         if isinstance(payload, str):
@@ -410,7 +419,8 @@ class Hub:
     def __init__(self, retention: int = DEFAULT_RETENTION,
                  max_age: float | None = DEFAULT_MAX_AGE,
                  max_channels: int = DEFAULT_MAX_CHANNELS,
-                 store: "Store | str | None" = None) -> None:
+                 store: "Store | str | None" = None,
+                 idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW) -> None:
         if retention < 1:
             raise ValueError("retention must be at least 1 message")
         #: Messages kept per channel; older ones are dropped first.
@@ -420,6 +430,9 @@ class Hub:
         #: Channels held at once (with messages, or waited on); a new one
         #: past it is refused with 503 until retention frees room.
         self.max_channels = max_channels
+        #: Seconds a publish's idempotency key is remembered.
+        self.idempotency_window = idempotency_window
+        self._keys: dict[str, tuple[float, int, str, float]] = {}  # key: (at, seq, channel, time)
         self._pruned = 0.0
         self._forgotten = 0  # newest message dropped from a channel since forgotten
         self._unreported: dict[str, int] = {}  # channels forgotten, for the store's next prune
@@ -484,9 +497,19 @@ class Hub:
     # -- publishing -----------------------------------------------------------
 
     def publish(self, channel: str, message: Any, *, title: str | None = None,
-                priority: int | None = None) -> Message:
-        """Append *message* (any JSON value) to *channel* and wake its waiters."""
+                priority: int | None = None, key: str | None = None) -> Message:
+        """Append *message* (any JSON value) to *channel* and wake its waiters.
+
+        With *key* (an idempotency key: 1-128 printable ASCII characters),
+        a publish repeated with the same key within ``idempotency_window``
+        seconds stores nothing and returns the first one's message, with
+        ``replayed`` set (its id, channel and time; its body too while the
+        hub holds it). The sqlite and Redis stores keep the keys, so this
+        holds across restarts and across servers.
+        """
         check_channel(channel)
+        if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
+            raise _bad_request("an idempotency key is 1-128 printable ASCII characters")
         if title is not None and (not isinstance(title, str)
                                   or len(title) > MAX_TITLE):
             raise _bad_request(f"title must be a string of at most {MAX_TITLE} characters")
@@ -505,19 +528,56 @@ class Hub:
         with self._lock:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
-            self._make_room((channel,))
             if not self.store.shared:
+                if key is not None:
+                    known = self._replay(key)
+                    if known is not None:
+                        return known
+                self._make_room((channel,))
                 msg = Message(self._seq + 1, self._cursor(self._seq + 1), channel,
                               message, title, priority, payload)
-                self.store.append(msg)  # kept before it is acknowledged; may raise
+                self.store.append(msg, key)  # kept before it is acknowledged; may raise
                 self._seq += 1
                 self.published += 1
                 waiters = self._apply(msg)
-        if self.store.shared:  # the store numbers it; its feed brings it here
-            return self.store.publish(self, channel, message, title, priority, payload)
+                if key is not None:
+                    self._remember(key, time.time(), msg.seq, channel, msg.time)
+            else:
+                self._make_room((channel,))
+        if self.store.shared:  # the store numbers it (and keeps its key); the feed brings it
+            return self.store.publish(self, channel, message, title, priority, payload, key)
         for wake in waiters:
             wake()
         return msg
+
+    def _replay(self, key: str) -> Message | None:
+        """Under the lock: the message first published with *key*, if that
+        was within the window."""
+        known = self._keys.get(key)
+        if known is None or known[0] < time.time() - self.idempotency_window:
+            return None
+        return self.replayed(known[1], known[2], known[3])
+
+    def replayed(self, seq: int, channel: str, at: float) -> Message:
+        """For stores: the answer to a repeated key, the message numbered
+        *seq* (its body too, while this hub holds it)."""
+        ch = self._channels.get(channel)
+        held = ch.read_after(seq - 1)[:1] if ch is not None else []
+        if held and held[0].seq == seq:
+            first = held[0]
+            msg = Message(seq, first.id, channel, None, first.title, first.priority,
+                          first.payload, first.time)
+        else:
+            msg = Message(seq, self._cursor(seq), channel, None, None, None, b"null", at)
+        msg.replayed = True
+        return msg
+
+    def _remember(self, key: str, at: float, seq: int, channel: str, when: float) -> None:
+        """Under the lock: *key* was used for message *seq* at wall time *at*."""
+        self._keys.pop(key, None)  # (re)inserted last: the dict stays oldest first
+        self._keys[key] = (at, seq, channel, when)
+        if len(self._keys) > MAX_IDEMPOTENCY_KEYS:
+            del self._keys[next(iter(self._keys))]  # the oldest
 
     def _apply(self, msg: Message) -> set[Callable[[], None]]:
         """Under the lock: append *msg* to its channel; return who to wake."""
@@ -532,16 +592,20 @@ class Hub:
 
     def _follow(self, messages: Iterable[Message], head: int = 0,
                 marks: dict[str, tuple[int, int]] | None = None, forgotten: int = 0,
-                lost: int = 0) -> None:
+                lost: int = 0,
+                keys: Iterable[tuple[str, float, int, str, float]] = ()) -> None:
         """For stores: apply messages published before (a store reopened)
         or through other hubs sharing this one's store, in order; move the
         head to at least *head*, and each channel's dropped and taken marks
         (*marks*: {name: (dropped, taken)}) and the forgotten watermark up
         to at least what is given; *lost*: messages after it may be missing
-        (Redis lost its data), so older cursors get ``gap``. With ``adopt``,
-        the only ways a store changes a hub."""
+        (Redis lost its data), so older cursors get ``gap``; *keys*:
+        idempotency keys kept, as (key, at, seq, channel, time), oldest
+        first. With ``adopt``, the only ways a store changes a hub."""
         waiters: set[Callable[[], None]] = set()
         with self._lock:
+            for key, at, seq, channel, when in keys:
+                self._remember(key, at, seq, channel, when)
             self._forgotten = max(self._forgotten, forgotten)
             self._lost = max(self._lost, lost)
             for name, (dropped, taken) in (marks or {}).items():
@@ -838,6 +902,12 @@ class Hub:
 
     def _prune(self) -> None:
         self._pruned = time.monotonic()
+        cutoff = time.time() - self.idempotency_window
+        while self._keys:  # oldest first
+            key = next(iter(self._keys))
+            if self._keys[key][0] >= cutoff:
+                break
+            del self._keys[key]
         for name, ch in list(self._channels.items()):
             gone = ch.trim(self.retention, self.max_age)
             if gone:
@@ -894,7 +964,9 @@ class Store:
     A hub calls, under its lock: ``open(hub)`` once, to give back what was
     kept (``hub.history``, then messages, sequence and marks through
     ``hub._follow``);
-    ``append(msg)`` before a publish is acknowledged (raise to refuse it);
+    ``append(msg, key)`` before a publish is acknowledged (raise to refuse
+    it), with its idempotency key (keep it for ``hub.idempotency_window``
+    seconds and give it back through ``_follow`` on open);
     ``took(channel, seq)`` when ``/receive`` hands a message out;
     ``dropped(messages)`` when retention drops some; and ``close()``. Not
     under the lock, from ``Hub.prune`` now and then (on a server, off its
@@ -916,7 +988,7 @@ class Store:
     def open(self, hub: "Hub") -> None:
         pass
 
-    def append(self, msg: Message) -> None:
+    def append(self, msg: Message, key: str | None = None) -> None:
         pass
 
     def took(self, channel: str, seq: int) -> None:
@@ -932,7 +1004,7 @@ class Store:
         pass
 
     def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
-                priority: int | None, payload: bytes) -> Message:
+                priority: int | None, payload: bytes, key: str | None) -> Message:
         raise NotImplementedError
 
     def take(self, hub: "Hub", channel: str) -> Message | None:
@@ -969,7 +1041,9 @@ class SqliteStore(Store):
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
                 CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, json TEXT);
                 CREATE TABLE IF NOT EXISTS channels (name TEXT PRIMARY KEY,
-                    dropped INTEGER DEFAULT 0, taken INTEGER DEFAULT 0);""")
+                    dropped INTEGER DEFAULT 0, taken INTEGER DEFAULT 0);
+                CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, at REAL,
+                    seq INTEGER, channel TEXT, time REAL);""")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('history', ?)", (hub.history,))
             meta = dict(db.execute("SELECT key, value FROM meta"))
             hub.history = meta["history"]
@@ -980,15 +1054,31 @@ class SqliteStore(Store):
                                         d.get("title"), d.get("priority"), None, d["time"]))
             marks = {name: (dropped, taken)
                      for name, dropped, taken in db.execute("SELECT * FROM channels")}
+            self._window = hub.idempotency_window
+            keys = db.execute("SELECT key, at, seq, channel, time FROM keys WHERE at >= ? "
+                              "ORDER BY at", (time.time() - self._window,)).fetchall()
             hub._follow(messages, int(meta.get("seq", 0)), marks,
-                        int(meta.get("forgotten", 0)))
+                        int(meta.get("forgotten", 0)), keys=keys)
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open the store {self.path}: {exc}") from None
 
-    def append(self, msg: Message) -> None:
+    def append(self, msg: Message, key: str | None = None) -> None:
+        db = self.db
         try:
             with self._db_lock:
-                self.db.execute("INSERT INTO messages VALUES (?, ?)", (msg.seq, msg.json))
+                if key is None:
+                    db.execute("INSERT INTO messages VALUES (?, ?)", (msg.seq, msg.json))
+                    return
+                try:  # the message and its key, in one transaction
+                    db.execute("BEGIN")
+                    db.execute("INSERT INTO messages VALUES (?, ?)", (msg.seq, msg.json))
+                    db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?)",
+                               (key, time.time(), msg.seq, msg.channel, msg.time))
+                    db.execute("COMMIT")
+                except self._error:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
         except self._error as exc:
             raise _unavailable(self, "cannot store the message", exc) from None
 
@@ -1020,6 +1110,7 @@ class SqliteStore(Store):
                                ((name,) for name in forgotten))
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                (("seq", str(head)), ("forgotten", str(watermark))))
+                db.execute("DELETE FROM keys WHERE at < ?", (time.time() - self._window,))
                 db.execute("COMMIT")
             except self._error as exc:
                 logger.error("cannot prune the store %s: %s", self.path, exc)
@@ -1040,6 +1131,7 @@ _R_SEQ, _R_HISTORY, _R_FEED = "longpoll:seq", "longpoll:history", "longpoll:feed
 _R_STREAM, _R_DROPPED, _R_TAKEN = "longpoll:channel:", "longpoll:dropped", "longpoll:taken"
 _R_FORGOTTEN = "longpoll:forgotten"  # the newest message of a channel since forgotten
 _R_LOST = "longpoll:lost"  # Redis lost its data: messages up to here may be missing
+_R_KEY = "longpoll:key:"  # + an idempotency key: the message it published (expires)
 _R_FEED_LENGTH = 10_000  # feed entries kept; a server further behind reads the streams
 
 # Redis lost its data (a restart without persistence, a FLUSHDB): the first
@@ -1068,6 +1160,10 @@ _R_PUBLISH = _R_RESEED_FUNCTION + """
 if reseed(KEYS[5], KEYS[1], KEYS[6], ARGV[8], ARGV[9]) ~= ARGV[8] then
   return redis.error_reply('this Redis database holds another history')
 end
+if ARGV[10] ~= '' then  -- an idempotency key seen within the window: answer, store nothing
+  local known = redis.call('HMGET', KEYS[7], 's', 'c', 't')
+  if known[1] then return {known[1], known[2], known[3]} end
+end
 local seq = redis.call('INCR', KEYS[1])
 local id = seq .. '-0'
 local fields = {'t', ARGV[2], 'm', ARGV[3], 'ti', ARGV[4], 'pr', ARGV[5]}
@@ -1081,7 +1177,11 @@ end
 table.insert(fields, 'c')
 table.insert(fields, ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], id, unpack(fields))
-return seq
+if ARGV[10] ~= '' then
+  redis.call('HSET', KEYS[7], 's', seq, 'c', ARGV[1], 't', ARGV[2])
+  redis.call('EXPIRE', KEYS[7], ARGV[11])
+end
+return {seq}
 """
 _R_TAKE = """
 local taken = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
@@ -1176,15 +1276,17 @@ class RedisStore(Store):
             raise _unavailable(self, "the store is unavailable", exc) from None
 
     def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
-                priority: int | None, payload: bytes) -> Message:
+                priority: int | None, payload: bytes, key: str | None) -> Message:
         at = round(time.time(), 3)
         for attempt in range(2):
             try:
-                seq = self._ask(self._publish, keys=[_R_SEQ, _R_STREAM + channel, _R_FEED,
-                                                     _R_DROPPED, _R_HISTORY, _R_LOST],
-                                args=[channel, repr(at), payload, _encode(title),
-                                      _encode(priority), hub.retention, _R_FEED_LENGTH,
-                                      hub.history, hub._seq])
+                reply = self._ask(self._publish, keys=[_R_SEQ, _R_STREAM + channel, _R_FEED,
+                                                       _R_DROPPED, _R_HISTORY, _R_LOST,
+                                                       _R_KEY + (key or "")],
+                                  args=[channel, repr(at), payload, _encode(title),
+                                        _encode(priority), hub.retention, _R_FEED_LENGTH,
+                                        hub.history, hub._seq, key or "",
+                                        max(1, math.ceil(hub.idempotency_window))])
                 break
             except _AnotherHistory:  # Redis lost its data and another server began anew
                 if attempt:
@@ -1192,6 +1294,9 @@ class RedisStore(Store):
                                         "the store's history is changing: try again",
                                         {"Retry-After": "1"}) from None
                 self._adopt(hub)
+        seq = int(reply[0])
+        if len(reply) > 1:  # the key was used within the window
+            return hub.replayed(seq, reply[1].decode(), float(reply[2]))
         hub.published += 1
         for _ in range(3):  # read the feed up to it, so a read now sees it
             if hub._seq >= seq or hub._closed:
@@ -2077,7 +2182,7 @@ class Handler:
         asked = request.headers.get("access-control-request-headers")
         if asked is None or not _HEADER_LIST.fullmatch(asked):
             asked = ("Content-Type, Authorization, Last-Event-ID, Title, Priority, "
-                     "X-Title, X-Priority")
+                     "X-Title, X-Priority, Idempotency-Key")
         return Response(HTTPStatus.NO_CONTENT, b"", headers=(
             ("Access-Control-Allow-Methods", ", ".join([*methods, "OPTIONS"])),
             ("Access-Control-Allow-Headers", asked),
@@ -2085,9 +2190,10 @@ class Handler:
 
     def handle_publish(self, request: Request) -> Response:
         message, title, priority = self.publish_body(request)
-        msg = self.server.hub.publish(request.names[0], message, title=title, priority=priority)
-        return self.json(HTTPStatus.CREATED, {"id": msg.id, "channel": msg.channel,
-                                              "time": msg.time})
+        msg = self.server.hub.publish(request.names[0], message, title=title, priority=priority,
+                                      key=request.headers.get("idempotency-key"))
+        return self.json(HTTPStatus.OK if msg.replayed else HTTPStatus.CREATED,
+                         {"id": msg.id, "channel": msg.channel, "time": msg.time})
 
     def handle_poll(self, request: Request) -> Poll:
         since = request.query.get("since") or None  # an empty since means absent
@@ -2101,7 +2207,8 @@ class Handler:
 
     def handle_send(self, request: Request) -> Response:
         message, title, priority = self.publish_body(request)
-        self.server.hub.publish(DEFAULT_CHANNEL, message, title=title, priority=priority)
+        self.server.hub.publish(DEFAULT_CHANNEL, message, title=title, priority=priority,
+                                key=request.headers.get("idempotency-key"))
         return self.json(HTTPStatus.OK, {"status": "Message sent."})
 
     def handle_receive(self, request: Request) -> Take:
@@ -3695,8 +3802,10 @@ class Client:
                 priority: int | None = None) -> dict[str, Any]:
         """Publish *message* (any JSON value); return ``{"id", "channel", "time"}``.
 
-        Retried only when the server surely did not take it (connection
-        refused, 429, 503), so a retry never publishes twice.
+        Each publish carries an ``Idempotency-Key`` of its own, the same on
+        every retry, so a retry after a lost answer (a cut connection, a
+        timeout, 502/503/504, 429) is stored once: the server answers it
+        with the first publish's id.
         """
         check_channel(channel)
         body = {"message": message}
@@ -3705,7 +3814,8 @@ class Client:
         if priority is not None:
             body["priority"] = priority
         return self._call("POST", f"/channels/{channel}", _json_body(body),
-                          self._socket_timeout(0), safe=False)
+                          self._socket_timeout(0), safe=False,
+                          headers={"Idempotency-Key": secrets.token_hex(16)})
 
     def poll(self, channels: str | Iterable[str], since: str | None = None, *,
              timeout: float | None = None, limit: int | None = None) -> dict[str, Any]:
@@ -3748,11 +3858,12 @@ class Client:
         return max(delay, retry_after or 0.0)
 
     def _request(self, method: str, path: str, body: bytes | None,
-                 socket_timeout: float, cutoff: _Cutoff | None = None) -> dict[str, Any]:
+                 socket_timeout: float, cutoff: _Cutoff | None = None,
+                 extra: dict[str, str] | None = None) -> dict[str, Any]:
         """One HTTP exchange with the current server; raise LongpollError."""
         url = self.urls[self._current] + path
         headers = {"Accept": "application/json",
-                   "User-Agent": f"longpoll/{__version__}"}
+                   "User-Agent": f"longpoll/{__version__}", **(extra or {})}
         if body is not None:
             headers["Content-Type"] = "application/json"
         if self.token:
@@ -3782,14 +3893,15 @@ class Client:
     def _call(self, method: str, path: str, body: bytes | None, socket_timeout: float,
               safe: bool = True, *, retries: float | None = None, cutoff: _Cutoff | None = None,
               stop: threading.Event | None = None,
-              on_retry: Callable[[LongpollError], None] | None = None) -> dict[str, Any] | None:
+              on_retry: Callable[[LongpollError], None] | None = None,
+              headers: dict[str, str] | None = None) -> dict[str, Any] | None:
         """``_request`` with retries (*retries*, default ``self.retries``),
         backoff and failover: the one retry loop of the client. With *stop*,
         waits end early when it is set, and then None is returned."""
         failures, retries = 0, self.retries if retries is None else retries
         while True:
             try:
-                return self._request(method, path, body, socket_timeout, cutoff)
+                return self._request(method, path, body, socket_timeout, cutoff, headers)
             except LongpollError as error:
                 if stop is not None and stop.is_set():
                     return None
@@ -3814,7 +3926,9 @@ class Client:
             return False
         if safe:
             return error.status is None or error.status in _RETRY_STATUSES
-        return getattr(error, "refused", False) or error.status in (429, 503)
+        # A publish: its idempotency key makes a repeat harmless wherever the
+        # answer was lost; a 500 is a bug a repeat will not mend.
+        return error.status is None or error.status in (429, 502, 503, 504)
 
     def _failover(self, error: LongpollError) -> None:
         if error.status != 429:  # a rate limit is ours to wait out, not the server's fault

@@ -62,7 +62,8 @@ class Stub(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        self.server.requests.append((self.command, self.path, time.monotonic()))
+        self.server.requests.append((self.command, self.path, time.monotonic(),
+                                     dict(self.headers)))
         status, headers, body = self.server.script.pop(0) if self.server.script else (
             200, {}, {"messages": [], "cursor": "a-0"})
         data = json.dumps(body).encode()
@@ -270,3 +271,15 @@ def test_socket_timeout_is_longer_than_the_hold():
 def test_client_needs_a_url():
     with pytest.raises(ValueError):
         Client([])
+
+
+def test_publish_retries_carry_one_idempotency_key(stub):
+    stub.script[:] = [(502, {}, {"error": "bad gateway"}),
+                      (201, {}, {"id": "a-1", "channel": "ch", "time": 1.0})]
+    assert Client(stub.url, backoff=0.01).publish("ch", "x")["id"] == "a-1"
+    keys = [headers.get("Idempotency-Key") for *_, headers in stub.requests]
+    assert len(keys) == 2 and keys[0] and keys[0] == keys[1]
+    stub.requests.clear()
+    stub.script[:] = [(201, {}, {"id": "a-2", "channel": "ch", "time": 1.0})]
+    Client(stub.url).publish("ch", "y")
+    assert stub.requests[0][3]["Idempotency-Key"] != keys[0]  # a key per publish

@@ -110,3 +110,63 @@ def test_a_wiped_redis_is_reseeded_within_a_second(make_server, redis_url):
     new = publish(joined, "r", "after")
     assert int(new.rsplit("-", 1)[1]) > int(ids[-1].rsplit("-", 1)[1])
     wait_until(lambda: everything(a, "r", ids[-1])[0] == ["after"])
+
+
+# -- idempotent publish --------------------------------------------------------------------
+
+KEYED = {"Idempotency-Key": "job-42-done"}
+
+
+def publish_and_hang_up(server, body, key):
+    """A keyed publish whose answer is never read: the connection is cut."""
+    import socket
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        sock.sendall(b"POST /channels/k HTTP/1.1\r\nHost: x\r\nIdempotency-Key: " + key
+                     + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_a_publish_retried_after_a_cut_is_stored_once(server):
+    publish_and_hang_up(server, b"deploy", KEYED["Idempotency-Key"].encode())
+    wait_until(lambda: server.hub.read("k", "0").messages, what="the first publish")
+    (first,) = server.hub.read("k", "0").messages
+    again = request(server, "POST", "/channels/k", "deploy", KEYED)
+    assert again.status == 200 and again.json == {"id": first.id, "channel": "k",
+                                                  "time": first.time}
+    assert [m.message for m in server.hub.read("k", "0").messages] == ["deploy"]
+    other = request(server, "POST", "/channels/k", "deploy", {"Idempotency-Key": "another"})
+    assert other.status == 201  # another key is another publish
+    assert request(server, "POST", "/channels/k", "x",
+                   {"Idempotency-Key": "has space"}).status == 400
+
+
+def test_a_key_holds_across_a_sqlite_restart(make_server, tmp_path):
+    store = f"sqlite:{tmp_path / 'longpoll.db'}"
+    first = make_server(longpoll.Hub(store=store))
+    created = request(first, "POST", "/channels/k", "once", KEYED)
+    assert created.status == 201
+    first.close()
+    second = make_server(longpoll.Hub(store=store))
+    again = request(second, "POST", "/channels/k", "once", KEYED)
+    assert again.status == 200 and again.json["id"] == created.json["id"]
+    assert [m.message for m in second.hub.read("k", "0").messages] == ["once"]
+
+
+def test_a_key_holds_across_two_servers_over_redis(make_server, redis_url):
+    a, b = (make_server(longpoll.Hub(store=redis_url)) for _ in range(2))
+    created = request(a, "POST", "/channels/k", "once", KEYED)
+    assert created.status == 201
+    again = request(b, "POST", "/channels/k", "once", KEYED)
+    assert again.status == 200 and again.json["id"] == created.json["id"]
+    publish(b, "k", "after")
+    for server in (a, b):
+        wait_until(lambda: everything(server, "k")[0] == ["once", "after"])
+
+
+def test_a_key_is_forgotten_after_its_window():
+    hub = longpoll.Hub(idempotency_window=0.05)
+    first = hub.publish("k", "a", key="k1")
+    assert hub.publish("k", "a", key="k1").replayed
+    later = wait_until(lambda: (lambda m: None if m.replayed else m)(
+        hub.publish("k", "a", key="k1")), what="the key to expire")
+    assert later.seq > first.seq
+    hub.close()
