@@ -186,6 +186,8 @@ OPTIONS = (
     Option("max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
            "connections one address may hold (its idle ones go first), 0 for no limit; "
            "loopback is exempt, and so is everyone with --trust-proxy"),
+    Option("max_lease", 3600.0, "the longest lease /receive?lease= may ask for",
+           metavar="SECONDS"),
     Option("keepalive", 15.0, "seconds between keepalive comments on event streams",
            metavar="SECONDS"),
     Option("workers", 4, "threads that decode large bodies and wait on a networked store"),
@@ -267,7 +269,7 @@ class Message:
     a message costs its wire text and a small record, whatever its shape."""
 
     __slots__ = ("seq", "id", "channel", "time", "title", "priority", "json", "born",
-                 "_start", "_end", "replayed")
+                 "_start", "_end", "replayed", "receipt")
 
     def __init__(self, seq: int, id: str, channel: str, message: Any,
                  title: str | None, priority: int | None,
@@ -286,6 +288,8 @@ class Message:
         #: True when ``Hub.publish`` answers a repeated Idempotency-Key with
         #: the message published the first time (nothing new was stored).
         self.replayed = False
+        #: ``Hub.take(..., lease=)``: what ``Hub.ack`` takes to keep it taken.
+        self.receipt: str | None = None
         if payload is None:
             payload = _encode(message)
         if isinstance(payload, str):
@@ -366,7 +370,7 @@ class Position(NamedTuple):
 class Channel:
     """A bounded log of messages, oldest first, and who waits on it."""
 
-    __slots__ = ("name", "messages", "dropped", "waiters", "taken")
+    __slots__ = ("name", "messages", "dropped", "waiters", "taken", "queue")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -374,6 +378,13 @@ class Channel:
         self.dropped = 0       # seq of the newest message retention dropped
         self.waiters: set[Callable[[], None]] = set()
         self.taken = 0         # seq of the last message /receive handed out
+        self.queue: WorkQueue | None = None  # given back, and out on lease
+
+    def held(self, seq: int) -> Message | None:
+        """Message *seq*, if this channel still holds it."""
+        i = bisect.bisect_left(self.messages, seq, key=_seq_of)
+        return self.messages[i] if i < len(self.messages) and self.messages[i].seq == seq \
+            else None
 
     def read_after(self, seq: int) -> list[Message]:
         """The messages published after position *seq*, oldest first."""
@@ -397,6 +408,46 @@ class Channel:
         self.dropped = gone[-1].seq
         del self.messages[:drop]
         return gone
+
+
+class WorkQueue:
+    """What ``/receive`` handed out of a channel beyond its ``taken`` mark:
+    messages given back, handed out again first (oldest first), and
+    messages out on lease ({receipt: (seq, until)}, wall-clock seconds),
+    which come back once their lease ends unless acknowledged. Kept as
+    JSON by the stores."""
+
+    __slots__ = ("returned", "leases")
+
+    def __init__(self, returned: Iterable[int] = (),
+                 leases: dict[str, tuple[int, float]] | None = None) -> None:
+        self.returned = sorted(set(returned))
+        self.leases = {r: (int(seq), float(until)) for r, (seq, until) in (leases or {}).items()}
+
+    def expire(self, now: float) -> None:
+        """Leases that ended give their message back."""
+        for receipt, (seq, until) in list(self.leases.items()):
+            if until <= now:
+                del self.leases[receipt]
+                self.give_back(seq)
+
+    def give_back(self, seq: int) -> None:
+        i = bisect.bisect_left(self.returned, seq)
+        if i == len(self.returned) or self.returned[i] != seq:
+            self.returned.insert(i, seq)
+        for receipt, (leased, _) in list(self.leases.items()):
+            if leased == seq:
+                del self.leases[receipt]
+
+    def to_json(self) -> str:
+        return _encode({"returned": self.returned, "leases": self.leases})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "WorkQueue | None":
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(data.get("returned", ()), data.get("leases"))
 
 
 class Hub:
@@ -593,7 +644,8 @@ class Hub:
     def _follow(self, messages: Iterable[Message], head: int = 0,
                 marks: dict[str, tuple[int, int]] | None = None, forgotten: int = 0,
                 lost: int = 0,
-                keys: Iterable[tuple[str, float, int, str, float]] = ()) -> None:
+                keys: Iterable[tuple[str, float, int, str, float]] = (),
+                queues: dict[str, WorkQueue] | None = None) -> None:
         """For stores: apply messages published before (a store reopened)
         or through other hubs sharing this one's store, in order; move the
         head to at least *head*, and each channel's dropped and taken marks
@@ -601,9 +653,12 @@ class Hub:
         to at least what is given; *lost*: messages after it may be missing
         (Redis lost its data), so older cursors get ``gap``; *keys*:
         idempotency keys kept, as (key, at, seq, channel, time), oldest
-        first. With ``adopt``, the only ways a store changes a hub."""
+        first; *queues*: ``/receive``'s queues kept. With ``adopt``, the only
+        ways a store changes a hub."""
         waiters: set[Callable[[], None]] = set()
         with self._lock:
+            for name, queue in (queues or {}).items():
+                self._channel(name).queue = queue
             for key, at, seq, channel, when in keys:
                 self._remember(key, at, seq, channel, when)
             self._forgotten = max(self._forgotten, forgotten)
@@ -772,36 +827,90 @@ class Hub:
 
         return self._block(names, attempt, timeout)
 
-    def take(self, channel: str = DEFAULT_CHANNEL,
-             timeout: float = DEFAULT_TIMEOUT) -> Message | None:
-        """Work queue: the oldest message of *channel* no other taker got.
+    def take(self, channel: str = DEFAULT_CHANNEL, timeout: float = DEFAULT_TIMEOUT, *,
+             lease: float | None = None) -> Message | None:
+        """Work queue: the oldest message of *channel* no other taker got
+        (messages given back first). Returns None on timeout or close.
 
         Each message is taken once (the ``/receive`` route); broadcast
-        readers still see every message. Returns None on timeout or close.
+        readers still see every message. With *lease* (seconds), the
+        message carries a ``receipt`` and comes back to the queue after
+        *lease* seconds unless ``ack(receipt)`` is called first.
         """
         check_channel(channel)
+        if lease is not None and not 0 < lease <= 86400:
+            raise _bad_request("a lease is from 0 to 86400 seconds")
         if self.store.shared:  # taken once across every server: the store decides
-            return self._take_shared(channel, timeout)
+            return self._take_shared(channel, timeout, lease)
 
         def attempt() -> tuple[bool, Message | None]:
             self._make_room((channel,))
-            ch = self._channel(channel)
-            pending = ch.read_after(ch.taken)
-            if pending:
-                self.store.took(channel, pending[0].seq)
-                ch.taken = pending[0].seq
-                return True, pending[0]
-            return False, None
+            msg = self._hand_out(self._channel(channel), lease)
+            return msg is not None, msg
 
         return self._block((channel,), attempt, timeout)
 
-    def _take_shared(self, channel: str, timeout: float) -> Message | None:
+    def _hand_out(self, ch: Channel, lease: float | None) -> Message | None:
+        """Under the lock: the next message for a taker of *ch*, recorded."""
+        now, queue, msg = time.time(), ch.queue, None
+        if queue is not None:
+            queue.expire(now)
+            while queue.returned and msg is None:
+                msg = ch.held(queue.returned.pop(0))  # (retention may have dropped it)
+        if msg is None:
+            pending = ch.read_after(ch.taken)
+            if pending:
+                msg = pending[0]
+                ch.taken = msg.seq
+        if msg is not None and lease is not None:
+            msg = Message(msg.seq, msg.id, ch.name, None, msg.title, msg.priority,
+                          msg.payload, msg.time)
+            msg.receipt = secrets.token_hex(8)
+            queue = ch.queue = queue or WorkQueue()
+            queue.leases[msg.receipt] = (msg.seq, now + lease)
+        if msg is not None or queue is not None:
+            self.store.took(ch.name, ch.taken, queue.to_json() if queue else None)
+        return msg
+
+    def ack(self, receipt: str, channel: str = DEFAULT_CHANNEL) -> bool:
+        """Keep a leased message taken for good; False if its lease ended
+        (it went back to the queue) or it was acknowledged already."""
+        check_channel(channel)
+        if self.store.shared:
+            return self.store.ack(self, channel, receipt)
+        with self._lock:
+            ch = self._channels.get(channel)
+            queue = ch.queue if ch is not None else None
+            if queue is None:
+                return False
+            queue.expire(time.time())
+            if queue.leases.pop(receipt, None) is None:
+                return False
+            self.store.took(channel, ch.taken, queue.to_json())
+            return True
+
+    def give_back(self, msg: Message) -> None:
+        """Put a message ``take`` handed out back at the head of its queue
+        (its taker never got it); waiting takers are woken."""
+        if self.store.shared:
+            self.store.give_back(self, msg.channel, msg.seq)
+        with self._lock:
+            ch = self._channel(msg.channel)
+            if not self.store.shared:
+                ch.queue = ch.queue or WorkQueue()
+                ch.queue.give_back(msg.seq)
+                self.store.took(ch.name, ch.taken, ch.queue.to_json())
+            waiters, ch.waiters = ch.waiters, set()
+        for wake in waiters:
+            wake()
+
+    def _take_shared(self, channel: str, timeout: float, lease: float | None) -> Message | None:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             woken = threading.Event()
             cancel = self.watch(channel, woken.set)  # before asking: no wake-up missed
             try:
-                msg = self.store.take(self, channel)
+                msg = self.store.take(self, channel, lease)
                 remaining = deadline - time.monotonic()
                 if msg is not None or self._closed or remaining <= 0:
                     return msg
@@ -967,14 +1076,16 @@ class Store:
     ``append(msg, key)`` before a publish is acknowledged (raise to refuse
     it), with its idempotency key (keep it for ``hub.idempotency_window``
     seconds and give it back through ``_follow`` on open);
-    ``took(channel, seq)`` when ``/receive`` hands a message out;
+    ``took(channel, taken, queue)`` when ``/receive``'s queue changes (its
+    mark, and the ``WorkQueue`` as JSON, or None);
     ``dropped(messages)`` when retention drops some; and ``close()``. Not
     under the lock, from ``Hub.prune`` now and then (on a server, off its
     loop when the store is shared): ``pruned(head, watermark, forgotten)``
     with the hub's head, its forgotten-channel watermark and the channels
     forgotten since the last call ({name: newest dropped seq}).
     A *shared* store (several servers, one history) numbers messages itself:
-    the hub calls its ``publish`` and ``take`` instead, and the
+    the hub calls its ``publish``, ``take``, ``ack`` and ``give_back``
+    instead, and the
     store feeds every message to ``hub._follow`` in order.
     """
 
@@ -991,7 +1102,7 @@ class Store:
     def append(self, msg: Message, key: str | None = None) -> None:
         pass
 
-    def took(self, channel: str, seq: int) -> None:
+    def took(self, channel: str, taken: int, queue: str | None) -> None:
         pass
 
     def dropped(self, messages: list[Message]) -> None:
@@ -1007,7 +1118,13 @@ class Store:
                 priority: int | None, payload: bytes, key: str | None) -> Message:
         raise NotImplementedError
 
-    def take(self, hub: "Hub", channel: str) -> Message | None:
+    def take(self, hub: "Hub", channel: str, lease: float | None) -> Message | None:
+        raise NotImplementedError
+
+    def ack(self, hub: "Hub", channel: str, receipt: str) -> bool:
+        raise NotImplementedError
+
+    def give_back(self, hub: "Hub", channel: str, seq: int) -> None:
         raise NotImplementedError
 
 
@@ -1041,7 +1158,7 @@ class SqliteStore(Store):
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
                 CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, json TEXT);
                 CREATE TABLE IF NOT EXISTS channels (name TEXT PRIMARY KEY,
-                    dropped INTEGER DEFAULT 0, taken INTEGER DEFAULT 0);
+                    dropped INTEGER DEFAULT 0, taken INTEGER DEFAULT 0, queue TEXT);
                 CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, at REAL,
                     seq INTEGER, channel TEXT, time REAL);""")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('history', ?)", (hub.history,))
@@ -1052,13 +1169,20 @@ class SqliteStore(Store):
                 d = json.loads(wire)  # as the wire carried it
                 messages.append(Message(seq, hub._cursor(seq), d["channel"], d["message"],
                                         d.get("title"), d.get("priority"), None, d["time"]))
-            marks = {name: (dropped, taken)
-                     for name, dropped, taken in db.execute("SELECT * FROM channels")}
+            columns = [row[1] for row in db.execute("PRAGMA table_info(channels)")]
+            if "queue" not in columns:  # a file from before leases
+                db.execute("ALTER TABLE channels ADD COLUMN queue TEXT")
+            marks, queues = {}, {}
+            for name, dropped, taken, queue in db.execute(
+                    "SELECT name, dropped, taken, queue FROM channels"):
+                marks[name] = (dropped, taken)
+                if queue:
+                    queues[name] = WorkQueue.from_json(queue)
             self._window = hub.idempotency_window
             keys = db.execute("SELECT key, at, seq, channel, time FROM keys WHERE at >= ? "
                               "ORDER BY at", (time.time() - self._window,)).fetchall()
             hub._follow(messages, int(meta.get("seq", 0)), marks,
-                        int(meta.get("forgotten", 0)), keys=keys)
+                        int(meta.get("forgotten", 0)), keys=keys, queues=queues)
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open the store {self.path}: {exc}") from None
 
@@ -1082,11 +1206,12 @@ class SqliteStore(Store):
         except self._error as exc:
             raise _unavailable(self, "cannot store the message", exc) from None
 
-    def took(self, channel: str, seq: int) -> None:
+    def took(self, channel: str, taken: int, queue: str | None) -> None:
         try:
             with self._db_lock:
-                self.db.execute("INSERT INTO channels (name, taken) VALUES (?, ?) ON CONFLICT "
-                                "(name) DO UPDATE SET taken = excluded.taken", (channel, seq))
+                self.db.execute("INSERT INTO channels (name, taken, queue) VALUES (?, ?, ?) ON "
+                                "CONFLICT (name) DO UPDATE SET taken = excluded.taken, "
+                                "queue = excluded.queue", (channel, taken, queue))
         except self._error as exc:
             raise _unavailable(self, "cannot store the take", exc) from None
 
@@ -1131,6 +1256,7 @@ _R_SEQ, _R_HISTORY, _R_FEED = "longpoll:seq", "longpoll:history", "longpoll:feed
 _R_STREAM, _R_DROPPED, _R_TAKEN = "longpoll:channel:", "longpoll:dropped", "longpoll:taken"
 _R_FORGOTTEN = "longpoll:forgotten"  # the newest message of a channel since forgotten
 _R_LOST = "longpoll:lost"  # Redis lost its data: messages up to here may be missing
+_R_QUEUE = "longpoll:queue"  # per channel: /receive's messages given back, and leased
 _R_KEY = "longpoll:key:"  # + an idempotency key: the message it published (expires)
 _R_FEED_LENGTH = 10_000  # feed entries kept; a server further behind reads the streams
 
@@ -1183,12 +1309,72 @@ if ARGV[10] ~= '' then
 end
 return {seq}
 """
-_R_TAKE = """
-local taken = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
-local next = redis.call('XRANGE', KEYS[1], '(' .. taken .. '-0', '+', 'COUNT', 1)
-if #next == 0 then return false end
-redis.call('HSET', KEYS[2], ARGV[1], string.match(next[1][1], '^%d+'))
-return next[1]
+# /receive's queue per channel: the taken mark (KEYS[2]) and, as JSON like
+# WorkQueue's, the messages given back and out on lease (KEYS[3]); the same
+# rules as Hub._hand_out, ack and give_back. ARGV: channel, now, then lease
+# seconds and receipt ('' for none) / the receipt / the seq.
+_R_QUEUE_FUNCTIONS = """
+local function load(key, channel, now)
+  local raw = redis.call('HGET', key, channel)
+  local q = raw and cjson.decode(raw) or {}
+  q.returned, q.leases = q.returned or {}, q.leases or {}
+  for receipt, lease in pairs(q.leases) do
+    if tonumber(lease[2]) <= now then
+      table.insert(q.returned, lease[1])
+      q.leases[receipt] = nil
+    end
+  end
+  table.sort(q.returned)
+  return q
+end
+local function save(key, channel, q)
+  if #q.returned == 0 and next(q.leases) == nil then
+    redis.call('HDEL', key, channel)
+  else
+    redis.call('HSET', key, channel, cjson.encode(q))
+  end
+end
+"""
+_R_TAKE = _R_QUEUE_FUNCTIONS + """
+local q = load(KEYS[3], ARGV[1], tonumber(ARGV[2]))
+local entry = nil
+while #q.returned > 0 and not entry do
+  local seq = table.remove(q.returned, 1)
+  local found = redis.call('XRANGE', KEYS[1], seq .. '-0', seq .. '-0')
+  if #found > 0 then entry = found[1] end
+end
+if not entry then
+  local taken = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
+  local following = redis.call('XRANGE', KEYS[1], '(' .. taken .. '-0', '+', 'COUNT', 1)
+  if #following > 0 then
+    entry = following[1]
+    redis.call('HSET', KEYS[2], ARGV[1], string.match(entry[1], '^%d+'))
+  end
+end
+if entry and ARGV[3] ~= '' then
+  q.leases[ARGV[4]] = {tonumber(string.match(entry[1], '^%d+')), tonumber(ARGV[2]) + tonumber(ARGV[3])}
+end
+save(KEYS[3], ARGV[1], q)
+if not entry then return false end
+return entry
+"""
+_R_ACK = _R_QUEUE_FUNCTIONS + """
+local q = load(KEYS[1], ARGV[1], tonumber(ARGV[2]))
+local held = q.leases[ARGV[3]] ~= nil
+q.leases[ARGV[3]] = nil
+save(KEYS[1], ARGV[1], q)
+return held and 1 or 0
+"""
+_R_GIVE_BACK = _R_QUEUE_FUNCTIONS + """
+local q = load(KEYS[1], ARGV[1], tonumber(ARGV[2]))
+local seq = tonumber(ARGV[3])
+for receipt, lease in pairs(q.leases) do
+  if tonumber(lease[1]) == seq then q.leases[receipt] = nil end
+end
+local present = false
+for _, returned in ipairs(q.returned) do if tonumber(returned) == seq then present = true end end
+if not present then table.insert(q.returned, seq) end
+save(KEYS[1], ARGV[1], q)
 """
 _R_TRIM = """
 redis.call('XTRIM', KEYS[1], 'MINID', (tonumber(ARGV[2]) + 1) .. '-0')
@@ -1199,6 +1385,7 @@ if ARGV[3] == '1' and redis.call('XLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[5], ARGV[1])
   if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[2]) then
     redis.call('SET', KEYS[4], ARGV[2])
   end
@@ -1235,6 +1422,8 @@ class RedisStore(Store):
         self._dropped: dict[str, int] = {}  # per channel: dropped here, to trim in Redis
         self._publish = self.client.register_script(_R_PUBLISH)
         self._take = self.client.register_script(_R_TAKE)
+        self._ack = self.client.register_script(_R_ACK)
+        self._give_back = self.client.register_script(_R_GIVE_BACK)
         self._trim = self.client.register_script(_R_TRIM)
         self._reseed = self.client.register_script(_R_RESEED)
         self._checked = 0.0  # when the feed thread last checked Redis's history
@@ -1307,9 +1496,21 @@ class RedisStore(Store):
                 break  # it is taken; the feed thread brings it when it can
         return Message(seq, hub._cursor(seq), channel, message, title, priority, payload, at)
 
-    def take(self, hub: "Hub", channel: str) -> Message | None:
-        entry = self._ask(self._take, keys=[_R_STREAM + channel, _R_TAKEN], args=[channel])
-        return None if not entry else self._message(hub, channel, *entry)
+    def take(self, hub: "Hub", channel: str, lease: float | None) -> Message | None:
+        receipt = secrets.token_hex(8) if lease is not None else ""
+        entry = self._ask(self._take, keys=[_R_STREAM + channel, _R_TAKEN, _R_QUEUE],
+                          args=[channel, time.time(), "" if lease is None else lease, receipt])
+        if not entry:
+            return None
+        msg = self._message(hub, channel, *entry)
+        msg.receipt = receipt or None
+        return msg
+
+    def ack(self, hub: "Hub", channel: str, receipt: str) -> bool:
+        return bool(self._ask(self._ack, keys=[_R_QUEUE], args=[channel, time.time(), receipt]))
+
+    def give_back(self, hub: "Hub", channel: str, seq: int) -> None:
+        self._ask(self._give_back, keys=[_R_QUEUE], args=[channel, time.time(), seq])
 
     def dropped(self, messages: list[Message]) -> None:
         self._dropped[messages[-1].channel] = messages[-1].seq
@@ -1322,7 +1523,8 @@ class RedisStore(Store):
         trims = {**dropped, **gone}
         try:
             for name, seq in list(trims.items()):
-                self._ask(self._trim, keys=[_R_STREAM + name, _R_DROPPED, _R_TAKEN, _R_FORGOTTEN],
+                self._ask(self._trim, keys=[_R_STREAM + name, _R_DROPPED, _R_TAKEN, _R_FORGOTTEN,
+                                            _R_QUEUE],
                           args=[name, seq, int(name in gone)])
                 del trims[name]
         except LongpollError:  # logged; the next prune tries again
@@ -1937,10 +2139,11 @@ class Stream(NamedTuple):
 
 class Take(NamedTuple):
     """An outcome: hand over *channel*'s next untaken message (``/receive``),
-    waiting up to *timeout* seconds for one."""
+    waiting up to *timeout* seconds for one; on a lease of *lease* seconds."""
 
     channel: str
     timeout: float
+    lease: float | None = None
 
 
 def _error_response(error: LongpollError) -> Response:
@@ -1996,13 +2199,14 @@ class Handler:
         "/metrics": {"GET": "metrics"},
         "/send": {"POST": "send"},
         "/receive": {"GET": "receive"},
+        "/receive/ack": {"POST": "ack"},
     }
     #: Methods of /channels/{names} and of /channels/{names}/events.
     channel_routes = {"GET": "poll", "POST": "publish"}
     stream_routes = {"GET": "events"}
     #: What each route does to its channels (for auth); /send and /receive
     #: act on the ``default`` channel.
-    actions = {"poll": "read", "events": "read", "receive": "read",
+    actions = {"poll": "read", "events": "read", "receive": "read", "ack": "read",
                "publish": "write", "send": "write"}
     #: Routes that no rate limit counts (monitoring must always get through).
     unlimited = frozenset({"health", "metrics"})
@@ -2033,7 +2237,7 @@ class Handler:
             route = "events"
         request.route = route
         action = self.actions.get(route)
-        if route in ("send", "receive"):
+        if route in ("send", "receive", "ack"):
             names = (DEFAULT_CHANNEL,)
         elif route == "publish" and len(names) != 1:
             raise _bad_request("publish to one channel at a time")
@@ -2067,9 +2271,10 @@ class Handler:
     def on_worker(self, request: Request) -> bool:
         """Whether *request* is handled on a worker thread: a publish with a
         large body to decode, or through a store across the network."""
+        shared = self.server.hub.store.shared
         return (request.route in ("publish", "send")
-                and (len(request.body) > self.server.inline_body_limit
-                     or self.server.hub.store.shared))
+                and (len(request.body) > self.server.inline_body_limit or shared)
+                or request.route == "ack" and shared)
 
     def token(self, request: Request) -> str | None:
         """The credentials sent: ``Authorization: Bearer``, else ``?token=``."""
@@ -2212,7 +2417,32 @@ class Handler:
         return self.json(HTTPStatus.OK, {"status": "Message sent."})
 
     def handle_receive(self, request: Request) -> Take:
-        return Take(DEFAULT_CHANNEL, self.param_timeout(request))
+        text, lease = request.query.get("lease"), None
+        if text is not None:
+            try:
+                lease = float(text)
+            except ValueError:
+                lease = -1.0
+            if not 0 < lease <= self.server.max_lease:
+                raise _bad_request(f"lease must be seconds from 0 to {self.server.max_lease:g}, "
+                                   f"not {text!r}")
+        return Take(DEFAULT_CHANNEL, self.param_timeout(request), lease)
+
+    def handle_ack(self, request: Request) -> Response:
+        """``POST /receive/ack`` with ``{"receipt": ...}`` (or ``?receipt=``):
+        a leased message stays taken for good."""
+        receipt = request.query.get("receipt")
+        if receipt is None:
+            try:
+                receipt = _decode(request.body.decode("utf-8")).get("receipt")
+            except (ValueError, AttributeError, RecursionError):
+                raise _bad_request('give the receipt: {"receipt": "..."}') from None
+        if not isinstance(receipt, str) or not receipt:
+            raise _bad_request('give the receipt: {"receipt": "..."}')
+        if not self.server.hub.ack(receipt):
+            raise LongpollError(HTTPStatus.CONFLICT, "no such lease: it ended, and the message "
+                                "went back to the queue, or it was acknowledged already")
+        return self.json(HTTPStatus.OK, {"acknowledged": True})
 
     def handle_health(self, request: Request) -> Response:
         server = self.server
@@ -2259,7 +2489,7 @@ class Connection:
     """The loop's record of one client connection."""
 
     __slots__ = ("sock", "address", "state", "deadline", "reader", "request", "output",
-                 "queued", "timer", "linger", "group", "owner")
+                 "queued", "timer", "linger", "group", "owner", "handed")
 
     def __init__(self, sock: socket.socket, address: str) -> None:
         self.sock = sock
@@ -2274,6 +2504,7 @@ class Connection:
         self.linger = False             # after the last answer: drain input, then close
         self.group: Any = None          # the waiting layer's record, while parked
         self.owner: str | None = None   # the client key its parked request counts against
+        self.handed: Message | None = None  # /receive: taken, answer not yet all written
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} {self.state}>"
@@ -2813,6 +3044,7 @@ class HTTPProtocol:
             self._dispatch(conn, request)
 
     def drained(self, conn: Connection) -> None:
+        conn.handed = None  # a /receive answer is all written: the message is the client's
         if conn.state is State.SENDING:
             self.idle(conn)
             self.resume(conn)
@@ -2921,6 +3153,8 @@ class HTTPProtocol:
         loop.send(conn, data)
         if conn.state is State.CLOSED:
             return
+        if not conn.output:
+            conn.handed = None  # the answer is all written
         if conn.output:
             conn.state = State.SENDING if keep else State.CLOSING
             conn.linger = linger
@@ -2962,7 +3196,6 @@ class _Group:
         self.cancel: Callable[[], None] = lambda: None
 
 
-_TAKING = object()  # conn.group of a parked /receive
 
 
 def _sse_events(batch: Batch) -> bytes:
@@ -3089,15 +3322,15 @@ class Waiters:
         head = self.hub.locate(None)
         if self.hub.store.shared:
             conn.state, conn.deadline = State.BUSY, None  # while the store answers
-        self._with_store(functools.partial(self.hub.take, take.channel, timeout=0),
+        self._with_store(functools.partial(self.hub.take, take.channel, timeout=0,
+                                           lease=take.lease),
                          functools.partial(self._took, conn, request, take, head))
 
     def _took(self, conn: Connection, request: Request, take: Take, head: Position,
               msg: "Message | LongpollError | None") -> None:
         if conn.state is State.CLOSED:
             if isinstance(msg, Message):
-                logger.warning("a /receive taker left before its answer: message %s is lost "
-                               "to the queue", msg.id)
+                self._give_back(msg)
             return
         if isinstance(msg, LongpollError):
             self.protocol.respond(conn, request, _error_response(msg))
@@ -3113,7 +3346,7 @@ class Waiters:
             self.protocol.respond(conn, request, _error_response(error))
             self._resume_after_store(conn)
             return
-        conn.group = _TAKING
+        conn.group = take  # a parked /receive: its Take
         self._takers.append(conn)
         self._park(conn, request, State.PARKED, take.timeout)
         if self._taker_watch is None:
@@ -3129,8 +3362,14 @@ class Waiters:
             self.protocol.resume(conn)
 
     def _respond_taken(self, conn: Connection, request: Request, msg: Message | None) -> None:
-        body = b'{"message":' + (b"null" if msg is None else msg.payload) + b"}"
-        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body))
+        """Answer a taker. A message whose answer is not all written yet is
+        the connection's (``conn.handed``) until it is: if the connection
+        dies first, the message goes back to the queue (``forget``)."""
+        body = b'{"message":' + (b"null" if msg is None else msg.payload)
+        if msg is not None and msg.receipt is not None:
+            body += b',"receipt":"' + msg.receipt.encode() + b'"'
+        conn.handed = msg  # (cleared by the HTTP layer once the answer is all written)
+        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body + b"}"))
 
     def admit(self, conn: Connection, request: Request) -> None:
         """503 with Retry-After when the server, or this client, has as many
@@ -3174,7 +3413,7 @@ class Waiters:
         if group is None:
             return
         conn.group = None
-        if group is _TAKING:
+        if isinstance(group, Take):
             try:
                 self._takers.remove(conn)
             except ValueError:
@@ -3199,9 +3438,17 @@ class Waiters:
                 del self.parked_by[owner]
 
     def forget(self, conn: Connection) -> None:
-        """*conn* closed: free what it held here."""
+        """*conn* closed: free what it held here, and give back a message
+        whose answer it never got whole."""
         self._unpark(conn)
         self.streams.pop(conn, None)
+        if conn.handed is not None:
+            msg, conn.handed = conn.handed, None
+            self._give_back(msg)
+
+    def _give_back(self, msg: Message) -> None:
+        logger.info("a /receive taker left before its answer: message %s goes back", msg.id)
+        self._with_store(functools.partial(self.hub.give_back, msg), lambda result: None)
 
     def expire(self, conn: Connection) -> None:
         """A parked request's hold has ended: answer it as it stands."""
@@ -3216,7 +3463,7 @@ class Waiters:
             self._fired[self._join(conn, (names, self.hub.settle(position), limit))] = None
             return
         self._unpark(conn)
-        if group is _TAKING:
+        if isinstance(group, Take):
             self._respond_taken(conn, request, None)
         else:
             names, position, limit = group.key
@@ -3322,22 +3569,26 @@ class Waiters:
         self._taker_watch = None
         if self._takers and not self._taking:
             self._taking = True
-            self._with_store(functools.partial(self.hub.take, DEFAULT_CHANNEL, timeout=0),
-                             functools.partial(self._handed, self.hub.locate(None)))
+            first = self._takers[0]
+            self._with_store(functools.partial(self.hub.take, DEFAULT_CHANNEL, timeout=0,
+                                               lease=first.group.lease),
+                             functools.partial(self._handed, first, self.hub.locate(None)))
 
-    def _handed(self, head: Position, msg: "Message | LongpollError | None") -> None:
+    def _handed(self, first: Connection, head: Position,
+                msg: "Message | LongpollError | None") -> None:
         self._taking = False
         if isinstance(msg, LongpollError):
             msg = None  # the store failed: the takers wait on (until their hold ends)
-        if (msg is not None or self.hub.closed) and self._takers:
+        if msg is not None and (not self._takers or self._takers[0] is not first):
+            self._give_back(msg)  # taken for a taker that left meanwhile (and its lease)
+            self.loop.call_soon(self._serve_takers)
+        elif (msg is not None or self.hub.closed) and self._takers:
             conn = self._takers[0]
             request = conn.request
             self._unpark(conn)
             self._respond_taken(conn, request, msg)
             self.protocol.resume(conn)
             self.loop.call_soon(self._serve_takers)  # the next message, for the next taker
-        elif msg is not None:
-            logger.warning("every /receive taker left: message %s is lost to the queue", msg.id)
         elif self._takers and self._taker_watch is None:
             self._taker_watch = self.hub.watch(
                 DEFAULT_CHANNEL, functools.partial(self.loop.call_soon, self._serve_takers),

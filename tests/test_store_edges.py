@@ -1,6 +1,10 @@
-"""The edges of the stores: a hung Redis, Redis losing its data."""
+"""The edges of the stores: a hung Redis, Redis losing its data, repeated
+publishes, and /receive takers that die or hold a lease."""
+import json
 import threading
 import time
+
+import pytest
 
 import longpoll
 from conftest import request, wait_until
@@ -170,3 +174,94 @@ def test_a_key_is_forgotten_after_its_window():
         hub.publish("k", "a", key="k1")), what="the key to expire")
     assert later.seq > first.seq
     hub.close()
+
+
+# -- /receive keeps what it hands out --------------------------------------------------------
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def queue_pair(request, make_server, tmp_path):
+    """Two servers sharing one /receive queue (memory, sqlite: the same one)."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        return make_server(longpoll.Hub(store=url)), make_server(longpoll.Hub(store=url))
+    url = "memory:" if request.param == "memory" else f"sqlite:{tmp_path / 'q.db'}"
+    server = make_server(longpoll.Hub(store=url))
+    return server, server
+
+
+def receive(server, query="timeout=5"):
+    resp = request(server, "GET", f"/receive?{query}")
+    assert resp.status == 200, resp
+    return resp.json
+
+
+def test_a_taker_that_dies_before_reading_gives_its_message_back(queue_pair):
+    import socket
+    import struct
+    a, b = queue_pair
+    big = "x" * (4 << 20)  # more than the socket buffers take: the answer cannot be all written
+    a.hub.publish("default", big)
+    a.hub.publish("default", "small")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(a.server_address[:2])
+    sock.sendall(b"GET /receive?timeout=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: any(c.handed for c in a._connections), what="the answer to be under way")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # killed: a reset, before it read its answer
+    wait_until(lambda: not any(c.handed for c in a._connections))
+    assert receive(b)["message"] == big  # the next taker gets it
+    assert receive(b)["message"] == "small"
+    assert receive(b, "timeout=0")["message"] is None  # each once
+
+
+def test_a_leased_message_comes_back_unless_acknowledged(queue_pair):
+    a, b = queue_pair
+    for message in ("first", "second"):
+        a.hub.publish("default", message)
+    first = receive(a, "lease=0.5&timeout=0")
+    second = receive(a, "lease=0.5&timeout=0")
+    assert (first["message"], second["message"]) == ("first", "second") and first["receipt"]
+    acked = request(b, "POST", "/receive/ack", json.dumps({"receipt": second["receipt"]}))
+    assert acked.status == 200 and acked.json == {"acknowledged": True}
+    wait_until(lambda: receive(b, "lease=0.5&timeout=0")["message"] == "first",
+               what="the unacknowledged message to come back")
+    # It comes back again once this lease ends, later than the acknowledged
+    # one's would have: by then that one has not come back, so it never will.
+    wait_until(lambda: receive(b, "lease=30&timeout=0")["message"] == "first",
+               what="the message to come back a second time")
+    assert receive(b, "timeout=0")["message"] is None
+    late = request(b, "POST", "/receive/ack?receipt=" + first["receipt"])
+    assert late.status == 409 and late.json["error"]
+    assert request(a, "GET", "/receive?lease=0").status == 400
+
+
+def test_leases_and_the_queue_survive_kill_9(tmp_path):
+    import signal
+    from test_cli import Process, get_json
+    store = f"sqlite:{tmp_path / 'q.db'}"
+    server = Process("serve", "--port", "0", "--store", store)
+    try:
+        url = server.expect(r"listening on (http://\S+)").group(1)
+        for message in ("kept", "acked", "next"):
+            longpoll.Client(url).publish("default", message)
+        leased = get_json(url + "/receive?lease=1&timeout=0")
+        acked = get_json(url + "/receive?lease=1&timeout=0")
+        import urllib.request
+        urllib.request.urlopen(urllib.request.Request(
+            url + "/receive/ack?receipt=" + acked["receipt"], data=b"", method="POST"),
+            timeout=10).close()
+        assert (leased["message"], acked["message"]) == ("kept", "acked")
+    finally:
+        server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    again = Process("serve", "--port", "0", "--store", store)
+    try:
+        url = again.expect(r"listening on (http://\S+)").group(1)
+        assert get_json(url + "/receive?timeout=0")["message"] == "next"  # the mark held
+        back = wait_until(lambda: get_json(url + "/receive?timeout=0")["message"] or None,
+                          what="the lease to end")
+        assert back == "kept"  # its lease ended while the server was down, or after
+        assert get_json(url + "/receive?timeout=0")["message"] is None  # "acked" never
+    finally:
+        assert again.stop() == 0
