@@ -1281,7 +1281,10 @@ local function reseed(history_key, seq_key, lost_key, ours, head)
   return history
 end
 """
-_R_RESEED = _R_RESEED_FUNCTION + "return reseed(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])\n"
+_R_RESEED = _R_RESEED_FUNCTION + """
+local history = reseed(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+return {history, redis.call('GET', KEYS[2]) or '0'}
+"""
 _R_PUBLISH = _R_RESEED_FUNCTION + """
 if reseed(KEYS[5], KEYS[1], KEYS[6], ARGV[8], ARGV[9]) ~= ARGV[8] then
   return redis.error_reply('this Redis database holds another history')
@@ -1437,7 +1440,7 @@ class RedisStore(Store):
     def open(self, hub: "Hub") -> None:
         try:
             hub.history = self._reseed(keys=[_R_HISTORY, _R_SEQ, _R_LOST],
-                                       args=[hub.history, 0]).decode()
+                                       args=[hub.history, 0])[0].decode()
             self._catch_up(hub)
             self._feed_id = self._feed_client.client_id()
         except self._redis.RedisError as exc:
@@ -1562,7 +1565,6 @@ class RedisStore(Store):
         when the feed has moved on beyond what this server saw)."""
         client = self.client
         after, head = hub._seq, int(client.get(_R_SEQ) or 0)
-        lost = int(client.get(_R_LOST) or 0)
         messages: list[Message] = []
         for key in client.scan_iter(match=_R_STREAM + "*", count=1000):
             channel = key.decode()[len(_R_STREAM):]
@@ -1571,18 +1573,27 @@ class RedisStore(Store):
         marks = {k.decode(): (int(v), 0) for k, v in client.hgetall(_R_DROPPED).items()
                  if int(v) > after}
         messages.sort(key=_seq_of)
-        hub._follow(messages, head, marks, int(client.get(_R_FORGOTTEN) or 0), lost)
+        history, seq, lost, forgotten = client.mget(_R_HISTORY, _R_SEQ, _R_LOST, _R_FORGOTTEN)
+        lost = int(lost or 0)
+        if history is None or history.decode() != hub.history or int(seq or 0) < head:
+            lost = max(lost, head)  # Redis lost its data while this read it: assume the worst
+        hub._follow(messages, head, marks, int(forgotten or 0), lost)
         self._last = max(head, after)  # (head is lower if Redis lost its data)
 
-    def _check_history(self, hub: "Hub") -> None:
+    def _check_history(self, hub: "Hub", idle: bool) -> None:
         """From the feed thread, once a second: if Redis lost its data,
         re-seed it with this hub's history (so a server starting now joins
         it rather than beginning another); if another server re-seeded it
-        first with a history of its own, adopt that one."""
-        history = self._reseed(keys=[_R_HISTORY, _R_SEQ, _R_LOST],
-                               args=[hub.history, hub._seq]).decode()
-        if history != hub.history:
+        first with a history of its own, adopt that one. If the feed was
+        *idle* and Redis is numbered past this hub, the feed lost what this
+        hub had not read yet: catch up (and learn what is lost)."""
+        history, seq = self._reseed(keys=[_R_HISTORY, _R_SEQ, _R_LOST],
+                                    args=[hub.history, hub._seq])
+        if history.decode() != hub.history:
             self._adopt(hub)
+        elif idle and int(seq) > hub._seq:
+            with self._feed_lock:
+                self._catch_up(hub)
 
     def _adopt(self, hub: "Hub") -> None:
         """Follow the history Redis holds now, from its beginning."""
@@ -1595,9 +1606,10 @@ class RedisStore(Store):
                 self._last = 0
                 self._catch_up(hub)
 
-    def _read_feed(self, hub: "Hub", client: Any, block: int | None) -> None:
+    def _read_feed(self, hub: "Hub", client: Any, block: int | None) -> bool:
         """Apply the feed's next messages, in order (from the feed thread,
-        or from a publisher that wants its own message applied now)."""
+        or from a publisher that wants its own message applied now); False
+        if there were none."""
         reply = client.xread({_R_FEED: f"{self._last}-0"}, count=1000, block=block)
         with self._feed_lock:
             messages = []
@@ -1609,11 +1621,12 @@ class RedisStore(Store):
                     if seq != self._last + 1:  # the feed was trimmed past us
                         hub._follow(messages)
                         self._catch_up(hub)
-                        return
+                        return True
                     messages.append(self._message(hub, fields[b"c"].decode(),
                                                   entry_id, fields))
                     self._last = seq
             hub._follow(messages)
+        return bool(reply)
 
     def _follow(self, hub: "Hub") -> None:
         """The feed thread: apply each new message in order; after a lost
@@ -1623,10 +1636,10 @@ class RedisStore(Store):
             try:
                 if failures:  # a new connection
                     self._feed_id = self._feed_client.client_id()
-                self._read_feed(hub, self._feed_client, 1000)
+                read = self._read_feed(hub, self._feed_client, 1000)
                 if time.monotonic() >= self._checked + 1.0 and not self._stop.is_set():
                     self._checked = time.monotonic()
-                    self._check_history(hub)
+                    self._check_history(hub, idle=not read)
                 if failures:
                     logger.warning("following %s again", self.url)
                 failures = 0

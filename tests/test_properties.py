@@ -309,3 +309,81 @@ def test_the_request_reader_reads_what_h11_reads(method, path, headers, connecti
     assert ours.headers == joined
     assert ours.keep_alive == (connection is None or "close" not in connection.lower())
     assert reader.buffered == 0
+
+
+# Redis losing its data, at random moments: a reader never skips a message
+# silently. Each answer is either exactly what followed its cursor, or says
+# "gap" (and then holds what is still there, in publish order). Messages are
+# published through one hub and read through another; "restart" brings in a
+# new reading hub, "wipe" empties Redis (a restart without persistence).
+wipe_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.sampled_from(CHANNELS)),
+        st.tuples(st.just("poll"), st.integers(0, 3), st.integers(1, 5)),
+        st.just(("restart",)),
+        st.just(("wipe",)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=wipe_operations, subs=subscriptions)
+def test_redis_losing_its_data_never_skips_a_message_silently(redis_server, ops, subs):
+    import redis
+    url = redis_server + "/0"
+    admin = redis.Redis.from_url(url)
+    admin.flushdb()
+    hubs = {"writer": longpoll.Hub(store=url)}
+    hubs["reader"] = longpoll.Hub(store=url)
+    published = []
+    seen = [0] * len(subs)  # per subscriber: how many of its channels' messages it is past
+
+    def expected(n):
+        return [[c, v] for c, v in published if c in subs[n]]
+
+    def poll(n, cursor, limit):
+        reader, writer = hubs["reader"], hubs["writer"]
+        wait_until(lambda: reader.history == writer.history and reader._seq >= writer._seq,
+                   timeout=5, what="the reader to follow")
+        batch = reader.read(subs[n], cursor, limit=limit)
+        got = [[m.channel, m.message] for m in batch.messages]
+        wanted = expected(n)
+        if not batch.gap:  # exactly what followed
+            assert got == wanted[seen[n]:seen[n] + len(got)], (got, wanted, seen[n])
+            seen[n] += len(got)
+        elif got:  # a gap: what is held after it, in publish order (some may be lost)
+            at = -1
+            for message in got:
+                at = wanted.index(message, at + 1)  # raises if out of order, or never sent
+            seen[n] = at + 1
+        else:  # a gap, and nothing held after it
+            seen[n] = len(wanted)
+        return batch.cursor
+
+    try:
+        cursors = [hubs["reader"].read(channels, None).cursor for channels in subs]
+        for op in ops:
+            if op[0] == "publish":
+                value = len(published)
+                hubs["writer"].publish(op[1], value)
+                published.append([op[1], value])
+            elif op[0] == "poll":
+                cursors[op[1]] = poll(op[1], cursors[op[1]], op[2])
+            elif op[0] == "restart":
+                hubs["reader"].close()
+                hubs["reader"] = longpoll.Hub(store=url)
+            else:
+                admin.flushdb()
+        for n in range(len(subs)):  # drain: after the last loss, nothing is missing
+            while True:
+                before = seen[n]
+                cursors[n] = poll(n, cursors[n], 5)
+                if seen[n] == before:
+                    break
+            assert seen[n] == len(expected(n)), (n, seen, published, ops)
+    finally:
+        for hub in hubs.values():
+            hub.close()
+        admin.close()
