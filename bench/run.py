@@ -6,7 +6,8 @@
 
 Servers (each started fresh for every row, as a subprocess of this script):
   longpoll   python -m longpoll serve
-  longpoll-baseline the same, from the folder --baseline DIR (an older checkout)
+  longpoll-baseline the same, from the folder --baseline DIR (an older checkout);
+                    longpoll-baseline-sqlite and -redis with its stores
   longpoll-sqlite   the same with --store sqlite:FILE (a new file per row)
   longpoll-redis    the same with --store redis://... (a redis-server this
                     script starts on a free port, emptied for every row)
@@ -92,12 +93,13 @@ class ServerProcess:
     def __init__(self, name):
         self.name = name
         command, self.folder = SERVERS.get(name, SERVERS["longpoll"]), None
-        if STORES.get(name) == "sqlite":
+        store = STORES.get(name.replace("-baseline", ""))  # longpoll-baseline-sqlite too
+        if store == "sqlite":
             self.folder = tempfile.mkdtemp()
             command = command + ["--store", f"sqlite:{self.folder}/bench.db"]
-        elif STORES.get(name) == "redis":
+        elif store == "redis":
             command = command + ["--store", Redis.start()]
-        cwd = BASELINE if name == "longpoll-baseline" else ROOT
+        cwd = BASELINE if name.startswith("longpoll-baseline") else ROOT
         self.proc = subprocess.Popen(command, cwd=cwd, stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             match = re.search(r"listening on http://([\d.]+):(\d+)", line)
