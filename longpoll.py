@@ -1490,7 +1490,12 @@ class RedisStore(Store):
         if len(reply) > 1:  # the key was used within the window
             return hub.replayed(seq, reply[1].decode(), float(reply[2]))
         hub.published += 1
-        for _ in range(3):  # read the feed up to it, so a read now sees it
+        with self._feed_lock:  # the feed's next message: apply it now, without reading it
+            if seq == self._last + 1 and not hub.closed:
+                self._last = seq
+                hub._follow([Message(seq, hub._cursor(seq), channel, None, title, priority,
+                                     payload, at)])
+        for _ in range(3):  # else read the feed up to it, so a read now sees it
             if hub._seq >= seq or hub._closed:
                 break
             try:
