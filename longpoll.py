@@ -840,15 +840,17 @@ class Hub:
         check_channel(channel)
         if lease is not None and not 0 < lease <= 86400:
             raise _bad_request("a lease is from 0 to 86400 seconds")
-        if self.store.shared:  # taken once across every server: the store decides
-            return self._take_shared(channel, timeout, lease)
+        shared = self.store.shared  # (taken once across every server: the store decides)
 
         def attempt() -> tuple[bool, Message | None]:
-            self._make_room((channel,))
-            msg = self._hand_out(self._channel(channel), lease)
+            if shared:
+                msg = self.store.take(self, channel, lease)
+            else:
+                self._make_room((channel,))
+                msg = self._hand_out(self._channel(channel), lease)
             return msg is not None, msg
 
-        return self._block((channel,), attempt, timeout)
+        return self._block((channel,), attempt, timeout, locked=not shared)
 
     def _hand_out(self, ch: Channel, lease: float | None) -> Message | None:
         """Under the lock: the next message for a taker of *ch*, recorded."""
@@ -904,58 +906,40 @@ class Hub:
         for wake in waiters:
             wake()
 
-    def _take_shared(self, channel: str, timeout: float, lease: float | None) -> Message | None:
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            woken = threading.Event()
-            cancel = self.watch(channel, woken.set)  # before asking: no wake-up missed
-            try:
-                msg = self.store.take(self, channel, lease)
-                remaining = deadline - time.monotonic()
-                if msg is not None or self._closed or remaining <= 0:
-                    return msg
-                with self._lock:
-                    self._waiting += 1
-                try:
-                    woken.wait(remaining)
-                finally:
-                    with self._lock:
-                        self._waiting -= 1
-            finally:
-                cancel()
-
     def _block(self, names: tuple[str, ...],
-               attempt: Callable[[], tuple[bool, Any]], timeout: float) -> Any:
-        """Call *attempt* under the lock until it is done, time runs out or
-        the hub closes, and return its last answer (always made under the
-        lock, so a timeout's cursor never skips a message). Between attempts
-        sleep on an Event registered with the channels *names*."""
-        woken = threading.Event()
-        wake = woken.set
+               attempt: Callable[[], tuple[bool, Any]], timeout: float,
+               locked: bool = True) -> Any:
+        """Call *attempt* (under the lock if *locked*) until it is done, time
+        runs out or the hub closes, and return its last answer. Between
+        attempts, sleep until ``watch`` says *names* changed: the watch is
+        set before each attempt, so no publish between the two is missed.
+        The one waiting mechanism of ``wait`` and ``take``, on every store."""
         deadline = time.monotonic() + max(0.0, timeout)
         parked = False
         try:
             while True:
-                with self._lock:
-                    done, result = attempt()
-                    if done or self._closed or time.monotonic() >= deadline:
+                woken = threading.Event()
+                cancel = self.watch(names, woken.set)
+                try:
+                    if locked:
+                        with self._lock:
+                            done, result = attempt()
+                    else:
+                        done, result = attempt()
+                    remaining = deadline - time.monotonic()
+                    if done or self._closed or remaining <= 0:
                         return result
-                    self._make_room(names)
-                    for name in names:
-                        self._channel(name).waiters.add(wake)
                     if not parked:
-                        self._waiting += 1
+                        with self._lock:
+                            self._waiting += 1
                         parked = True
-                    woken.clear()
-                woken.wait(deadline - time.monotonic())
+                    woken.wait(remaining)
+                finally:
+                    cancel()
         finally:
             if parked:
                 with self._lock:
                     self._waiting -= 1
-                    for name in names:
-                        ch = self._channels.get(name)
-                        if ch is not None:
-                            ch.waiters.discard(wake)
 
     # -- watching (for servers that park requests without a thread) -----------
 
