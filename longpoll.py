@@ -380,6 +380,30 @@ class Channel:
         self.taken = 0         # seq of the last message /receive handed out
         self.queue: WorkQueue | None = None  # given back, and out on lease
 
+    def hand_out(self, lease: float | None, now: float) -> Message | None:
+        """``/receive``'s next message of this channel: one given back, else
+        the one after ``taken``; with *lease*, a copy with a ``receipt``."""
+        queue, msg = self.queue, None
+        if queue is not None:
+            queue.expire(now)
+            while queue.returned and msg is None:
+                msg = self.held(queue.returned.pop(0))  # (retention may have dropped it)
+        if msg is None:
+            pending = self.read_after(self.taken)
+            if pending:
+                msg = pending[0]
+                self.taken = msg.seq
+        if msg is not None and lease is not None:
+            msg = Message(msg.seq, msg.id, self.name, None, msg.title, msg.priority,
+                          msg.payload, msg.time)
+            msg.receipt = secrets.token_hex(8)
+            self.queue = self.queue or WorkQueue()
+            self.queue.leases[msg.receipt] = (msg.seq, now + lease)
+        return msg
+
+    def queue_json(self) -> str | None:
+        return self.queue.to_json() if self.queue is not None else None
+
     def held(self, seq: int) -> Message | None:
         """Message *seq*, if this channel still holds it."""
         i = bisect.bisect_left(self.messages, seq, key=_seq_of)
@@ -431,6 +455,11 @@ class WorkQueue:
                 del self.leases[receipt]
                 self.give_back(seq)
 
+    def ack(self, receipt: str, now: float) -> bool:
+        """The lease *receipt* ends for good; False if it had ended already."""
+        self.expire(now)
+        return self.leases.pop(receipt, None) is not None
+
     def give_back(self, seq: int) -> None:
         i = bisect.bisect_left(self.returned, seq)
         if i == len(self.returned) or self.returned[i] != seq:
@@ -448,6 +477,34 @@ class WorkQueue:
             return None
         data = json.loads(text)
         return cls(data.get("returned", ()), data.get("leases"))
+
+
+class IdempotencyKeys:
+    """Publishes' idempotency keys, oldest first: key -> (wall time it was
+    used, seq, channel, message time), for *window* seconds, at most
+    ``MAX_IDEMPOTENCY_KEYS`` (the oldest go first)."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._keys: dict[str, tuple[float, int, str, float]] = {}
+
+    def get(self, key: str, now: float) -> tuple[float, int, str, float] | None:
+        known = self._keys.get(key)
+        return known if known is not None and known[0] >= now - self.window else None
+
+    def remember(self, key: str, at: float, seq: int, channel: str, when: float) -> None:
+        self._keys.pop(key, None)  # (re)inserted last: the dict stays oldest first
+        self._keys[key] = (at, seq, channel, when)
+        if len(self._keys) > MAX_IDEMPOTENCY_KEYS:
+            del self._keys[next(iter(self._keys))]
+
+    def prune(self, now: float) -> None:
+        keys = self._keys
+        while keys:
+            key = next(iter(keys))
+            if keys[key][0] >= now - self.window:
+                break
+            del keys[key]
 
 
 class Hub:
@@ -481,9 +538,7 @@ class Hub:
         #: Channels held at once (with messages, or waited on); a new one
         #: past it is refused with 503 until retention frees room.
         self.max_channels = max_channels
-        #: Seconds a publish's idempotency key is remembered.
-        self.idempotency_window = idempotency_window
-        self._keys: dict[str, tuple[float, int, str, float]] = {}  # key: (at, seq, channel, time)
+        self._keys = IdempotencyKeys(idempotency_window)
         self._pruned = 0.0
         self._forgotten = 0  # newest message dropped from a channel since forgotten
         self._unreported: dict[str, int] = {}  # channels forgotten, for the store's next prune
@@ -514,6 +569,11 @@ class Hub:
         """How many blocking ``wait``/``take`` calls are parked now (a
         server's parked requests are counted by ``Server.waiting``)."""
         return self._waiting
+
+    @property
+    def idempotency_window(self) -> float:
+        """Seconds a publish's idempotency key is remembered."""
+        return self._keys.window
 
     @property
     def channel_count(self) -> int:
@@ -580,10 +640,9 @@ class Hub:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
             if not self.store.shared:
-                if key is not None:
-                    known = self._replay(key)
-                    if known is not None:
-                        return known
+                known = self._keys.get(key, time.time()) if key is not None else None
+                if known is not None:
+                    return self.replayed(*known[1:])
                 self._make_room((channel,))
                 msg = Message(self._seq + 1, self._cursor(self._seq + 1), channel,
                               message, title, priority, payload)
@@ -592,7 +651,7 @@ class Hub:
                 self.published += 1
                 waiters = self._apply(msg)
                 if key is not None:
-                    self._remember(key, time.time(), msg.seq, channel, msg.time)
+                    self._keys.remember(key, time.time(), msg.seq, channel, msg.time)
             else:
                 self._make_room((channel,))
         if self.store.shared:  # the store numbers it (and keeps its key); the feed brings it
@@ -601,34 +660,18 @@ class Hub:
             wake()
         return msg
 
-    def _replay(self, key: str) -> Message | None:
-        """Under the lock: the message first published with *key*, if that
-        was within the window."""
-        known = self._keys.get(key)
-        if known is None or known[0] < time.time() - self.idempotency_window:
-            return None
-        return self.replayed(known[1], known[2], known[3])
-
     def replayed(self, seq: int, channel: str, at: float) -> Message:
         """For stores: the answer to a repeated key, the message numbered
         *seq* (its body too, while this hub holds it)."""
         ch = self._channels.get(channel)
-        held = ch.read_after(seq - 1)[:1] if ch is not None else []
-        if held and held[0].seq == seq:
-            first = held[0]
+        first = ch.held(seq) if ch is not None else None
+        if first is not None:
             msg = Message(seq, first.id, channel, None, first.title, first.priority,
                           first.payload, first.time)
         else:
             msg = Message(seq, self._cursor(seq), channel, None, None, None, b"null", at)
         msg.replayed = True
         return msg
-
-    def _remember(self, key: str, at: float, seq: int, channel: str, when: float) -> None:
-        """Under the lock: *key* was used for message *seq* at wall time *at*."""
-        self._keys.pop(key, None)  # (re)inserted last: the dict stays oldest first
-        self._keys[key] = (at, seq, channel, when)
-        if len(self._keys) > MAX_IDEMPOTENCY_KEYS:
-            del self._keys[next(iter(self._keys))]  # the oldest
 
     def _apply(self, msg: Message) -> set[Callable[[], None]]:
         """Under the lock: append *msg* to its channel; return who to wake."""
@@ -660,7 +703,7 @@ class Hub:
             for name, queue in (queues or {}).items():
                 self._channel(name).queue = queue
             for key, at, seq, channel, when in keys:
-                self._remember(key, at, seq, channel, when)
+                self._keys.remember(key, at, seq, channel, when)
             self._forgotten = max(self._forgotten, forgotten)
             self._lost = max(self._lost, lost)
             for name, (dropped, taken) in (marks or {}).items():
@@ -689,8 +732,7 @@ class Hub:
             self._positions.clear()
             waiters: set[Callable[[], None]] = set()
             for ch in self._channels.values():
-                ch.messages.clear()
-                ch.dropped = ch.taken = 0
+                ch.messages, ch.dropped, ch.taken, ch.queue = [], 0, 0, None
                 waiters |= ch.waiters
                 ch.waiters = set()
         for wake in waiters:
@@ -847,32 +889,13 @@ class Hub:
                 msg = self.store.take(self, channel, lease)
             else:
                 self._make_room((channel,))
-                msg = self._hand_out(self._channel(channel), lease)
+                ch = self._channel(channel)
+                msg = ch.hand_out(lease, time.time())
+                if msg is not None or ch.queue is not None:
+                    self.store.took(channel, ch.taken, ch.queue_json())
             return msg is not None, msg
 
         return self._block((channel,), attempt, timeout, locked=not shared)
-
-    def _hand_out(self, ch: Channel, lease: float | None) -> Message | None:
-        """Under the lock: the next message for a taker of *ch*, recorded."""
-        now, queue, msg = time.time(), ch.queue, None
-        if queue is not None:
-            queue.expire(now)
-            while queue.returned and msg is None:
-                msg = ch.held(queue.returned.pop(0))  # (retention may have dropped it)
-        if msg is None:
-            pending = ch.read_after(ch.taken)
-            if pending:
-                msg = pending[0]
-                ch.taken = msg.seq
-        if msg is not None and lease is not None:
-            msg = Message(msg.seq, msg.id, ch.name, None, msg.title, msg.priority,
-                          msg.payload, msg.time)
-            msg.receipt = secrets.token_hex(8)
-            queue = ch.queue = queue or WorkQueue()
-            queue.leases[msg.receipt] = (msg.seq, now + lease)
-        if msg is not None or queue is not None:
-            self.store.took(ch.name, ch.taken, queue.to_json() if queue else None)
-        return msg
 
     def ack(self, receipt: str, channel: str = DEFAULT_CHANNEL) -> bool:
         """Keep a leased message taken for good; False if its lease ended
@@ -882,13 +905,9 @@ class Hub:
             return self.store.ack(self, channel, receipt)
         with self._lock:
             ch = self._channels.get(channel)
-            queue = ch.queue if ch is not None else None
-            if queue is None:
+            if ch is None or ch.queue is None or not ch.queue.ack(receipt, time.time()):
                 return False
-            queue.expire(time.time())
-            if queue.leases.pop(receipt, None) is None:
-                return False
-            self.store.took(channel, ch.taken, queue.to_json())
+            self.store.took(channel, ch.taken, ch.queue_json())
             return True
 
     def give_back(self, msg: Message) -> None:
@@ -995,12 +1014,7 @@ class Hub:
 
     def _prune(self) -> None:
         self._pruned = time.monotonic()
-        cutoff = time.time() - self.idempotency_window
-        while self._keys:  # oldest first
-            key = next(iter(self._keys))
-            if self._keys[key][0] >= cutoff:
-                break
-            del self._keys[key]
+        self._keys.prune(time.time())
         for name, ch in list(self._channels.items()):
             gone = ch.trim(self.retention, self.max_age)
             if gone:
