@@ -562,13 +562,18 @@ class Hub:
     @property
     def cursor(self) -> str:
         """The head: a cursor that sees only messages published from now on."""
-        return self._cursor(self._seq)
+        return self.cursor_for(self._seq)
 
     @property
     def waiting(self) -> int:
         """How many blocking ``wait``/``take`` calls are parked now (a
         server's parked requests are counted by ``Server.waiting``)."""
         return self._waiting
+
+    @property
+    def head(self) -> int:
+        """The sequence number of the newest message this hub has."""
+        return self._seq
 
     @property
     def idempotency_window(self) -> float:
@@ -583,7 +588,8 @@ class Hub:
     def closed(self) -> bool:
         return self._closed
 
-    def _cursor(self, seq: int) -> str:
+    def cursor_for(self, seq: int) -> str:
+        """The cursor (and message id) of position *seq* in this history."""
         return f"{self.history}-{seq}"
 
     def _channel(self, name: str) -> Channel:
@@ -644,7 +650,7 @@ class Hub:
                 if known is not None:
                     return self.replayed(*known[1:])
                 self._make_room((channel,))
-                msg = Message(self._seq + 1, self._cursor(self._seq + 1), channel,
+                msg = Message(self._seq + 1, self.cursor_for(self._seq + 1), channel,
                               message, title, priority, payload)
                 self.store.append(msg, key)  # kept before it is acknowledged; may raise
                 self._seq += 1
@@ -669,7 +675,7 @@ class Hub:
             msg = Message(seq, first.id, channel, None, first.title, first.priority,
                           first.payload, first.time)
         else:
-            msg = Message(seq, self._cursor(seq), channel, None, None, None, b"null", at)
+            msg = Message(seq, self.cursor_for(seq), channel, None, None, None, b"null", at)
         msg.replayed = True
         return msg
 
@@ -684,7 +690,7 @@ class Hub:
         waiters, ch.waiters = ch.waiters, set()
         return waiters
 
-    def _follow(self, messages: Iterable[Message], head: int = 0,
+    def follow(self, messages: Iterable[Message], head: int = 0,
                 marks: dict[str, tuple[int, int]] | None = None, forgotten: int = 0,
                 lost: int = 0,
                 keys: Iterable[tuple[str, float, int, str, float]] = (),
@@ -723,7 +729,7 @@ class Hub:
         every message held, which belong to the old one; every waiter is
         woken, and every cursor of the old history is answered with ``gap``
         from the oldest message of the new one. The store then brings the
-        new history's messages through ``_follow``."""
+        new history's messages through ``follow``."""
         with self._lock:
             logger.warning("history %s replaced by %s: cursors from before get a gap",
                            self.history, history)
@@ -810,7 +816,7 @@ class Hub:
             if run:
                 runs.append(run)
         if not runs:  # (a shared store's cursor can be ahead of this hub, for a moment)
-            return Batch([], self._cursor(max(self._seq, after)), gap)
+            return Batch([], self.cursor_for(max(self._seq, after)), gap)
         if len(runs) == 1:
             available = runs[0]
         else:
@@ -825,7 +831,7 @@ class Hub:
         if len(available) > limit:  # the rest comes on the next read
             messages = available[:limit]
             return Batch(messages, messages[-1].id, gap)
-        return Batch(available, self._cursor(max(self._seq, after)), gap)
+        return Batch(available, self.cursor_for(max(self._seq, after)), gap)
 
     def read(self, channels: str | Iterable[str], since: "str | None | Position" = None,
              limit: int = DEFAULT_LIMIT) -> Batch:
@@ -848,7 +854,7 @@ class Hub:
         one always comes)."""
         if position.after == self._seq and not position.unplaceable and (
                 position.history is None or position.history == self.history):
-            return Batch([], self._cursor(position.after))  # at the head: nothing newer
+            return Batch([], self.cursor_for(position.after))  # at the head: nothing newer
         with self._lock:
             return self._read(names, position, limit, max_bytes)
 
@@ -1070,10 +1076,10 @@ class Store:
 
     A hub calls, under its lock: ``open(hub)`` once, to give back what was
     kept (``hub.history``, then messages, sequence and marks through
-    ``hub._follow``);
+    ``hub.follow``);
     ``append(msg, key)`` before a publish is acknowledged (raise to refuse
     it), with its idempotency key (keep it for ``hub.idempotency_window``
-    seconds and give it back through ``_follow`` on open);
+    seconds and give it back through ``follow`` on open);
     ``took(channel, taken, queue)`` when ``/receive``'s queue changes (its
     mark, and the ``WorkQueue`` as JSON, or None);
     ``dropped(messages)`` when retention drops some; and ``close()``. Not
@@ -1084,7 +1090,7 @@ class Store:
     A *shared* store (several servers, one history) numbers messages itself:
     the hub calls its ``publish``, ``take``, ``ack`` and ``give_back``
     instead, and the
-    store feeds every message to ``hub._follow`` in order.
+    store feeds every message to ``hub.follow`` in order.
     """
 
     #: True when the store numbers messages for several hubs.
@@ -1165,7 +1171,7 @@ class SqliteStore(Store):
             messages = []
             for seq, wire in db.execute("SELECT seq, json FROM messages ORDER BY seq"):
                 d = json.loads(wire)  # as the wire carried it
-                messages.append(Message(seq, hub._cursor(seq), d["channel"], d["message"],
+                messages.append(Message(seq, hub.cursor_for(seq), d["channel"], d["message"],
                                         d.get("title"), d.get("priority"), None, d["time"]))
             columns = [row[1] for row in db.execute("PRAGMA table_info(channels)")]
             if "queue" not in columns:  # a file from before leases
@@ -1179,7 +1185,7 @@ class SqliteStore(Store):
             self._window = hub.idempotency_window
             keys = db.execute("SELECT key, at, seq, channel, time FROM keys WHERE at >= ? "
                               "ORDER BY at", (time.time() - self._window,)).fetchall()
-            hub._follow(messages, int(meta.get("seq", 0)), marks,
+            hub.follow(messages, int(meta.get("seq", 0)), marks,
                         int(meta.get("forgotten", 0)), keys=keys, queues=queues)
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open the store {self.path}: {exc}") from None
@@ -1475,7 +1481,7 @@ class RedisStore(Store):
                                                        _R_KEY + (key or "")],
                                   args=[channel, repr(at), payload, _encode(title),
                                         _encode(priority), hub.retention, _R_FEED_LENGTH,
-                                        hub.history, hub._seq, key or "",
+                                        hub.history, hub.head, key or "",
                                         max(1, math.ceil(hub.idempotency_window))])
                 break
             except _AnotherHistory:  # Redis lost its data and another server began anew
@@ -1491,16 +1497,16 @@ class RedisStore(Store):
         with self._feed_lock:  # the feed's next message: apply it now, without reading it
             if seq == self._last + 1 and not hub.closed:
                 self._last = seq
-                hub._follow([Message(seq, hub._cursor(seq), channel, None, title, priority,
+                hub.follow([Message(seq, hub.cursor_for(seq), channel, None, title, priority,
                                      payload, at)])
         for _ in range(3):  # else read the feed up to it, so a read now sees it
-            if hub._seq >= seq or hub._closed:
+            if hub.head >= seq or hub.closed:
                 break
             try:
                 self._read_feed(hub, self.client, None)
             except self._redis.RedisError:
                 break  # it is taken; the feed thread brings it when it can
-        return Message(seq, hub._cursor(seq), channel, message, title, priority, payload, at)
+        return Message(seq, hub.cursor_for(seq), channel, message, title, priority, payload, at)
 
     def take(self, hub: "Hub", channel: str, lease: float | None) -> Message | None:
         receipt = secrets.token_hex(8) if lease is not None else ""
@@ -1559,7 +1565,7 @@ class RedisStore(Store):
         if isinstance(fields, list):  # a script's reply: [name, value, ...]
             fields = dict(zip(fields[::2], fields[1::2]))
         seq = int(entry_id.split(b"-")[0])
-        return Message(seq, hub._cursor(seq), channel, None,
+        return Message(seq, hub.cursor_for(seq), channel, None,
                        json.loads(fields[b"ti"]), json.loads(fields[b"pr"]), fields[b"m"],
                        float(fields[b"t"]))
 
@@ -1567,7 +1573,7 @@ class RedisStore(Store):
         """Read every channel's stream past the hub's head (at start, and
         when the feed has moved on beyond what this server saw)."""
         client = self.client
-        after, head = hub._seq, int(client.get(_R_SEQ) or 0)
+        after, head = hub.head, int(client.get(_R_SEQ) or 0)
         messages: list[Message] = []
         for key in client.scan_iter(match=_R_STREAM + "*", count=1000):
             channel = key.decode()[len(_R_STREAM):]
@@ -1580,7 +1586,7 @@ class RedisStore(Store):
         lost = int(lost or 0)
         if history is None or history.decode() != hub.history or int(seq or 0) < head:
             lost = max(lost, head)  # Redis lost its data while this read it: assume the worst
-        hub._follow(messages, head, marks, int(forgotten or 0), lost)
+        hub.follow(messages, head, marks, int(forgotten or 0), lost)
         self._last = max(head, after)  # (head is lower if Redis lost its data)
 
     def _check_history(self, hub: "Hub", idle: bool) -> None:
@@ -1591,10 +1597,10 @@ class RedisStore(Store):
         *idle* and Redis is numbered past this hub, the feed lost what this
         hub had not read yet: catch up (and learn what is lost)."""
         history, seq = self._reseed(keys=[_R_HISTORY, _R_SEQ, _R_LOST],
-                                    args=[hub.history, hub._seq])
+                                    args=[hub.history, hub.head])
         if history.decode() != hub.history:
             self._adopt(hub)
-        elif idle and int(seq) > hub._seq:
+        elif idle and int(seq) > hub.head:
             with self._feed_lock:
                 self._catch_up(hub)
 
@@ -1622,13 +1628,13 @@ class RedisStore(Store):
                     if seq <= self._last:
                         continue  # the other reader applied it
                     if seq != self._last + 1:  # the feed was trimmed past us
-                        hub._follow(messages)
+                        hub.follow(messages)
                         self._catch_up(hub)
                         return True
                     messages.append(self._message(hub, fields[b"c"].decode(),
                                                   entry_id, fields))
                     self._last = seq
-            hub._follow(messages)
+            hub.follow(messages)
         return bool(reply)
 
     def _follow(self, hub: "Hub") -> None:
