@@ -2,6 +2,7 @@
 import http.client
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -12,6 +13,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import longpoll  # noqa: E402
 
 E2E = os.environ.get("LONGPOLL_E2E") == "1"
+
+# A shell without job control starts background commands with Ctrl-C
+# ignored, and children inherit that: the tests that press Ctrl-C on a
+# `python -m longpoll` process would then wait for it in vain. Children of
+# a handled SIGINT start with the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_until(predicate, timeout=10.0, interval=0.01, what="condition"):
