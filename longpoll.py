@@ -41,6 +41,7 @@ __all__ = [
     "Auth",
     "Batch",
     "Client",
+    "Draft",
     "Handler",
     "Hub",
     "LongpollError",
@@ -326,6 +327,16 @@ class Message:
 
     def __repr__(self) -> str:
         return f"<Message {self.id} on {self.channel}: {self.payload[:40]!r}>"
+
+
+class Draft(NamedTuple):
+    """A message on its way to a store, before it has a number."""
+    channel: str
+    message: Any
+    title: str | None
+    priority: int | None
+    payload: bytes  # the message as JSON, encoded once
+    key: str | None  # the publish's idempotency key
 
 
 class Batch(NamedTuple):
@@ -645,23 +656,34 @@ class Hub:
         with self._lock:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
-            if not self.store.shared:
-                known = self._keys.get(key, time.time()) if key is not None else None
-                if known is not None:
-                    return self.replayed(*known[1:])
-                self._make_room((channel,))
-                msg = Message(self._seq + 1, self.cursor_for(self._seq + 1), channel,
-                              message, title, priority, payload)
-                self.store.append(msg, key)  # kept before it is acknowledged; may raise
-                self._seq += 1
-                self.published += 1
-                waiters = self._apply(msg)
-                if key is not None:
-                    self._keys.remember(key, time.time(), msg.seq, channel, msg.time)
-            else:
-                self._make_room((channel,))
-        if self.store.shared:  # the store numbers it (and keeps its key); the feed brings it
-            return self.store.publish(self, channel, message, title, priority, payload, key)
+            self._make_room((channel,))
+        # Who numbers it is the store's choice: by default this hub does
+        # (``number`` below); a store shared by several servers numbers it
+        # itself and brings it back through ``follow``.
+        return self.store.publish(self, Draft(channel, message, title, priority, payload, key))
+
+    def number(self, draft: "Draft", keep: Callable[[Message, str | None], None]) -> Message:
+        """For stores (``Store.publish``): number *draft* here, have *keep*
+        keep it (raise to refuse it), then apply it and wake its waiters,
+        all under the lock; or, for a key used within the window, return
+        the first publish's message (``replayed``)."""
+        channel, key = draft.channel, draft.key
+        with self._lock:
+            if self._closed:
+                raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
+            known = self._keys.get(key, time.time()) if key is not None else None
+            if known is not None:
+                return self.replayed(*known[1:])
+            self._make_room((channel,))
+            seq = self._seq + 1
+            msg = Message(seq, self.cursor_for(seq), channel, draft.message, draft.title,
+                          draft.priority, draft.payload)
+            keep(msg, key)  # kept before it is acknowledged; may raise
+            self._seq = seq
+            self.published += 1
+            waiters = self._apply(msg)
+            if key is not None:
+                self._keys.remember(key, time.time(), seq, channel, msg.time)
         for wake in waiters:
             wake()
         return msg
@@ -763,7 +785,7 @@ class Hub:
             raise _bad_request(
                 f"invalid since {since!r}: pass 0 or a cursor this server returned")
         seq = int(match.group(2))
-        if match.group(1) != self.history or seq > self._seq and not self.store.shared:
+        if match.group(1) != self.history or seq > self._seq and not self.store.lag:
             return Position(0, False, True)  # another history: answer from the oldest
         if seq > self._seq:  # another server's news, not here yet: see settle()
             return Position(seq, False, False, self.history)
@@ -870,7 +892,8 @@ class Hub:
             position = self.locate(since)  # "from now on" is fixed when the call starts
 
         def attempt() -> tuple[bool, Batch]:
-            batch = self._read(names, position, limit)
+            with self._lock:
+                batch = self._read(names, position, limit)
             return bool(batch.messages or batch.gap), batch
 
         return self._block(names, attempt, timeout)
@@ -888,53 +911,66 @@ class Hub:
         check_channel(channel)
         if lease is not None and not 0 < lease <= 86400:
             raise _bad_request("a lease is from 0 to 86400 seconds")
-        shared = self.store.shared  # (taken once across every server: the store decides)
 
         def attempt() -> tuple[bool, Message | None]:
-            if shared:
-                msg = self.store.take(self, channel, lease)
-            else:
-                self._make_room((channel,))
-                ch = self._channel(channel)
-                msg = ch.hand_out(lease, time.time())
-                if msg is not None or ch.queue is not None:
-                    self.store.took(channel, ch.taken, ch.queue_json())
+            msg = self.store.take(self, channel, lease)  # (the store decides who hands out)
             return msg is not None, msg
 
-        return self._block((channel,), attempt, timeout, locked=not shared)
+        return self._block((channel,), attempt, timeout)
 
     def ack(self, receipt: str, channel: str = DEFAULT_CHANNEL) -> bool:
         """Keep a leased message taken for good; False if its lease ended
         (it went back to the queue) or it was acknowledged already."""
         check_channel(channel)
-        if self.store.shared:
-            return self.store.ack(self, channel, receipt)
-        with self._lock:
-            ch = self._channels.get(channel)
-            if ch is None or ch.queue is None or not ch.queue.ack(receipt, time.time()):
-                return False
-            self.store.took(channel, ch.taken, ch.queue_json())
-            return True
+        return self.store.ack(self, channel, receipt)
 
     def give_back(self, msg: Message) -> None:
         """Put a message ``take`` handed out back at the head of its queue
         (its taker never got it); waiting takers are woken."""
-        if self.store.shared:
-            self.store.give_back(self, msg.channel, msg.seq)
+        self.store.give_back(self, msg.channel, msg.seq)
         with self._lock:
             ch = self._channel(msg.channel)
-            if not self.store.shared:
-                ch.queue = ch.queue or WorkQueue()
-                ch.queue.give_back(msg.seq)
-                self.store.took(ch.name, ch.taken, ch.queue.to_json())
             waiters, ch.waiters = ch.waiters, set()
         for wake in waiters:
             wake()
 
+    # /receive's queue kept here, for stores that leave it to the hub (the
+    # default ``Store.take``, ``ack`` and ``give_back``): *keep* is called
+    # under the lock with each change, as (channel, taken mark, queue JSON).
+
+    def hand_out(self, channel: str, lease: float | None,
+                 keep: Callable[[str, int, str | None], None]) -> Message | None:
+        """For stores: the next message of *channel*'s queue, or None."""
+        with self._lock:
+            self._make_room((channel,))
+            ch = self._channel(channel)
+            msg = ch.hand_out(lease, time.time())
+            if msg is not None or ch.queue is not None:
+                keep(channel, ch.taken, ch.queue_json())
+            return msg
+
+    def acknowledge(self, channel: str, receipt: str,
+                    keep: Callable[[str, int, str | None], None]) -> bool:
+        """For stores: end *receipt*'s lease with its message taken for good."""
+        with self._lock:
+            ch = self._channels.get(channel)
+            if ch is None or ch.queue is None or not ch.queue.ack(receipt, time.time()):
+                return False
+            keep(channel, ch.taken, ch.queue_json())
+            return True
+
+    def requeue(self, channel: str, seq: int,
+                keep: Callable[[str, int, str | None], None]) -> None:
+        """For stores: put message *seq* back at the head of *channel*'s queue."""
+        with self._lock:
+            ch = self._channel(channel)
+            ch.queue = ch.queue or WorkQueue()
+            ch.queue.give_back(seq)
+            keep(channel, ch.taken, ch.queue.to_json())
+
     def _block(self, names: tuple[str, ...],
-               attempt: Callable[[], tuple[bool, Any]], timeout: float,
-               locked: bool = True) -> Any:
-        """Call *attempt* (under the lock if *locked*) until it is done, time
+               attempt: Callable[[], tuple[bool, Any]], timeout: float) -> Any:
+        """Call *attempt* until it is done, time
         runs out or the hub closes, and return its last answer. Between
         attempts, sleep until ``watch`` says *names* changed: the watch is
         set before each attempt, so no publish between the two is missed.
@@ -946,11 +982,7 @@ class Hub:
                 woken = threading.Event()
                 cancel = self.watch(names, woken.set)
                 try:
-                    if locked:
-                        with self._lock:
-                            done, result = attempt()
-                    else:
-                        done, result = attempt()
+                    done, result = attempt()
                     remaining = deadline - time.monotonic()
                     if done or self._closed or remaining <= 0:
                         return result
@@ -1074,27 +1106,40 @@ class Store:
     """The interface, and ``memory:``: keeps nothing, so a restart begins a
     new history (old cursors then get ``gap``).
 
-    A hub calls, under its lock: ``open(hub)`` once, to give back what was
-    kept (``hub.history``, then messages, sequence and marks through
-    ``hub.follow``);
+    A store is also the hub's strategy for sharing: how messages get their
+    numbers and how ``/receive`` hands them out. ``publish(hub, draft)``,
+    ``take(hub, channel, lease)``, ``ack(hub, channel, receipt)`` and
+    ``give_back(hub, channel, seq)`` (not under the lock) leave it to the
+    hub by default: it numbers each message and keeps the queues, under
+    its lock, and calls the store to keep them:
     ``append(msg, key)`` before a publish is acknowledged (raise to refuse
     it), with its idempotency key (keep it for ``hub.idempotency_window``
     seconds and give it back through ``follow`` on open);
     ``took(channel, taken, queue)`` when ``/receive``'s queue changes (its
-    mark, and the ``WorkQueue`` as JSON, or None);
-    ``dropped(messages)`` when retention drops some; and ``close()``. Not
-    under the lock, from ``Hub.prune`` now and then (on a server, off its
-    loop when the store is shared): ``pruned(head, watermark, forgotten)``
-    with the hub's head, its forgotten-channel watermark and the channels
-    forgotten since the last call ({name: newest dropped seq}).
-    A *shared* store (several servers, one history) numbers messages itself:
-    the hub calls its ``publish``, ``take``, ``ack`` and ``give_back``
-    instead, and the
-    store feeds every message to ``hub.follow`` in order.
+    mark, and the ``WorkQueue`` as JSON, or None).
+    A store shared by several servers overrides those four to number and
+    hand out messages itself, feeds every message to ``hub.follow`` in
+    order (from any server), and sets ``lag``.
+
+    A hub also calls, under its lock: ``open(hub)`` once, to give back what
+    was kept (``hub.history``, then messages, sequence and marks through
+    ``hub.follow``); ``dropped(messages)`` when retention drops some; and
+    ``close()``. Not under the lock, from ``Hub.prune`` now and then:
+    ``pruned(head, watermark, forgotten)`` with the hub's head, its
+    forgotten-channel watermark and the channels forgotten since the last
+    call ({name: newest dropped seq}).
+
+    A server makes every call that may wait on the network (``remote``)
+    on a worker thread, never on its loop.
     """
 
-    #: True when the store numbers messages for several hubs.
-    shared = False
+    #: Seconds another server's message may take to reach this hub (a
+    #: shared store's feed): a cursor ahead of the hub is waited for that
+    #: long before it is answered as unplaceable. 0: the hub numbers every
+    #: message, so a cursor ahead of it was never handed out.
+    lag = 0.0
+    #: True when calls wait on the network (a server makes them off its loop).
+    remote = False
     #: What ``open_store`` was given (passwords masked).
     url = "memory:"
     #: Requests the store failed (counted by ``_unavailable``; in /metrics).
@@ -1102,6 +1147,18 @@ class Store:
 
     def open(self, hub: "Hub") -> None:
         pass
+
+    def publish(self, hub: "Hub", draft: Draft) -> Message:
+        return hub.number(draft, self.append)
+
+    def take(self, hub: "Hub", channel: str, lease: float | None) -> Message | None:
+        return hub.hand_out(channel, lease, self.took)
+
+    def ack(self, hub: "Hub", channel: str, receipt: str) -> bool:
+        return hub.acknowledge(channel, receipt, self.took)
+
+    def give_back(self, hub: "Hub", channel: str, seq: int) -> None:
+        hub.requeue(channel, seq, self.took)
 
     def append(self, msg: Message, key: str | None = None) -> None:
         pass
@@ -1117,19 +1174,6 @@ class Store:
 
     def close(self) -> None:
         pass
-
-    def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
-                priority: int | None, payload: bytes, key: str | None) -> Message:
-        raise NotImplementedError
-
-    def take(self, hub: "Hub", channel: str, lease: float | None) -> Message | None:
-        raise NotImplementedError
-
-    def ack(self, hub: "Hub", channel: str, receipt: str) -> bool:
-        raise NotImplementedError
-
-    def give_back(self, hub: "Hub", channel: str, seq: int) -> None:
-        raise NotImplementedError
 
 
 def _unavailable(store: Store, what: str, exc: Exception) -> LongpollError:
@@ -1413,7 +1457,8 @@ class RedisStore(Store):
     connection, and reads are answered from memory. Needs ``pip install
     redis`` (imported here only)."""
 
-    shared = True
+    lag = 1.0
+    remote = True
 
     def __init__(self, url: str) -> None:
         try:
@@ -1471,8 +1516,8 @@ class RedisStore(Store):
             self._retry_at = time.monotonic() + 1.0
             raise _unavailable(self, "the store is unavailable", exc) from None
 
-    def publish(self, hub: "Hub", channel: str, message: Any, title: str | None,
-                priority: int | None, payload: bytes, key: str | None) -> Message:
+    def publish(self, hub: "Hub", draft: Draft) -> Message:
+        channel, message, title, priority, payload, key = draft
         at = round(time.time(), 3)
         for attempt in range(2):
             try:
@@ -2293,10 +2338,10 @@ class Handler:
     def on_worker(self, request: Request) -> bool:
         """Whether *request* is handled on a worker thread: a publish with a
         large body to decode, or through a store across the network."""
-        shared = self.server.hub.store.shared
+        remote = self.server.hub.store.remote
         return (request.route in ("publish", "send")
-                and (len(request.body) > self.server.inline_body_limit or shared)
-                or request.route == "ack" and shared)
+                and (len(request.body) > self.server.inline_body_limit or remote)
+                or request.route == "ack" and remote)
 
     def token(self, request: Request) -> str | None:
         """The credentials sent: ``Authorization: Bearer``, else ``?token=``."""
@@ -3242,10 +3287,6 @@ class Waiters:
     #: seconds, so each answer carries a batch instead of one message; a
     #: poll is never held back longer than this. 0 turns it off.
     coalesce = 0.005
-    #: Seconds a cursor ahead of this server (another server's news, with a
-    #: shared store) waits for the feed before it is taken as unplaceable.
-    settle_after = 1.0
-
     def __init__(self, server: "Server", protocol: HTTPProtocol, loop: Loop) -> None:
         self.server, self.hub = server, server.hub
         self.protocol, self.loop = protocol, loop
@@ -3282,7 +3323,7 @@ class Waiters:
         """Answer a long-poll now if there is something to say, else park it."""
         names, position, timeout, limit = poll
         if self.hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
-            timeout = max(timeout, self.settle_after)
+            timeout = max(timeout, self.hub.store.lag)
         batch = self.hub.read_checked(names, position, limit, self.server.max_answer)
         ready = bool(batch.messages or batch.gap)
         if timeout <= 0 or self._stopping() or (
@@ -3316,7 +3357,7 @@ class Waiters:
             return
         self.streams[conn] = None
         self._park(conn, request, State.STREAMING,
-                   self.settle_after if self.hub.ahead(position) else None)
+                   self.hub.store.lag if self.hub.ahead(position) else None)
         self._fired[group] = None  # send what is already there at the next fan-out
         self.loop.send(conn, head + b": connected\n\n")
 
@@ -3334,7 +3375,7 @@ class Waiters:
                 logger.exception("error asking the store %s", self.hub.store.url)
                 return LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
 
-        if not self.hub.store.shared:
+        if not self.hub.store.remote:
             then(run())
             return
         self.server.pool.submit(lambda: self.loop.call_soon(functools.partial(then, run())))
@@ -3342,7 +3383,7 @@ class Waiters:
     def take(self, conn: Connection, request: Request, take: Take) -> None:
         """``/receive``: hand over the next untaken message, or park."""
         head = self.hub.locate(None)
-        if self.hub.store.shared:
+        if self.hub.store.remote:
             conn.state, conn.deadline = State.BUSY, None  # while the store answers
         self._with_store(functools.partial(self.hub.take, take.channel, timeout=0,
                                            lease=take.lease),
@@ -3380,7 +3421,7 @@ class Waiters:
         """Go on with *conn*'s pipelined requests after an answer that came
         from a worker (when the answer came at once, the HTTP layer's own
         loop goes on; resuming here too would recurse)."""
-        if self.hub.store.shared:
+        if self.hub.store.remote:
             self.protocol.resume(conn)
 
     def _respond_taken(self, conn: Connection, request: Request, msg: Message | None) -> None:
@@ -3587,7 +3628,7 @@ class Waiters:
 
     def _serve_takers(self) -> None:
         """A publish reached the queue: take for the parked takers, one
-        message at a time (asking the store off the loop, if it is shared)."""
+        message at a time (asking the store off the loop, if it is remote)."""
         self._taker_watch = None
         if self._takers and not self._taking:
             self._taking = True
@@ -3916,7 +3957,7 @@ class Server:
         now = time.monotonic()
         if now >= self._next_prune:
             self._next_prune = now + 10.0
-            if not self.hub.store.shared:
+            if not self.hub.store.remote:
                 self.hub.prune()
             elif self._pruning is None or self._pruning.done():  # off the loop: it asks Redis
                 self._pruning = self.pool.submit(self.hub.prune)
