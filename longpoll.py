@@ -3657,6 +3657,16 @@ class Waiters:
                 DEFAULT_CHANNEL, functools.partial(self.loop.call_soon, self._serve_takers),
                 since=head)
 
+    def retry_takers(self) -> None:
+        """Once a second, while takers are parked: take again. A lease that
+        ends puts its message back without a publish, and with a shared
+        store a message given back on another server wakes no one here."""
+        if self._takers and not self._taking:
+            if self._taker_watch is not None:
+                self._taker_watch()  # (_serve_takers sets a new one if it finds nothing)
+                self._taker_watch = None
+            self._serve_takers()
+
     # -- when the server changes or closes ----------------------------------------------
 
     def reauthorize(self, auth: "Auth | None") -> None:
@@ -3955,6 +3965,7 @@ class Server:
     def service_actions(self) -> None:
         """Housekeeping, about once a second, on the loop."""
         now = time.monotonic()
+        self.waiters.retry_takers()
         if now >= self._next_prune:
             self._next_prune = now + 10.0
             if not self.hub.store.remote:

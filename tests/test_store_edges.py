@@ -236,6 +236,26 @@ def test_a_leased_message_comes_back_unless_acknowledged(queue_pair):
     assert request(a, "GET", "/receive?lease=0").status == 400
 
 
+def test_a_parked_taker_gets_what_comes_back_without_a_publish(queue_pair):
+    """A lease that ends, or a message given back on another server, wakes
+    the takers parked meanwhile (within about a second): nothing is
+    published that would wake them otherwise."""
+    a, b = queue_pair
+    a.hub.publish("default", "work")
+    assert receive(a, "lease=0.5&timeout=0")["message"] == "work"
+    assert receive(b, "timeout=20")["message"] == "work"  # parked when the lease ends
+    a.hub.publish("default", "more")
+    msg = a.hub.take("default", timeout=0)
+    import threading
+    got = []
+    taker = threading.Thread(target=lambda: got.append(receive(b, "timeout=20")))
+    taker.start()
+    wait_until(lambda: b.waiting == 1, what="the taker to park")
+    a.hub.give_back(msg)  # a's taker never got it
+    taker.join(20)
+    assert not taker.is_alive() and got[0]["message"] == "more"
+
+
 def test_leases_and_the_queue_survive_kill_9(tmp_path):
     import signal
     from test_cli import Process, get_json
