@@ -1444,6 +1444,165 @@ end
 """
 
 
+class _RedisError(Exception):
+    """Redis could not be reached, or its connection broke."""
+
+
+class _RedisReplyError(_RedisError):
+    """Redis answered a command with an error."""
+
+
+class _RedisClient:
+    """A small Redis client, all ``RedisStore`` needs: ``call(*args)`` sends a
+    command (RESP2) and returns its reply (bytes, int, None or a list), and
+    ``script(source)`` gives a function that runs a Lua script (``EVALSHA``,
+    loading it on ``NOSCRIPT``). Thread-safe: a call borrows an idle
+    connection or opens one; a connection that fails is dropped.
+
+    *url*: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` the
+    same over TLS (the server's certificate is checked against the system's
+    CAs), or ``unix:///path/to/socket?db=N&password=P``.
+    """
+
+    def __init__(self, url: str, timeout: float, connect_timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"not a Redis URL: {parts.scheme}://")
+        self._unix = parts.path if parts.scheme == "unix" else None
+        self._tls = parts.scheme == "rediss"
+        self._host, self._port = parts.hostname or "localhost", parts.port or 6379
+        path_db = "" if self._unix else parts.path.strip("/")
+        try:
+            self._db = int(path_db or query.get("db", ["0"])[0])
+        except ValueError:
+            raise ValueError(f"not a database number: {path_db or query['db'][0]!r}") from None
+        password = (urllib.parse.unquote(parts.password) if parts.password is not None
+                    else query.get("password", [None])[0])
+        username = urllib.parse.unquote(parts.username) if parts.username else None
+        # (AUTH with a user name: Redis 6 accepts any password for a user
+        # without one, as redis-py's clients expect)
+        self._auth = ("AUTH", username or "default", password) if password else None
+        self.timeout, self._connect_timeout = timeout, connect_timeout
+        self._idle: list[tuple[socket.socket, Any]] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> tuple[socket.socket, Any]:
+        if self._unix is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._connect_timeout)
+            try:
+                sock.connect(self._unix)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((self._host, self._port), self._connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls:
+                if ssl is None:
+                    raise OSError("this Python has no ssl module for rediss://")
+                sock = ssl.create_default_context().wrap_socket(
+                    sock, server_hostname=self._host)
+        sock.settimeout(self.timeout)
+        conn = (sock, sock.makefile("rb"))
+        try:
+            if self._auth is not None:
+                self._exchange(conn, self._auth)
+            if self._db:
+                self._exchange(conn, ("SELECT", self._db))
+        except BaseException:
+            self._close(conn)
+            raise
+        return conn
+
+    @staticmethod
+    def _close(conn: tuple[socket.socket, Any]) -> None:
+        conn[1].close()
+        conn[0].close()
+
+    @staticmethod
+    def _encode(args: Iterable[Any]) -> bytes:
+        out = [b"*%d\r\n" % len(args)]  # type: ignore[arg-type]
+        for arg in args:
+            if not isinstance(arg, bytes):
+                arg = str(arg).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        return b"".join(out)
+
+    def _exchange(self, conn: tuple[socket.socket, Any], args: tuple[Any, ...]) -> Any:
+        conn[0].sendall(self._encode(args))
+        reply = self._read(conn[1])
+        if isinstance(reply, _RedisReplyError):
+            raise reply
+        return reply
+
+    def _read(self, f: Any) -> Any:
+        line = f.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("Redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            data = f.read(size + 2)
+            if len(data) != size + 2:
+                raise ConnectionError("Redis closed the connection")
+            return data[:-2]
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [self._read(f) for _ in range(count)]
+        if kind == b":":
+            return int(rest)
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return _RedisReplyError(rest.decode(errors="replace"))
+        raise ConnectionError(f"not a Redis reply: {line[:40]!r}")
+
+    def call(self, *args: Any) -> Any:
+        """Send one command; return its reply. Raises ``_RedisReplyError``
+        for an error reply, ``_RedisError`` when Redis cannot be reached."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None:
+                conn = self._connect()
+            reply = self._exchange(conn, args)
+        except _RedisReplyError:
+            if conn is not None:  # (the reply was read whole: the connection is good)
+                with self._lock:
+                    self._idle.append(conn)
+            raise
+        except (OSError, ValueError) as exc:  # (a timeout is an OSError)
+            if conn is not None:
+                self._close(conn)
+            raise _RedisError(str(exc) or type(exc).__name__) from None
+        with self._lock:
+            self._idle.append(conn)
+        return reply
+
+    def script(self, source: str) -> Callable[[list[Any], list[Any]], Any]:
+        """A function ``run(keys, args)`` that runs the Lua *source*."""
+        sha = hashlib.sha1(source.encode()).hexdigest()
+
+        def run(keys: list[Any], args: list[Any]) -> Any:
+            try:
+                return self.call("EVALSHA", sha, len(keys), *keys, *args)
+            except _RedisReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                return self.call("EVAL", source, len(keys), *keys, *args)  # (and keeps it)
+        return run
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self._close(conn)
+
+
 class _AnotherHistory(Exception):
     """Redis holds a history other than the hub's (see ``RedisStore._adopt``)."""
 
@@ -1454,30 +1613,24 @@ class RedisStore(Store):
     is good on all), keeps a stream per channel (``XADD`` with ``MAXLEN``),
     and appends each message to a feed that one thread per server follows
     (``XREAD BLOCK``) into its hub: parked clients cost no Redis
-    connection, and reads are answered from memory. Needs ``pip install
-    redis`` (imported here only)."""
+    connection, and reads are answered from memory. Needs nothing but
+    Redis 6.2 or later (its own small client, ``_RedisClient``)."""
 
     lag = 1.0
     remote = True
 
     def __init__(self, url: str) -> None:
-        try:
-            import redis
-        except ImportError:
-            raise ValueError("the redis store needs the redis package: "
-                             "pip install 'longpoll[redis]'") from None
-        self._redis = redis
-        self.url = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
-        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
-        self._feed_client = redis.Redis.from_url(url, socket_timeout=10,
-                                                 socket_connect_timeout=5)
+        self.url = re.sub(r"([?&]password=)[^&]*", r"\1***",  # passwords masked
+                          re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url))
+        self.client = _RedisClient(url, timeout=5, connect_timeout=2)
+        self._feed_client = _RedisClient(url, timeout=10, connect_timeout=5)
         self._dropped: dict[str, int] = {}  # per channel: dropped here, to trim in Redis
-        self._publish = self.client.register_script(_R_PUBLISH)
-        self._take = self.client.register_script(_R_TAKE)
-        self._ack = self.client.register_script(_R_ACK)
-        self._give_back = self.client.register_script(_R_GIVE_BACK)
-        self._trim = self.client.register_script(_R_TRIM)
-        self._reseed = self.client.register_script(_R_RESEED)
+        self._publish = self.client.script(_R_PUBLISH)
+        self._take = self.client.script(_R_TAKE)
+        self._ack = self.client.script(_R_ACK)
+        self._give_back = self.client.script(_R_GIVE_BACK)
+        self._trim = self.client.script(_R_TRIM)
+        self._reseed = self.client.script(_R_RESEED)
         self._checked = 0.0  # when the feed thread last checked Redis's history
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -1491,8 +1644,8 @@ class RedisStore(Store):
             hub.history = self._reseed(keys=[_R_HISTORY, _R_SEQ, _R_LOST],
                                        args=[hub.history, 0])[0].decode()
             self._catch_up(hub)
-            self._feed_id = self._feed_client.client_id()
-        except self._redis.RedisError as exc:
+            self._feed_id = self._feed_client.call("CLIENT", "ID")
+        except _RedisError as exc:
             raise ValueError(f"cannot use the store {self.url}: {exc}") from None
         self._thread = threading.Thread(target=self._follow, args=(hub,),
                                         name="longpoll-redis-feed", daemon=True)
@@ -1507,12 +1660,12 @@ class RedisStore(Store):
                                 {"Retry-After": "1"})
         try:
             return call(*args, **kwargs)
-        except self._redis.ResponseError as exc:
+        except _RedisReplyError as exc:
             if "another history" in str(exc):
                 raise _AnotherHistory() from None
             self._retry_at = time.monotonic() + 1.0
             raise _unavailable(self, "the store is unavailable", exc) from None
-        except self._redis.RedisError as exc:
+        except _RedisError as exc:
             self._retry_at = time.monotonic() + 1.0
             raise _unavailable(self, "the store is unavailable", exc) from None
 
@@ -1549,7 +1702,7 @@ class RedisStore(Store):
                 break
             try:
                 self._read_feed(hub, self.client, None)
-            except self._redis.RedisError:
+            except _RedisError:
                 break  # it is taken; the feed thread brings it when it can
         return Message(seq, hub.cursor_for(seq), channel, message, title, priority, payload, at)
 
@@ -1595,8 +1748,8 @@ class RedisStore(Store):
                and thread is not threading.current_thread()):
             try:  # end its XREAD now (again, if it had not begun one yet)
                 if self._feed_id is not None:
-                    self.client.client_unblock(self._feed_id)
-            except self._redis.RedisError:
+                    self.client.call("CLIENT", "UNBLOCK", self._feed_id)
+            except _RedisError:
                 pass
             thread.join(0.05)
         self._feed_client.close()
@@ -1617,17 +1770,23 @@ class RedisStore(Store):
     def _catch_up(self, hub: "Hub") -> None:
         """Read every channel's stream past the hub's head (at start, and
         when the feed has moved on beyond what this server saw)."""
-        client = self.client
-        after, head = hub.head, int(client.get(_R_SEQ) or 0)
+        call = self.client.call
+        after, head = hub.head, int(call("GET", _R_SEQ) or 0)
         messages: list[Message] = []
-        for key in client.scan_iter(match=_R_STREAM + "*", count=1000):
-            channel = key.decode()[len(_R_STREAM):]
-            for entry_id, fields in client.xrange(key, f"({after}-0", f"{head}-0"):
-                messages.append(self._message(hub, channel, entry_id, fields))
-        marks = {k.decode(): (int(v), 0) for k, v in client.hgetall(_R_DROPPED).items()
+        cursor = b"0"
+        while True:  # every channel's stream
+            cursor, keys = call("SCAN", cursor, "MATCH", _R_STREAM + "*", "COUNT", 1000)
+            for key in keys:
+                channel = key.decode()[len(_R_STREAM):]
+                for entry_id, fields in call("XRANGE", key, f"({after}-0", f"{head}-0"):
+                    messages.append(self._message(hub, channel, entry_id, fields))
+            if cursor == b"0":
+                break
+        dropped = call("HGETALL", _R_DROPPED)
+        marks = {k.decode(): (int(v), 0) for k, v in zip(dropped[::2], dropped[1::2])
                  if int(v) > after}
         messages.sort(key=_seq_of)
-        history, seq, lost, forgotten = client.mget(_R_HISTORY, _R_SEQ, _R_LOST, _R_FORGOTTEN)
+        history, seq, lost, forgotten = call("MGET", _R_HISTORY, _R_SEQ, _R_LOST, _R_FORGOTTEN)
         lost = int(lost or 0)
         if history is None or history.decode() != hub.history or int(seq or 0) < head:
             lost = max(lost, head)  # Redis lost its data while this read it: assume the worst
@@ -1652,7 +1811,7 @@ class RedisStore(Store):
     def _adopt(self, hub: "Hub") -> None:
         """Follow the history Redis holds now, from its beginning."""
         with self._feed_lock:
-            history = self.client.get(_R_HISTORY)
+            history = self.client.call("GET", _R_HISTORY)
             if history is not None and history.decode() != hub.history:
                 logger.warning("%s holds another history (it lost its data and another "
                                "server began anew): following that one", self.url)
@@ -1664,7 +1823,9 @@ class RedisStore(Store):
         """Apply the feed's next messages, in order (from the feed thread,
         or from a publisher that wants its own message applied now); False
         if there were none."""
-        reply = client.xread({_R_FEED: f"{self._last}-0"}, count=1000, block=block)
+        block_args = () if block is None else ("BLOCK", block)
+        reply = client.call("XREAD", "COUNT", 1000, *block_args, "STREAMS", _R_FEED,
+                            f"{self._last}-0") or ()
         with self._feed_lock:
             messages = []
             for _, entries in reply:
@@ -1676,6 +1837,7 @@ class RedisStore(Store):
                         hub.follow(messages)
                         self._catch_up(hub)
                         return True
+                    fields = dict(zip(fields[::2], fields[1::2]))
                     messages.append(self._message(hub, fields[b"c"].decode(),
                                                   entry_id, fields))
                     self._last = seq
@@ -1689,7 +1851,7 @@ class RedisStore(Store):
         while not self._stop.is_set():
             try:
                 if failures:  # a new connection
-                    self._feed_id = self._feed_client.client_id()
+                    self._feed_id = self._feed_client.call("CLIENT", "ID")
                 read = self._read_feed(hub, self._feed_client, 1000)
                 if time.monotonic() >= self._checked + 1.0 and not self._stop.is_set():
                     self._checked = time.monotonic()
@@ -1700,7 +1862,7 @@ class RedisStore(Store):
             except Exception as exc:
                 if self._stop.is_set():
                     return  # close() cut the connection
-                if not isinstance(exc, self._redis.RedisError):
+                if not isinstance(exc, _RedisError):
                     logger.exception("error following the store %s", self.url)
                 elif not failures:
                     logger.warning("lost the store %s (%s); retrying", self.url, exc)

@@ -246,7 +246,7 @@ class RedisProcess:
     """A redis-server of a test's own (no persistence, on a free port), which
     the test may pause (SIGSTOP), resume, or wipe."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, password=None, unixsocket=None):
         import shutil
         import subprocess
         if not shutil.which("redis-server"):
@@ -255,11 +255,14 @@ class RedisProcess:
             pytest.skip("needs redis-server")
         redis = pytest.importorskip("redis")
         self.port = free_port()
+        extra = ["--requirepass", password] if password else []
+        if unixsocket:
+            extra += ["--unixsocket", str(unixsocket)]
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(folder)],
+             "--appendonly", "no", "--dir", str(folder), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{self.port}/0"
         self.admin = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         wait_until(lambda: _pings(self.admin), what="redis-server to start")
 

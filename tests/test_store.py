@@ -11,7 +11,7 @@ import pytest
 
 import longpoll
 from conftest import _pings, free_port, request, wait_until
-from test_cli import Process
+from test_cli import Process, get_json
 
 
 def publish_many(url, channel, count, start=0):
@@ -332,6 +332,36 @@ def test_the_redis_password_is_never_logged(redis_url, caplog):
     assert "hunter2" not in str(caught.value) and "hunter2" not in caplog.text
 
 
+def test_redis_urls_with_a_password_a_database_and_a_unix_socket(tmp_path):
+    """The store's own Redis client speaks to a real redis-server that asks
+    for a password, over TCP and over its Unix socket, in any database."""
+    from conftest import RedisProcess
+    server = RedisProcess(tmp_path, password="s3cret", unixsocket=tmp_path / "redis.sock")
+    hubs = []
+    try:
+        tcp = longpoll.Hub(store=f"redis://:s3cret@127.0.0.1:{server.port}/2")
+        hubs.append(tcp)
+        tcp.publish("a", "over tcp, database 2")
+        unix = longpoll.Hub(store=f"unix://{tmp_path / 'redis.sock'}?db=2&password=s3cret")
+        hubs.append(unix)
+        assert [m.message for m in unix.read("a", "0").messages] == ["over tcp, database 2"]
+        other = longpoll.Hub(store=f"redis://default:s3cret@127.0.0.1:{server.port}/3")
+        hubs.append(other)
+        assert other.read("a", "0").messages == []  # another database, another history
+        for wrong in (f"redis://:nope@127.0.0.1:{server.port}/2",
+                      f"unix://{tmp_path / 'redis.sock'}?password=nope",
+                      f"redis://127.0.0.1:{server.port}/2"):
+            with pytest.raises(ValueError, match="cannot use the store") as caught:
+                longpoll.Hub(store=wrong)
+            assert "nope" not in str(caught.value)
+        with pytest.raises(ValueError, match="not a database number"):
+            longpoll.RedisStore(f"redis://127.0.0.1:{server.port}/two")
+    finally:
+        for hub in hubs:
+            hub.close()
+        server.close()
+
+
 def test_a_second_server_on_the_same_file_is_refused(tmp_path):
     store = f"sqlite:{tmp_path / 'longpoll.db'}"
     first = longpoll.Hub(store=store)
@@ -362,13 +392,17 @@ def test_age_retention_in_redis_and_forgotten_channels(redis_url):
         a.close()
 
 
-def test_without_the_redis_package_serve_says_what_to_install():
-    proc = Process("serve", "--port", "0", "--store", "redis://127.0.0.1:6379/0",
-                   python_flags=["-S"])  # no site-packages: no redis package
-    assert proc.proc.wait(15) == 2
-    proc.expect(r"needs the redis package: pip install 'longpoll\[redis\]'")
-
-
+def test_the_redis_store_needs_no_package(redis_url):
+    """`serve --store redis://` under `python -S` (no site-packages at all):
+    the store speaks to Redis itself."""
+    proc = Process("serve", "--port", "0", "--store", redis_url, python_flags=["-S"])
+    try:
+        url = proc.expect(r"listening on (http://\S+)").group(1)
+        longpoll.Client(url).publish("a", "no package needed")
+        answer = get_json(url + "/channels/a?since=0")
+        assert [m["message"] for m in answer["messages"]] == ["no package needed"]
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0
 def test_blocking_wait_take_and_event_streams_follow_another_server(pair):
     a, b = pair
     results = {}
