@@ -79,6 +79,7 @@ import os
 import random
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -1517,6 +1518,15 @@ class _RedisClient:
         return conn
 
     @staticmethod
+    def _idle_and_open(conn: tuple[socket.socket, Any]) -> bool:
+        """Whether an idle connection is still open: one that reads as
+        ready holds an end of file (or stray bytes), and is not reused."""
+        try:
+            return not select.select([conn[0]], [], [], 0)[0]
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
     def _close(conn: tuple[socket.socket, Any]) -> None:
         conn[1].close()
         conn[0].close()
@@ -1566,6 +1576,9 @@ class _RedisClient:
         for an error reply, ``_RedisError`` when Redis cannot be reached."""
         with self._lock:
             conn = self._idle.pop() if self._idle else None
+        if conn is not None and not self._idle_and_open(conn):
+            self._close(conn)  # Redis closed it meanwhile (a restart, its idle timeout)
+            conn = None
         try:
             if conn is None:
                 conn = self._connect()

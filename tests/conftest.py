@@ -258,13 +258,24 @@ class RedisProcess:
         extra = ["--requirepass", password] if password else []
         if unixsocket:
             extra += ["--unixsocket", str(unixsocket)]
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(folder), *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                        "--save", "", "--appendonly", "no", "--dir", str(folder), *extra]
         self.url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{self.port}/0"
         self.admin = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        self._start()
+
+    def _start(self):
+        import subprocess
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         wait_until(lambda: _pings(self.admin), what="redis-server to start")
+
+    def restart(self):
+        """Stop redis-server and start it again on the same port: its data
+        is gone (no persistence), and so is every connection to it."""
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._start()
 
     def pause(self):
         import signal

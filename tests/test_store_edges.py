@@ -44,6 +44,17 @@ def test_a_hung_redis_stalls_only_the_requests_that_need_it(own_redis, make_serv
         assert resp.status == 503 or resp.json.get("gap") or "message" in resp.json, resp
 
 
+def test_a_redis_restart_costs_no_request(own_redis, make_server):
+    """Connections that Redis closed while idle are not reused: the first
+    publish and take after a restart are answered, not refused."""
+    server = make_server(longpoll.Hub(store=own_redis.url))
+    for _ in range(3):
+        assert request(server, "POST", "/channels/default", "before").status == 201
+    own_redis.restart()
+    assert request(server, "POST", "/channels/default", "after").status == 201
+    assert request(server, "GET", "/receive?timeout=0").json["message"] == "after"
+
+
 # -- Redis loses its data --------------------------------------------------------------
 
 def wipe(redis_url):
