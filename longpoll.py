@@ -2,9 +2,9 @@
 
 Start a server, publish with curl, and wait for the next message::
 
-    python -m longpoll serve                          # http://127.0.0.1:5000
+    python3 -m longpoll serve                         # http://127.0.0.1:5000
     curl -d 'build done' localhost:5000/channels/ci   # publish
-    curl 'localhost:5000/channels/ci?since=0'         # read what the channel holds
+    curl 'localhost:5000/channels/ci?since=0&timeout=0'   # what the channel holds
     curl localhost:5000/channels/ci                   # wait for the next message
 
 or from Python, in the same process or over HTTP::
@@ -358,7 +358,7 @@ class Batch(NamedTuple):
         """The response body, joined from the messages' pre-encoded JSON."""
         gap = b',"gap":true' if self.gap else b""
         return (b'{"messages":[' + b",".join(m.json for m in self.messages)
-                + b'],"cursor":"' + self.cursor.encode() + b'"' + gap + b"}")
+                + b'],"cursor":"' + self.cursor.encode() + b'"' + gap + b"}\n")
 
 
 _seq_of = lambda m: m.seq  # noqa: E731 (the key for bisect and merge)
@@ -1869,6 +1869,7 @@ class RedisStore(Store):
                 if time.monotonic() >= self._checked + 1.0 and not self._stop.is_set():
                     self._checked = time.monotonic()
                     self._check_history(hub, idle=not read)
+
                 if failures:
                     logger.warning("following %s again", self.url)
                 failures = 0
@@ -2004,7 +2005,9 @@ class RateLimit:
 # ---------------------------------------------------------------------------
 
 def _json_body(obj: Any) -> bytes:
-    return _encode(obj).encode()
+    """*obj* as a JSON answer: one line, ending in a newline (a shell's
+    prompt then starts on a line of its own after ``curl``)."""
+    return _encode(obj).encode() + b"\n"
 
 
 def _reject_constant(name: str) -> None:
@@ -2402,6 +2405,9 @@ def _decode_header(value: str, name: str) -> str:
         raise _bad_request(f"the {name} header is not valid UTF-8") from None
 
 
+_HTTP_PRIORITY = re.compile(r"\s*(u=|i\s*(,|$))")
+
+
 def _parse_priority(value: str) -> int:
     text = value.strip().lower()
     if text in PRIORITY_NAMES:
@@ -2444,7 +2450,7 @@ class Handler:
         "/receive/ack": {"POST": "ack"},
     }
     #: Methods of /channels/{names} and of /channels/{names}/events.
-    channel_routes = {"GET": "poll", "POST": "publish"}
+    channel_routes = {"GET": "poll", "POST": "publish", "PUT": "publish"}
     stream_routes = {"GET": "events"}
     #: What each route does to its channels (for auth); /send and /receive
     #: act on the ``default`` channel.
@@ -2602,26 +2608,62 @@ class Handler:
         return int(text)
 
     def publish_body(self, request: Request) -> tuple[Any, str | None, int | None]:
-        """(message, title, priority) from a JSON body or a plain one."""
+        """(message, title, priority) from a publish's body, by the one rule
+        of docs/protocol.md ("What a publish body means"):
+
+        - ``Content-Type: application/json``: an object with a ``"message"``
+          field is an envelope (``"title"`` and ``"priority"`` beside it);
+          any other JSON value is the message itself.
+        - ``application/x-www-form-urlencoded`` holding a ``message`` field
+          (a browser form, jQuery's ``$.post``; Flask's ``request.form``):
+          that field, and ``title`` and ``priority`` fields. Any other body
+          of that type is text: ``curl -d hello`` sends that type too.
+        - Anything else: the body, as UTF-8 text, is the message.
+
+        Title and priority the body does not give come from the ``Title`` /
+        ``X-Title`` and ``Priority`` / ``X-Priority`` headers; a priority is
+        1-5 or a name (min, low, default, high, max, urgent). An empty body
+        is refused: there is nothing to publish.
+        """
         body, headers = request.body, request.headers
+        if not body:
+            raise _bad_request("the body is empty: send the message as the body")
         ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        title = priority = None
         if ctype == "application/json":
             try:
-                data = _decode(body.decode("utf-8"))
+                message = _decode(body.decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too
                 raise _bad_request(f"body is not valid JSON: {exc}") from None
-            if not isinstance(data, dict) or "message" not in data:
-                raise _bad_request('a JSON body must be an object with a "message" field')
-            return data["message"], data.get("title"), data.get("priority")
-        try:
-            message = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _bad_request("body is not valid UTF-8") from None
-        title = headers.get("title") or headers.get("x-title")
-        priority = headers.get("priority") or headers.get("x-priority")
-        return (message,
-                None if title is None else _decode_header(title, "Title"),
-                None if priority is None else _parse_priority(priority))
+            if isinstance(message, dict) and "message" in message:  # the envelope
+                message, title, priority = (message["message"], message.get("title"),
+                                            message.get("priority"))
+        else:
+            try:
+                message = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _bad_request("body is not valid UTF-8") from None
+            if ctype == "application/x-www-form-urlencoded" and "message=" in message:
+                try:
+                    form = urllib.parse.parse_qs(message, keep_blank_values=True,
+                                                 errors="strict", max_num_fields=100)
+                except ValueError:  # (a field that is not UTF-8 too)
+                    raise _bad_request("malformed form body") from None
+                if "message" in form:
+                    message = form["message"][0]
+                    title = form.get("title", [None])[0]
+                    priority = form.get("priority", [None])[0]
+        if title is None:
+            title = headers.get("title") or headers.get("x-title")
+            if title is not None:
+                title = _decode_header(title, "Title")
+        if priority is None:
+            priority = headers.get("x-priority") or headers.get("priority")
+            if priority is not None and _HTTP_PRIORITY.match(priority):
+                priority = None  # RFC 9218's "Priority: u=1, i", which browsers send
+        if isinstance(priority, str):  # a header, a form field, or a name in JSON
+            priority = _parse_priority(priority)
+        return message, title, priority
 
     def handle_preflight(self, request: Request) -> Response:
         """A CORS preflight from an allowed origin: 204 with what may follow."""
@@ -3607,7 +3649,7 @@ class Waiters:
         if msg is not None and msg.receipt is not None:
             body += b',"receipt":"' + msg.receipt.encode() + b'"'
         conn.handed = msg  # (cleared by the HTTP layer once the answer is all written)
-        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body + b"}"))
+        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body + b"}\n"))
 
     def admit(self, conn: Connection, request: Request) -> None:
         """503 with Retry-After when the server, or this client, has as many
@@ -4399,6 +4441,7 @@ class Client:
         backoff and failover: the one retry loop of the client. With *stop*,
         waits end early when it is set, and then None is returned."""
         failures, retries = 0, self.retries if retries is None else retries
+        since = time.monotonic()  # (when this outage began, once one has)
         while True:
             try:
                 return self._request(method, path, body, socket_timeout, cutoff, headers)
@@ -4407,8 +4450,10 @@ class Client:
                     return None
                 if not self._retryable(error, safe) or failures >= retries:
                     raise
+                if not failures:
+                    since = time.monotonic()
                 failures += 1
-                self._failover(error)
+                self._failover(error, time.monotonic() - since)
                 if on_retry is not None:
                     on_retry(error)
                 delay = self._delay(failures, _retry_after(error))
@@ -4430,11 +4475,17 @@ class Client:
         # answer was lost; a 500 is a bug a repeat will not mend.
         return error.status is None or error.status in (429, 502, 503, 504)
 
-    def _failover(self, error: LongpollError) -> None:
+    #: Seconds an outage lasts before its retries are logged as warnings:
+    #: a server's graceful restart (its connections closed, refused for a
+    #: moment) is logged at INFO.
+    quiet_outage = 5.0
+
+    def _failover(self, error: LongpollError, outage: float) -> None:
         if error.status != 429:  # a rate limit is ours to wait out, not the server's fault
             self._current = (self._current + 1) % len(self.urls)
-        logger.warning("%s; retrying%s", error,
-                       f" on {self.urls[self._current]}" if len(self.urls) > 1 else "")
+        logger.log(logging.INFO if outage < self.quiet_outage else logging.WARNING,
+                   "%s; retrying%s", error,
+                   f" on {self.urls[self._current]}" if len(self.urls) > 1 else "")
 
 
 def _retry_after(error: LongpollError) -> float | None:
@@ -4536,9 +4587,12 @@ class Subscription:
 INDEX_TEXT = """\
 longpoll {version}: real-time push over plain HTTP.
 
-Publish:   curl -d 'hello' HOST/channels/NAME
-Read:      curl 'HOST/channels/NAME?since=0'
-Wait:      curl HOST/channels/NAME      (holds until the next message)
+Publish:   curl -d 'hello' HOST/channels/NAME           (or curl -T FILE: PUT)
+Read:      curl 'HOST/channels/NAME?since=0&timeout=0'  (all held, at once)
+Wait:      curl HOST/channels/NAME                      (holds until the next message)
+Stream:    curl -N HOST/channels/NAME/events            (Server-Sent Events)
+Several:   curl HOST/channels/NAME,OTHER                (one cursor for all)
+Queue:     curl HOST/receive                            (each message to one taker)
 Health:    curl HOST/health
 Watch:     open HOST/?channel=NAME in a browser
 """
@@ -4672,12 +4726,12 @@ poll(generation);
 
 EPILOG = """\
 examples:
-  python -m longpoll serve
-  python -m longpoll publish news 'build done' --title CI --priority 4
-  echo '{"ok": true}' | python -m longpoll publish news --json
-  python -m longpoll subscribe news
-  python -m longpoll subscribe news alerts --since 0 --json
-  python -m longpoll subscribe ci --count 1    # wait for the next message, then exit
+  python3 -m longpoll serve
+  python3 -m longpoll publish news 'build done' --title CI --priority 4
+  echo '{"ok": true}' | python3 -m longpoll publish news --json
+  python3 -m longpoll subscribe news
+  python3 -m longpoll subscribe news alerts --since 0 --json
+  python3 -m longpoll subscribe ci --count 1    # wait for the next message, then exit
 """
 
 
@@ -4737,14 +4791,17 @@ def _serve(args: Any) -> int:
     return 0
 
 
-def _print_message(message: dict[str, Any], as_json: bool) -> None:
+def _print_message(message: dict[str, Any], as_json: bool, channel: bool = False) -> None:
+    """One message, one line: ``title: text`` (and ``[channel]`` first when
+    several channels share the output)."""
     if as_json:
         print(json.dumps(message, ensure_ascii=False), flush=True)
         return
     body = message.get("message")
     text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
     title = message.get("title")
-    print(f"{title}: {text}" if title else text, flush=True)
+    line = f"{title}: {text}" if title else text
+    print(f"[{message.get('channel')}] {line}" if channel else line, flush=True)
 
 
 def _publish(args: Any) -> int:
@@ -4766,8 +4823,9 @@ def _publish(args: Any) -> int:
 def _subscribe(args: Any) -> int:
     client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
     with client.subscribe(args.channels, since=args.since) as subscription:
+        several = len(subscription.channels) > 1
         for count, message in enumerate(subscription, 1):
-            _print_message(message, args.json)
+            _print_message(message, args.json, several)
             if count == args.count:
                 break
     return 0

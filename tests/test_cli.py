@@ -31,9 +31,11 @@ class Process:
             env={**os.environ, **(env or {})})
         self.lines = {"out": queue.Queue(), "err": queue.Queue()}
         self.seen = {"out": [], "err": []}
+        self.pumps = {}
         for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr)):
-            threading.Thread(target=self._pump, args=(stream, self.lines[name]),
-                             daemon=True).start()
+            self.pumps[name] = threading.Thread(target=self._pump,
+                                                args=(stream, self.lines[name]), daemon=True)
+            self.pumps[name].start()
 
     @staticmethod
     def _pump(stream, q):
@@ -51,6 +53,15 @@ class Process:
             match = re.search(pattern, line)
             if match:
                 return match
+
+    def rest(self, stream="err", timeout=10):
+        """Once the process has ended: every line it wrote to *stream*."""
+        self.proc.wait(timeout)
+        self.pumps[stream].join(timeout)
+        assert not self.pumps[stream].is_alive()
+        while not self.lines[stream].empty():
+            self.seen[stream].append(self.lines[stream].get())
+        return "".join(self.seen[stream])
 
     def stop(self, sig=signal.SIGTERM, timeout=5):
         if self.proc.poll() is None:
@@ -220,12 +231,12 @@ def test_help_examples_work_when_pasted(serve):
     server = serve()
     env = {**os.environ, "LONGPOLL_URL": server.url}
     examples = [line.split("#")[0].strip() for line in longpoll.EPILOG.splitlines()
-                if "python -m longpoll" in line]
-    assert examples and "python -m longpoll serve" in examples
+                if "python3 -m longpoll" in line]
+    assert examples and "python3 -m longpoll serve" in examples
     python = shlex.quote(sys.executable)
     for example in examples:
-        command = example.replace("python ", python + " ", 1).replace(
-            "| python ", "| " + python + " ")
+        command = example.replace("python3 ", python + " ", 1).replace(
+            "| python3 ", "| " + python + " ")
         if " serve" in example:
             continue  # the fixture runs serve itself
         if " subscribe" in example:

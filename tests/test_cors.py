@@ -22,7 +22,7 @@ def test_preflight_and_headers_for_an_allowed_origin(make_server):
         "Access-Control-Request-Headers": "content-type"})
     assert resp.status == 204
     assert resp.headers["Access-Control-Allow-Origin"] == PAGE
-    assert resp.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+    assert resp.headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, OPTIONS"
     assert resp.headers["Access-Control-Allow-Headers"] == "content-type"
     assert resp.headers["Vary"] == "Origin"
     resp = request(server, "POST", "/channels/x", b"hi", {"Origin": PAGE})

@@ -71,8 +71,9 @@ def test_chunked_publish(server):
     assert poll(server, "/channels/c?since=0")["messages"][0]["message"] == "hello"
 
 
-def test_empty_plain_body_publishes_empty_string(server):
-    publish(server, "e", b"")
+def test_an_empty_body_is_refused_and_an_empty_string_is_a_message(server):
+    assert request(server, "POST", "/channels/e", b"").status == 400
+    publish(server, "e", b'{"message": ""}', **{"Content-Type": "application/json"})
     assert poll(server, "/channels/e?since=0")["messages"][0]["message"] == ""
 
 
@@ -254,11 +255,11 @@ JSON = {"Content-Type": "application/json"}
     ("GET", "/channels/x?limit=1001", None, {}, 400),
     ("GET", "/channels/x?limit=ten", None, {}, 400),
     ("POST", "/channels/x", b"{not json", JSON, 400),
-    ("POST", "/channels/x", b'{"title": "no message"}', JSON, 400),
-    ("POST", "/channels/x", b'["message"]', JSON, 400),
+    ("POST", "/channels/x", b'{"message": 1, "title": 7}', JSON, 400),
+    ("POST", "/channels/x", b'', JSON, 400),
     ("POST", "/channels/x", b'{"message": NaN}', JSON, 400),
     ("POST", "/channels/x", b'{"message": 1, "priority": 9}', JSON, 400),
-    ("POST", "/channels/x", b'{"message": 1, "priority": "high"}', JSON, 400),
+    ("POST", "/channels/x", b'{"message": 1, "priority": "loud"}', JSON, 400),
     ("POST", "/channels/x", b'{"message": 1, "title": 7}', JSON, 400),
     ("POST", "/channels/x", b'{"message": 1, "title": "' + b"t" * 257 + b'"}', JSON, 400),
     ("POST", "/channels/x", b"[" * 100000, JSON, 400),
@@ -271,7 +272,7 @@ JSON = {"Content-Type": "application/json"}
     ("GET", "/nowhere", None, {}, 404),
     ("GET", "/channels", None, {}, 404),
     ("DELETE", "/channels/x", None, {}, 405),
-    ("PUT", "/channels/x", b"x", {}, 405),
+    ("PATCH", "/channels/x", b"x", {}, 405),
     ("POST", "/health", b"x", {}, 405),
     ("GET", "/send", None, {}, 405),
     ("POST", "/receive", None, {}, 405),
@@ -290,7 +291,7 @@ def test_bad_requests_get_their_status_with_a_json_error(server, method, path, b
 
 def test_405_names_the_allowed_methods(server):
     resp = request(server, "DELETE", "/channels/x")
-    assert resp.headers["Allow"] == "GET, POST"
+    assert resp.headers["Allow"] == "GET, POST, PUT"
 
 
 def test_oversized_body_is_refused_before_it_is_sent(make_server):
