@@ -1,7 +1,7 @@
 """notifier: desktop notifications for longpoll channels.
 
-    python notifier.py news alerts                  # or: python -m notifier, longpoll-notify
-    python notifier.py ci --min-priority 4 --url http://build-host:5000
+    python3 notifier.py news alerts                  # or: python3 -m notifier, longpoll-notify
+    python3 notifier.py ci --min-priority 4 --url http://build-host:5000
 
 Subscribes with longpoll's client and pops a desktop notification through
 ``plyer`` for each message: its title is the message's ``title`` (else the
@@ -10,18 +10,23 @@ channel), its body the message (shortened), its urgency from ``priority``
 burst (more than ``--burst`` messages within half a second) becomes one
 summary. The last cursor per channel is kept in a small state file, so
 after sleep or a restart the notifier shows what it missed; messages that
-expired meanwhile are announced as such. ``plyer`` is imported lazily:
-``pip install 'longpoll[notify]'``.
+expired meanwhile are announced as such. A message that could not be shown
+(the notification daemon is gone) stays pending: the cursor does not pass
+it, and it is shown once showing works again. ``plyer`` is imported
+lazily: ``pip install plyer``.
 """
 
 import json
 import logging
 import os
 import queue
+import shutil
+import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable
+import warnings
+from typing import Any, Callable, Iterable, NamedTuple
 
 import longpoll
 
@@ -84,6 +89,12 @@ class Notifier:
         self.state_path = state_path
         self.notify_connection = notify_connection
         self.state = load_state(state_path) if state_path else {}
+        #: Seconds between attempts to show what could not be shown.
+        self.retry_every = 5.0
+        self._messages: list[dict[str, Any]] = []  # came, and not all shown yet
+        self._pending: list[_Note] = []  # notifications to show, in order
+        self._end: str | None = None  # the cursor past everything that came
+        self._failing = False
         self._answers: queue.Queue = queue.Queue()
         self._subscription: longpoll.Subscription | None = None
 
@@ -94,31 +105,73 @@ class Notifier:
             return None if not any(saved) else min(filter(None, saved), key=_cursor_order)
         return min(saved, key=_cursor_order)
 
-    def handle(self, answers: list[dict[str, Any]]) -> None:
-        """Show what *answers* (arrived together) say, then save the cursor."""
-        by_channel: dict[str, list[dict]] = {}
-        lost = set()
+    def handle(self, answers: list[dict[str, Any]]) -> bool:
+        """Show what *answers* (arrived together) say, after anything still
+        pending; save the cursor past what was shown. Returns False if a
+        notification could not be shown: it and those after it stay
+        pending (``retry``), and the cursor stays before their messages."""
         for answer in answers:
+            first = len(self._messages)
+            self._messages.extend(answer["messages"])
             if answer.get("gap"):
-                lost.update(self.channels if not answer["messages"]
-                            else {answer["messages"][0]["channel"]})
-            for message in answer["messages"]:
-                if priority_of(message) >= self.min_priority:
-                    by_channel.setdefault(message["channel"], []).append(message)
-        for channel in sorted(lost):
-            self.notify(f"Messages lost on {channel}",
-                        "Some messages expired before they could be shown.", "normal")
-        for channel, messages in by_channel.items():
+                lost = (self.channels if not answer["messages"]
+                        else (answer["messages"][0]["channel"],))
+                for channel in sorted(lost):
+                    self._pending.append(_Note(
+                        f"Messages lost on {channel}",
+                        "Some messages expired before they could be shown.", "normal", first))
+        by_channel: dict[str, list[tuple[int, dict]]] = {}
+        start = len(self._messages) - sum(len(a["messages"]) for a in answers)
+        for index in range(start, len(self._messages)):
+            message = self._messages[index]
+            if priority_of(message) >= self.min_priority:
+                by_channel.setdefault(message["channel"], []).append((index, message))
+        for channel, indexed in by_channel.items():
+            messages = [m for _, m in indexed]
             if len(messages) > self.burst:
                 top = max(priority_of(m) for m in messages)
                 latest = describe(messages[-1])
-                self.notify(f"{len(messages)} new messages on {channel}",
-                            f"Latest: {latest[0]}: {latest[1]}", URGENCY[top])
+                self._pending.append(_Note(f"{len(messages)} new messages on {channel}",
+                                           f"Latest: {latest[0]}: {latest[1]}", URGENCY[top],
+                                           indexed[0][0]))
             else:
-                for message in messages:
-                    self.notify(*describe(message))
-        if answers and self.state_path:
-            cursor = answers[-1]["cursor"]
+                self._pending.extend(_Note(*describe(m), i) for i, m in indexed)
+        if answers:
+            self._end = answers[-1]["cursor"]
+        return self.retry()
+
+    def retry(self) -> bool:
+        """Show what is pending, in order; save the cursor. False if one
+        could not be shown (it stays pending, with those after it)."""
+        shown = True
+        while self._pending:
+            note = self._pending[0]
+            try:
+                self.notify(note.title, note.body, note.urgency)
+            except NotifierError as error:
+                if not self._failing:
+                    logger.warning("%s; will show it when that works again", error)
+                self._failing, shown = True, False
+                break
+            if self._failing:
+                logger.warning("showing notifications again")
+                self._failing = False
+            self._pending.pop(0)
+        self._save()
+        return shown
+
+    def _save(self) -> None:
+        """Save the cursor past every message shown: the end of what came,
+        or, while notes are pending, just before the first message they show."""
+        if self._pending:
+            first = min(note.first for note in self._pending)
+            cursor = self._messages[first - 1]["id"] if first else None
+            self._messages = self._messages[first:]
+            self._pending = [note._replace(first=note.first - first) for note in self._pending]
+        else:
+            cursor, self._messages = self._end, []
+        if cursor and self.state_path and any(self.state.get(c) != cursor
+                                              for c in self.channels):
             self.state.update({channel: cursor for channel in self.channels})
             save_state(self.state_path, self.state)
 
@@ -147,7 +200,10 @@ class Notifier:
         threading.Thread(target=self._subscribe, name="notifier-subscription",
                          daemon=True).start()
         while True:
-            first = self._get(None)
+            first = self._get(time.monotonic() + self.retry_every if self._pending else None)
+            if first is _EMPTY:
+                self.retry()  # nothing new came: show what is pending, if it works now
+                continue
             if first is None:
                 return  # the subscription ended (closed)
             answers, ended = [first], False
@@ -185,6 +241,15 @@ class Notifier:
 
 
 _EMPTY = object()  # "nothing more came within the window"
+
+
+class _Note(NamedTuple):
+    """A notification to show, and the first message it shows (an index
+    into the messages not all shown yet): the cursor may not pass it."""
+    title: str
+    body: str
+    urgency: str
+    first: int
 
 
 def _cursor_order(cursor: str) -> tuple[str, int]:
@@ -225,30 +290,92 @@ def save_state(path: str, cursors: dict[str, str]) -> None:
 # -- how notifications are shown ----------------------------------------------------
 
 def desktop_notify(app_name: str = "longpoll") -> Notify:
-    """A notify function backed by plyer (imported here, lazily)."""
+    """A notify function that shows desktop notifications, checked first:
+    raises ``NotifierError`` (one line saying what is missing) when nothing
+    could be shown here. Through plyer (imported here, lazily); on Linux
+    plyer needs dbus-python to speak to the notification daemon, and
+    without it this runs ``notify-send`` itself, as plyer would, but so
+    that urgency and failures are not lost."""
     try:
-        from plyer import notification
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from plyer import notification
     except ImportError:
-        raise NotifierError("plyer is not installed: pip install 'longpoll[notify]' "
+        raise NotifierError("plyer is not installed: pip install plyer "
                             "(or use --print)") from None
+    if not sys.platform.startswith("linux"):
+        return _plyer_notify(notification, None, app_name)
+    _check_session()
     try:  # urgency needs the D-Bus byte type (plyer's notify-send path ignores it)
         import dbus
-        byte: Any = dbus.Byte
     except ImportError:
-        byte = None
+        return _notify_send(app_name)
+    try:
+        bus = dbus.SessionBus()
+        present = (bus.name_has_owner(NOTIFICATIONS)
+                   or NOTIFICATIONS in bus.list_activatable_names())
+    except dbus.exceptions.DBusException as exc:
+        raise NotifierError(f"cannot reach the desktop session's D-Bus ({_first_line(exc)}); "
+                            "run it inside your desktop session, or use --print") from None
+    if not present:
+        raise NotifierError("no notification daemon on the session bus (start one, "
+                            "e.g. dunst, or your desktop's; or use --print)")
+    return _plyer_notify(notification, dbus.Byte, app_name)
 
+
+NOTIFICATIONS = "org.freedesktop.Notifications"  # the freedesktop service
+
+
+def _first_line(error: Any) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _check_session() -> None:
+    """A desktop session on Linux: a D-Bus session bus to reach (named by
+    $DBUS_SESSION_BUS_ADDRESS, or the user bus in $XDG_RUNTIME_DIR, or
+    one dbus may start for an X display)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if (os.environ.get("DBUS_SESSION_BUS_ADDRESS") or os.environ.get("DISPLAY")
+            or runtime and os.path.exists(os.path.join(runtime, "bus"))):
+        return
+    raise NotifierError("no desktop session here (no D-Bus session bus and no display): "
+                        "run it inside your desktop session, or use --print")
+
+
+def _plyer_notify(notification: Any, byte: Any, app_name: str) -> Notify:
     def notify(title: str, body: str, urgency: str) -> None:
         hints = {"urgency": byte(URGENCY_LEVEL[urgency])} if byte else {}
         try:
-            notification.notify(title=title, message=body, app_name=app_name,
-                                timeout=10, hints=hints)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                notification.notify(title=title, message=body, app_name=app_name,
+                                    timeout=10, hints=hints)
         except NotImplementedError:
             raise NotifierError("no desktop notification backend works here "
                                 "(on Linux: a notification daemon and D-Bus; or use --print)"
                                 ) from None
         except Exception as exc:  # dbus.exceptions.DBusException and friends
-            raise NotifierError(f"could not show a notification ({exc}); is a notification "
-                                "daemon running on this desktop? Or use --print") from None
+            raise NotifierError(f"could not show a notification ({_first_line(exc)})") from None
+
+    return notify
+
+
+def _notify_send(app_name: str) -> Notify:
+    program = shutil.which("notify-send")
+    if program is None:
+        raise NotifierError("neither dbus-python nor notify-send is installed: "
+                            "apt-get install libnotify-bin (or use --print)")
+
+    def notify(title: str, body: str, urgency: str) -> None:
+        try:
+            done = subprocess.run([program, "--app-name", app_name, "--urgency", urgency,
+                                   "--expire-time", "10000", "--", title, body],
+                                  capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NotifierError(f"could not show a notification ({exc})") from None
+        if done.returncode:
+            raise NotifierError("could not show a notification "
+                                f"({_first_line(done.stderr or done.returncode)})")
 
     return notify
 
@@ -265,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="longpoll-notify", description="Desktop notifications for longpoll channels.",
-        epilog="example: python notifier.py news alerts --min-priority 3")
+        epilog="example: python3 notifier.py news alerts --min-priority 3")
     parser.add_argument("channels", metavar="CHANNEL", nargs="+")
     parser.add_argument("--url", action="append", metavar="URL",
                         help=f"server base URL; repeat for failover (default "

@@ -1,5 +1,6 @@
 """A real, private desktop-notification stack for tests: Xvfb + a session
-D-Bus of our own + dunst (recipe: ../shared/E2E-RECIPES.md)."""
+D-Bus of our own + dunst, started and stopped by the tests (no service
+is ever D-Bus-activated behind their back)."""
 import json
 import os
 import select
@@ -103,22 +104,37 @@ class NotifyStack:
         address = _read_line(bus.stdout.fileno(), 10, "dbus-daemon")
         self.env = dict(os.environ, DISPLAY=display, DBUS_SESSION_BUS_ADDRESS=address)
         self.env.pop("WAYLAND_DISPLAY", None)
-        with open(self.tmp / "dunst.log", "w") as log:
-            dunst = subprocess.Popen(["dunst", "-config", str(self.tmp / "dunstrc")],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(dunst)
-        deadline = time.monotonic() + 10
-        while "true" not in self.run("dbus-send", "--session", "--print-reply=literal",
-                                     "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                     "org.freedesktop.DBus.NameHasOwner",
-                                     "string:org.freedesktop.Notifications"):
-            if dunst.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dunst did not come up: " + (self.tmp / "dunst.log").read_text())
-            time.sleep(0.05)
+        self.start_daemon()
         return self
 
+    def _daemon_present(self):
+        return "true" in self.run("dbus-send", "--session", "--print-reply=literal",
+                                  "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                  "org.freedesktop.DBus.NameHasOwner",
+                                  "string:org.freedesktop.Notifications")
+
+    def start_daemon(self):
+        """Start dunst; return once it owns the notification service."""
+        with open(self.tmp / "dunst.log", "a") as log:
+            self.dunst = subprocess.Popen(["dunst", "-config", str(self.tmp / "dunstrc")],
+                                          env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while not self._daemon_present():
+            if self.dunst.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("dunst did not come up: " + (self.tmp / "dunst.log").read_text())
+            time.sleep(0.05)
+
+    def stop_daemon(self):
+        """Stop dunst (its history goes with it); return once the service is gone."""
+        _stop(self.dunst)
+        deadline = time.monotonic() + 10
+        while self._daemon_present():
+            assert time.monotonic() < deadline, "dunst's service outlived it"
+            time.sleep(0.05)
+
     def stop(self):
-        for proc in reversed(self.procs):  # dunst, the bus, then Xvfb
+        _stop(self.dunst)
+        for proc in reversed(self.procs):  # the bus, then Xvfb
             _stop(proc)
 
     def run(self, *args):
@@ -143,13 +159,16 @@ class NotifyStack:
             time.sleep(0.05)
 
     def screenshot(self, path):
-        """Screenshot the whole screen; return its number of colours (1: black)."""
+        """Screenshot the whole screen once a popup is displayed and drawn;
+        return its number of colours (1: plain black, nothing drawn)."""
         deadline = time.monotonic() + 5
         while int(self.run("dunstctl", "count", "displayed")) < 1:
             assert time.monotonic() < deadline, "no popup displayed"
             time.sleep(0.05)
-        time.sleep(0.3)  # let dunst paint before the picture (not synchronisation)
-        subprocess.run(["import", "-window", "root", str(path)], env=self.env, check=True,
-                       timeout=20)
-        return int(subprocess.run(["identify", "-format", "%k", str(path)], check=True,
-                                  capture_output=True, text=True).stdout)
+        while True:  # dunst paints a moment after it counts the popup displayed
+            subprocess.run(["import", "-window", "root", str(path)], env=self.env, check=True,
+                           timeout=20)
+            colours = int(subprocess.run(["identify", "-format", "%k", str(path)], check=True,
+                                         capture_output=True, text=True).stdout)
+            if colours > 1 or time.monotonic() > deadline:
+                return colours
