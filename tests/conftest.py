@@ -124,13 +124,13 @@ def redis_server(tmp_path_factory):
     if not shutil.which("redis-server"):
         if E2E:
             pytest.fail("redis-server is missing (apt-get install redis-server)")
-        pytest.skip("needs redis-server")
+        pytest.skip("redis-server is missing (apt-get install redis-server)")
     try:
         import redis
     except ImportError:
         if E2E:
             pytest.fail("the redis package is missing (pip install -e '.[test]')")
-        pytest.skip("needs the redis package")
+        pytest.skip("the redis package is missing (pip install -e '.[test]')")
     folder = tmp_path_factory.mktemp("redis")
     for _ in range(5):  # a free port can be taken between the check and the bind
         port = free_port()
@@ -252,7 +252,7 @@ class RedisProcess:
         if not shutil.which("redis-server"):
             if E2E:
                 pytest.fail("redis-server is missing (apt-get install redis-server)")
-            pytest.skip("needs redis-server")
+            pytest.skip("redis-server is missing (apt-get install redis-server)")
         redis = pytest.importorskip("redis")
         self.port = free_port()
         extra = ["--requirepass", password] if password else []

@@ -1,5 +1,6 @@
-"""The live page in a real browser: Debian's Chromium driven by Playwright
-(launch recipe: ../shared/E2E-RECIPES.md), against real servers."""
+"""The live page in a real browser: the system's Chromium (Debian's
+package; $CHROMIUM names another) driven by Playwright, headless, against
+real servers. No browser is downloaded."""
 import os
 import shutil
 import urllib.request
@@ -9,7 +10,9 @@ import pytest
 import longpoll
 from conftest import E2E, wait_until
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("CHROMIUM") or next(
+    (found for name in ("chromium", "chromium-browser", "google-chrome")
+     if (found := shutil.which(name))), "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage", "--no-proxy-server"]
@@ -19,7 +22,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 def browser():
     problem = None
     if not shutil.which(CHROMIUM):
-        problem = f"{CHROMIUM} is missing (apt-get install chromium)"
+        problem = f"{CHROMIUM} is missing (apt-get install chromium, or set $CHROMIUM)"
     else:
         try:
             from playwright.sync_api import sync_playwright

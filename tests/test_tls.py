@@ -135,7 +135,7 @@ def test_curl_with_cacert(https, cert):
     if not shutil.which("curl"):
         if E2E:
             pytest.fail("curl is missing")
-        pytest.skip("needs curl")
+        pytest.skip("curl is missing (apt-get install curl)")
     out = subprocess.run(["curl", "-sS", "--cacert", cert[0], "-d", "from curl",
                           https.url + "/channels/c"], capture_output=True, text=True,
                          timeout=20, check=True).stdout
