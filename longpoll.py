@@ -654,31 +654,37 @@ class Hub:
                                "(no lone surrogates)") from None
         except (TypeError, ValueError, RecursionError) as exc:
             raise _bad_request(f"message is not plain JSON: {exc}") from None
+        # Who numbers it is the store's choice: by default this hub does
+        # (``number`` below); a store shared by several servers numbers it
+        # itself (``admit`` first) and brings it back through ``follow``.
+        return self.store.publish(self, Draft(channel, message, title, priority, payload, key))
+
+    def admit(self, channel: str) -> None:
+        """For stores that number messages themselves, before they do:
+        raise a 503 ``LongpollError`` if the hub is closed or has no room
+        for *channel*."""
         with self._lock:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
             self._make_room((channel,))
-        # Who numbers it is the store's choice: by default this hub does
-        # (``number`` below); a store shared by several servers numbers it
-        # itself and brings it back through ``follow``.
-        return self.store.publish(self, Draft(channel, message, title, priority, payload, key))
 
     def number(self, draft: "Draft", keep: Callable[[Message, str | None], None]) -> Message:
         """For stores (``Store.publish``): number *draft* here, have *keep*
         keep it (raise to refuse it), then apply it and wake its waiters,
         all under the lock; or, for a key used within the window, return
         the first publish's message (``replayed``)."""
-        channel, key = draft.channel, draft.key
+        channel, message, title, priority, payload, key = draft
         with self._lock:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
-            known = self._keys.get(key, time.time()) if key is not None else None
-            if known is not None:
-                return self.replayed(*known[1:])
+            if key is not None:
+                known = self._keys.get(key, time.time())
+                if known is not None:
+                    return self.replayed(*known[1:])
             self._make_room((channel,))
             seq = self._seq + 1
-            msg = Message(seq, self.cursor_for(seq), channel, draft.message, draft.title,
-                          draft.priority, draft.payload)
+            msg = Message(seq, f"{self.history}-{seq}", channel, message, title, priority,
+                          payload)
             keep(msg, key)  # kept before it is acknowledged; may raise
             self._seq = seq
             self.published += 1
@@ -1684,6 +1690,7 @@ class RedisStore(Store):
 
     def publish(self, hub: "Hub", draft: Draft) -> Message:
         channel, message, title, priority, payload, key = draft
+        hub.admit(channel)
         at = round(time.time(), 3)
         for attempt in range(2):
             try:
