@@ -3734,8 +3734,15 @@ class Waiters:
             self._give_back(msg)
 
     def _give_back(self, msg: Message) -> None:
-        logger.info("a /receive taker left before its answer: message %s goes back", msg.id)
-        self._with_store(functools.partial(self.hub.give_back, msg), lambda result: None)
+        def done(result: Any) -> None:
+            if isinstance(result, LongpollError):
+                logger.error("could not give message %s back to the queue: %s", msg.id,
+                             result.message)
+            else:
+                logger.info("a /receive taker left before its answer: message %s went back "
+                            "to the queue", msg.id)
+
+        self._with_store(functools.partial(self.hub.give_back, msg), done)
 
     def expire(self, conn: Connection) -> None:
         """A parked request's hold has ended: answer it as it stands."""

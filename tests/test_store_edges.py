@@ -206,9 +206,11 @@ def receive(server, query="timeout=5"):
     return resp.json
 
 
-def test_a_taker_that_dies_before_reading_gives_its_message_back(queue_pair):
+def test_a_taker_that_dies_before_reading_gives_its_message_back(queue_pair, caplog):
+    import logging
     import socket
     import struct
+    caplog.set_level(logging.INFO, logger="longpoll")
     a, b = queue_pair
     big = "x" * (4 << 20)  # more than the socket buffers take: the answer cannot be all written
     a.hub.publish("default", big)
@@ -220,7 +222,7 @@ def test_a_taker_that_dies_before_reading_gives_its_message_back(queue_pair):
     wait_until(lambda: any(c.handed for c in a._connections), what="the answer to be under way")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # killed: a reset, before it read its answer
-    wait_until(lambda: not any(c.handed for c in a._connections))
+    wait_until(lambda: "went back to the queue" in caplog.text, what="the give-back")
     assert receive(b)["message"] == big  # the next taker gets it
     assert receive(b)["message"] == "small"
     assert receive(b, "timeout=0")["message"] is None  # each once
