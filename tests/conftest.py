@@ -244,11 +244,10 @@ def strict_responses(data):
 
 class RedisProcess:
     """A redis-server of a test's own (no persistence, on a free port), which
-    the test may pause (SIGSTOP), resume, or wipe."""
+    the test may pause (SIGSTOP), resume, wipe, stop and start again."""
 
     def __init__(self, folder, password=None, unixsocket=None):
         import shutil
-        import subprocess
         if not shutil.which("redis-server"):
             if E2E:
                 pytest.fail("redis-server is missing (apt-get install redis-server)")
@@ -262,20 +261,24 @@ class RedisProcess:
                         "--save", "", "--appendonly", "no", "--dir", str(folder), *extra]
         self.url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{self.port}/0"
         self.admin = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        self._start()
+        self.start()
 
-    def _start(self):
+    def start(self):
+        """Start redis-server (again, after ``stop``: empty) on its port."""
         import subprocess
         self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_until(lambda: _pings(self.admin), what="redis-server to start")
 
-    def restart(self):
-        """Stop redis-server and start it again on the same port: its data
-        is gone (no persistence), and so is every connection to it."""
+    def stop(self):
+        """Stop redis-server: its data is gone (no persistence), and so is
+        every connection to it."""
         self.proc.terminate()
         self.proc.wait(10)
-        self._start()
+
+    def restart(self):
+        self.stop()
+        self.start()
 
     def pause(self):
         import signal
@@ -289,10 +292,11 @@ class RedisProcess:
         self.admin.flushdb()
 
     def close(self):
-        self.resume()
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            self.proc.wait(10)
         self.admin.close()
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture
