@@ -417,7 +417,7 @@ def throughput_table(rows):
 
 async def main_async(args):
     servers = args.servers.split(",")
-    fanout_rows, throughput_rows = [], []
+    fanout_rows, throughput_rows, failed = [], [], []
     if not args.throughput_only:
         for clients in (int(n) for n in args.clients.split(",")):
             for name in servers:
@@ -427,6 +427,7 @@ async def main_async(args):
                                                     args.idle_seconds, args.drain))
                 except Exception as exc:  # one server failing must not end the matrix
                     print(f"  {name} failed at N={clients}: {exc!r}", file=sys.stderr)
+                    failed.append(f"{name} at N={clients}: {exc!r}")
     if not args.fanout_only:
         for count in (int(k) for k in args.subscribers.split(",")):
             for name in servers:
@@ -435,6 +436,7 @@ async def main_async(args):
                     throughput_rows.append(await throughput(name, count, args.publishes, args.drain))
                 except Exception as exc:
                     print(f"  {name} failed at K={count}: {exc!r}", file=sys.stderr)
+                    failed.append(f"{name} at K={count}: {exc!r}")
     command = "python3 bench/run.py " + " ".join(sys.argv[1:])
     report = [f"`{command.strip()}` — {os.cpu_count()} cores, Python "
               f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}\n"]
@@ -451,6 +453,15 @@ async def main_async(args):
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(PAGE.format(report="\n".join(report).rstrip() + "\n"))
         print(f"wrote {args.output}", file=sys.stderr)
+    if args.check:  # the smoke check: every row ran, and delivered everything once
+        failed += [f"{row['server']}: delivered {row['delivered']:,} of {row['expected']:,}"
+                   f", {row['repeats']} repeated" for row in fanout_rows + throughput_rows
+                   if row.get("expected") and (row["delivered"] != row["expected"]
+                                               or row["repeats"])]
+        for problem in failed:
+            print(f"check failed: {problem}", file=sys.stderr)
+        return 1 if failed else 0
+    return 0
 
 
 # docs/performance.md, as --output writes it: this text, then the run's tables.
@@ -517,6 +528,9 @@ def main():
     parser.add_argument("--publishes", type=int, default=2000)
     parser.add_argument("--fanout-only", action="store_true")
     parser.add_argument("--throughput-only", action="store_true")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless every row ran and delivered every message once "
+                             "(no timing is judged: CI runs a small matrix this way)")
     parser.add_argument("--output", metavar="FILE",
                         help="also write the page docs/performance.md is (its text, then "
                              "the tables)")
@@ -526,10 +540,11 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
-        asyncio.run(main_async(args))
+        status = asyncio.run(main_async(args))
     finally:
         if Redis.url:
             Redis.proc.terminate()
+    sys.exit(status)
 
 
 if __name__ == "__main__":
