@@ -3517,6 +3517,10 @@ class Waiters:
         self.groups: dict[tuple, _Group] = {}
         self._fired: dict[_Group, None] = {}   # groups to answer at the next fan-out
         self._last_fanout = 0.0
+        # Answers given at once, by (channels, position, limit), while the
+        # hub's head is the same: when readers fall behind a burst, they come
+        # back with the same cursors, and each is read and encoded once.
+        self._recent: dict[tuple, tuple[int, str, bytes, int]] = {}
         self.streams: dict[Connection, None] = {}
         self._next_keepalive = 0.0
         self._takers: collections.deque[Connection] = collections.deque()
@@ -3546,14 +3550,27 @@ class Waiters:
     def poll(self, conn: Connection, request: Request, poll: Poll) -> None:
         """Answer a long-poll now if there is something to say, else park it."""
         names, position, timeout, limit = poll
-        if self.hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
-            timeout = max(timeout, self.hub.store.lag)
-        batch = self.hub.read_checked(names, position, limit, self.server.max_answer)
+        hub = self.hub
+        if hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
+            timeout = max(timeout, hub.store.lag)
+        key = (names, position, limit)
+        recent = self._recent.get(key)
+        if recent is not None and recent[0] == hub.head and recent[1] == hub.history and (
+                time.monotonic() >= self._last_fanout + self.coalesce):
+            self.server.metrics.delivered += recent[3]
+            self.protocol.respond(conn, request, Response(HTTPStatus.OK, recent[2]))
+            return
+        batch = hub.read_checked(names, position, limit, self.server.max_answer)
         ready = bool(batch.messages or batch.gap)
         if timeout <= 0 or self._stopping() or (
                 ready and time.monotonic() >= self._last_fanout + self.coalesce):
             self.server.metrics.delivered += len(batch.messages)
-            self.protocol.respond(conn, request, Response(HTTPStatus.OK, batch.to_json()))
+            body = batch.to_json()
+            if ready:
+                if len(self._recent) >= 1024:
+                    self._recent.clear()
+                self._recent[key] = (hub.head, hub.history, body, len(batch.messages))
+            self.protocol.respond(conn, request, Response(HTTPStatus.OK, body))
             return
         # Nothing yet: park until a publish. Or a burst is on: join the next
         # fan-out (within `coalesce` seconds), to take a batch.
@@ -3888,10 +3905,16 @@ class Waiters:
                 DEFAULT_CHANNEL, functools.partial(self.loop.call_soon, self._serve_takers),
                 since=head)
 
+    def tick(self) -> None:
+        """Once a second: forget the answers kept for re-polls (age retention
+        may have changed them), and retry the parked takers."""
+        self._recent.clear()
+        self.retry_takers()
+
     def retry_takers(self) -> None:
-        """Once a second, while takers are parked: take again. A lease that
-        ends puts its message back without a publish, and with a shared
-        store a message given back on another server wakes no one here."""
+        """While takers are parked: take again. A lease that ends puts its
+        message back without a publish, and with a shared store a message
+        given back on another server wakes no one here."""
         if self._takers and not self._taking:
             if self._taker_watch is not None:
                 self._taker_watch()  # (_serve_takers sets a new one if it finds nothing)
@@ -4196,7 +4219,7 @@ class Server:
     def service_actions(self) -> None:
         """Housekeeping, about once a second, on the loop."""
         now = time.monotonic()
-        self.waiters.retry_takers()
+        self.waiters.tick()
         if now >= self._next_prune:
             self._next_prune = now + 10.0
             if not self.hub.store.remote:
