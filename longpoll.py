@@ -316,6 +316,11 @@ class Message:
         """The message value (any JSON value), decoded afresh on each access."""
         return json.loads(self.payload)
 
+    def summary(self) -> bytes:
+        """``{"id", "channel", "time"}`` as JSON (a publish's answer), cut
+        from the wire form rather than encoded again."""
+        return self.json[:self._start - 11] + b"}\n"  # (the head ends in ,"message":)
+
     def as_dict(self) -> dict[str, Any]:
         """The message as every response carries it (PROTOCOL.md)."""
         d = {"id": self.id, "channel": self.channel, "time": self.time,
@@ -2149,6 +2154,11 @@ class RequestReader:
         self._size = 0             # body bytes so far
         #: The first line of the last head refused (for the log), at most 200 bytes.
         self.first_line = b""
+        # The header lines of the last request and what they parsed to: a
+        # client polling on a keep-alive connection sends the same ones each
+        # time, with only the request line (its cursor) changed.
+        self._last_block = b""
+        self._last_headers: dict[str, str] = {}
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -2228,6 +2238,16 @@ class RequestReader:
         return method, target, version
 
     def _parse_head(self, head: bytes) -> Request:
+        eol = head.find(b"\r\n") + 2
+        block = head[eol:]
+        if block == self._last_block and block:  # checked whole the last time
+            line = head[:eol]
+            if not (b"\n" in line[:-2] or b"\r" in line[:-2] or _CONTROL_IN_HEAD.search(line)):
+                request = Request(*self._request_line(line), dict(self._last_headers))
+                if request.version == "HTTP/1.1" and "host" not in request.headers:
+                    raise _bad_request("an HTTP/1.1 request needs a Host header")
+                self._frame(request)
+                return request
         self._check_line_ends(head, len(head))
         if _CONTROL_IN_HEAD.search(head):
             raise _bad_request("the request head holds a control character")
@@ -2260,6 +2280,7 @@ class RequestReader:
             raise _bad_request("an HTTP/1.1 request needs a Host header")
         request = Request(method, target, version, headers)
         self._frame(request)
+        self._last_block, self._last_headers = head[head.find(b"\r\n") + 2:], dict(headers)
         return request
 
     def _frame(self, request: Request) -> None:
@@ -2688,8 +2709,7 @@ class Handler:
         message, title, priority = self.publish_body(request)
         msg = self.server.hub.publish(request.names[0], message, title=title, priority=priority,
                                       key=request.headers.get("idempotency-key"))
-        return self.json(HTTPStatus.OK if msg.replayed else HTTPStatus.CREATED,
-                         {"id": msg.id, "channel": msg.channel, "time": msg.time})
+        return Response(HTTPStatus.OK if msg.replayed else HTTPStatus.CREATED, msg.summary())
 
     def handle_poll(self, request: Request) -> Poll:
         since = request.query.get("since") or None  # an empty since means absent

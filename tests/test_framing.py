@@ -97,6 +97,33 @@ def test_absolute_form_is_accepted(strict):
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
+def test_a_repeated_header_block_is_checked_like_a_new_one():
+    """Re-polls send the same header lines each time, and the reader reuses
+    what it parsed of them; the request line, Host in HTTP/1.1 and the
+    framing are still checked for every request."""
+    block = b"Host: x\r\nAccept: */*\r\n\r\n"
+    reader = longpoll.RequestReader()
+    reader.feed(b"GET /channels/a?since=1 HTTP/1.1\r\n" + block +
+                b"GET /channels/a?since=2 HTTP/1.1\r\n" + block)
+    first, second = reader.read_head(), reader.read_head()
+    assert (first.target, second.target) == ("/channels/a?since=1", "/channels/a?since=2")
+    assert second.headers == first.headers and second.headers is not first.headers
+    for data in (b"GET / HTTP/1.0\r\nAccept: */*\r\n\r\nGET / HTTP/1.1\r\nAccept: */*\r\n\r\n",
+                 b"GET / HTTP/1.1\r\n" + block + b"GET /\x01 HTTP/1.1\r\n" + block,
+                 b"GET / HTTP/1.1\r\n" + block + b"GET / HTTP/2.0\r\n" + block,
+                 b"GET / HTTP/1.1\r\n" + block + b"GET /a\nb HTTP/1.1\r\n" + block,
+                 b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                 b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"):
+        reader = longpoll.RequestReader()
+        reader.feed(data)
+        good = reader.read_head()
+        if good.has_body:
+            assert reader.read_body() == b""
+        with pytest.raises(longpoll.LongpollError) as caught:
+            reader.read_head()
+        assert caught.value.status in (400, 505), data
+
+
 def test_a_get_with_a_body_keeps_the_next_pipelined_request(strict):
     data = (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
             b"POST /channels/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
