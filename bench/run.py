@@ -450,8 +450,17 @@ async def main_async(args):
         report.append(throughput_table(throughput_rows) + "\n")
     print("\n".join(report))
     if args.output:
+        kept = ""  # bench/breakdown.py's section, if the page has one: kept as it is
+        try:
+            with open(args.output, encoding="utf-8") as f:
+                old = f.read()
+            start = old.find("<!-- breakdown:")
+            if start >= 0:
+                kept = "\n" + old[start:]
+        except FileNotFoundError:
+            pass
         with open(args.output, "w", encoding="utf-8") as f:
-            f.write(PAGE.format(report="\n".join(report).rstrip() + "\n"))
+            f.write(PAGE.format(report="\n".join(report).rstrip() + "\n") + kept)
         print(f"wrote {args.output}", file=sys.stderr)
     if args.check:  # the smoke check: every row ran, and delivered everything once
         failed += [f"{row['server']}: delivered {row['delivered']:,} of {row['expected']:,}"
