@@ -4889,7 +4889,7 @@ def _subscribe(args: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``python -m longpoll serve | publish | subscribe``."""
+    """The command line: ``python3 -m longpoll serve | publish | subscribe``."""
     import argparse
 
     parser = argparse.ArgumentParser(
