@@ -2885,6 +2885,9 @@ class Loop:
         self.max_queued, self.max_input = max_queued, max_input
         self.per_address = ConnectionCap(max_connections_per_client)
         self.housekeeping = housekeeping
+        #: Seconds the loop has spent waiting in select (the rest is work):
+        #: read by the waiting layer to tell a saturated loop from an idle one.
+        self.idle = 0.0
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -2933,8 +2936,11 @@ class Loop:
         if self._accepting:
             selector.register(self.socket, selectors.EVENT_READ, self._accept)
         try:
+            monotonic = time.monotonic
             while not self._shutdown_request:
+                waited = monotonic()
                 events = selector.select(self._select_timeout(poll_interval))
+                self.idle += monotonic() - waited
                 for count, (key, mask) in enumerate(events, 1):
                     self._on_event(key.data, mask)
                     if not count & 255:
@@ -3528,15 +3534,24 @@ class Waiters:
     """
 
     #: During a burst, parked polls are answered at most once per this many
-    #: seconds, so each answer carries a batch instead of one message; a
-    #: poll is never held back longer than this. 0 turns it off.
+    #: seconds, so each answer carries a batch instead of one message. 0
+    #: turns it off.
     coalesce = 0.005
+    #: While the loop is saturated (busy for most of the last window) the
+    #: window doubles, up to this many seconds: bigger batches, so fewer
+    #: answers and re-polls per message, and the loop catches up; it halves
+    #: back to ``coalesce`` as the load falls. A poll is never held back
+    #: longer than the window.
+    max_coalesce = 0.05
     def __init__(self, server: "Server", protocol: HTTPProtocol, loop: Loop) -> None:
         self.server, self.hub = server, server.hub
         self.protocol, self.loop = protocol, loop
         self.groups: dict[tuple, _Group] = {}
         self._fired: dict[_Group, None] = {}   # groups to answer at the next fan-out
         self._last_fanout = 0.0
+        self._window = self.coalesce  # the batching window now (see max_coalesce)
+        self._idle_mark = 0.0  # the loop's idle time at the last fan-out
+        self._head_mark = 0  # the hub's head at the last fan-out
         # Answers given at once, by (channels, position, limit), while the
         # hub's head is the same: when readers fall behind a burst, they come
         # back with the same cursors, and each is read and encoded once.
@@ -3576,14 +3591,14 @@ class Waiters:
         key = (names, position, limit)
         recent = self._recent.get(key)
         if recent is not None and recent[0] == hub.head and recent[1] == hub.history and (
-                time.monotonic() >= self._last_fanout + self.coalesce):
+                time.monotonic() >= self._last_fanout + self._window):
             self.server.metrics.delivered += recent[3]
             self.protocol.respond(conn, request, Response(HTTPStatus.OK, recent[2]))
             return
         batch = hub.read_checked(names, position, limit, self.server.max_answer)
         ready = bool(batch.messages or batch.gap)
         if timeout <= 0 or self._stopping() or (
-                ready and time.monotonic() >= self._last_fanout + self.coalesce):
+                ready and time.monotonic() >= self._last_fanout + self._window):
             self.server.metrics.delivered += len(batch.messages)
             body = batch.to_json()
             if ready:
@@ -3815,7 +3830,7 @@ class Waiters:
         """The loop's select timeout, shortened for the next fan-out or keepalive."""
         now = time.monotonic()
         if self._fired:
-            timeout = min(timeout, max(0.0, self._last_fanout + self.coalesce - now))
+            timeout = min(timeout, max(0.0, self._last_fanout + self._window - now))
         if self.streams:
             timeout = min(timeout, max(0.0, self._next_keepalive - now))
         return timeout
@@ -3824,7 +3839,8 @@ class Waiters:
         """Answer the woken groups, at most once per ``coalesce`` seconds;
         send stream keepalives when due."""
         now = time.monotonic()
-        if self._fired and now >= self._last_fanout + self.coalesce:
+        if self._fired and now >= self._last_fanout + self._window:
+            self._adapt(now)
             self._last_fanout = now
             fired, self._fired = self._fired, {}
             for group in fired:
@@ -3833,6 +3849,21 @@ class Waiters:
             self._next_keepalive = now + self.server.keepalive
             for conn in list(self.streams):
                 self.loop.send(conn, b": keepalive\n\n")
+
+    def _adapt(self, now: float) -> None:
+        """Size the batching window by how busy the loop was since the last
+        fan-out: double it when the loop hardly waited while messages came
+        several to a round, halve it when it mostly waited, and start afresh
+        when messages come one at a time or after a quiet spell."""
+        elapsed = now - self._last_fanout
+        idle, self._idle_mark = self.loop.idle - self._idle_mark, self.loop.idle
+        messages, self._head_mark = self.hub.head - self._head_mark, self.hub.head
+        if elapsed > 10 * max(self._window, self.coalesce) or messages < 2:
+            self._window = self.coalesce  # not a burst (one message a round): nothing to batch
+        elif idle < 0.2 * elapsed:
+            self._window = min(self._window * 2, self.max_coalesce)
+        elif idle > 0.6 * elapsed:
+            self._window = max(self._window / 2, self.coalesce)
 
     def _answer(self, group: _Group) -> None:
         """Answer every poll of *group*: read and encode once, write to each."""

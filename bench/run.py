@@ -52,8 +52,11 @@ BASELINE = ROOT  # --baseline DIR: where longpoll-baseline's longpoll.py is
 HERE = os.path.dirname(os.path.abspath(__file__))
 TICK = os.sysconf("SC_CLK_TCK")
 SERVERS = {
+    # (retention above any row's message count: a subscriber that falls far
+    # behind would get a gap instead of the messages, and the row would
+    # measure retention, not delivery)
     "longpoll": [sys.executable, "-m", "longpoll", "serve", "--port", "0", "-q",
-                 "--max-timeout", "3600"],
+                 "--max-timeout", "3600", "--retention", "100000"],
     "threaded": [sys.executable, os.path.join(HERE, "servers", "threaded.py"), "--port", "0"],
     "tornado": [sys.executable, os.path.join(HERE, "servers", "tornado_server.py"), "--port", "0"],
     "floor": [sys.executable, os.path.join(HERE, "servers", "floor.py"), "--port", "0"],
@@ -204,6 +207,8 @@ class Subscriber(HTTP):
         run.delivered = len(run.latencies)
         if run.delivered >= run.expected and not run.done.done():
             run.done.set_result(now)
+        if b'"gap":true' in body:
+            run.gaps += 1  # messages lost before these, and said so
         self.cursor = CURSOR.search(body).group(1)
         self.poll()
 
@@ -227,6 +232,7 @@ class Publisher(HTTP):
 class Run:
     def __init__(self, expected):
         self.expected, self.latencies, self.repeats, self.delivered = expected, [], 0, 0
+        self.gaps = 0
         self.done = asyncio.get_running_loop().create_future()
 
 
@@ -294,7 +300,7 @@ async def fanout(name, clients, messages, rate, idle_seconds, drain):
         latencies = sorted(run.latencies) or [float("nan")]
         return {
             "server": name, "clients": clients, "delivered": run.delivered,
-            "expected": run.expected, "repeats": run.repeats,
+            "expected": run.expected, "repeats": run.repeats, "gaps": run.gaps,
             "p50": statistics.median(latencies),
             "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
             "max": latencies[-1],
@@ -356,6 +362,7 @@ async def throughput(name, subscribers_count, publishes, drain):
             "publishes_per_s": publishes / (published - start),
             "deliveries_per_s": run.delivered / (finished - start) if subscribers_count else None,
             "delivered": run.delivered, "expected": run.expected, "repeats": run.repeats,
+            "gaps": run.gaps,
         }
     finally:
         close_all(subscribers)
@@ -382,6 +389,8 @@ def fanout_table(rows):
         delivered = f"{row['delivered']:,}/{row['expected']:,}"
         if row["repeats"]:
             delivered += f" ({row['repeats']} repeated)"
+        if row["gaps"]:
+            delivered += f" ({row['gaps']} gaps)"
         out.append(
             f"| {row['server']} | {row['clients']:,} | {delivered} | {ms(row['p50'])} / "
             f"{ms(row['p99'])} / {ms(row['max'])} | {row['cpu_us']:.1f} | {ratio('floor')} | "
@@ -410,6 +419,8 @@ def throughput_table(rows):
             delivered = f"{row['delivered']:,}/{row['expected']:,}"
             if row["repeats"]:
                 delivered += f" ({row['repeats']} repeated)"
+            if row["gaps"]:
+                delivered += f" ({row['gaps']} gaps)"
         out.append(f"| {row['server']} | {row['subscribers']} | {row['publishes_per_s']:,.0f} | "
                    f"{mem_ratio} | {pub_ratio} | {deliveries} | {del_ratio} | {delivered} |")
     return "\n".join(out)
