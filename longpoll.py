@@ -2280,7 +2280,7 @@ class RequestReader:
             raise _bad_request("an HTTP/1.1 request needs a Host header")
         request = Request(method, target, version, headers)
         self._frame(request)
-        self._last_block, self._last_headers = head[head.find(b"\r\n") + 2:], dict(headers)
+        self._last_block, self._last_headers = block, dict(headers)
         return request
 
     def _frame(self, request: Request) -> None:
@@ -3589,31 +3589,29 @@ class Waiters:
         if hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
             timeout = max(timeout, hub.store.lag)
         key = (names, position, limit)
+        due = time.monotonic() >= self._last_fanout + self._window  # (past the batching window)
         recent = self._recent.get(key)
-        if recent is not None and recent[0] == hub.head and recent[1] == hub.history and (
-                time.monotonic() >= self._last_fanout + self._window):
-            self.server.metrics.delivered += recent[3]
-            self.protocol.respond(conn, request, Response(HTTPStatus.OK, recent[2]))
-            return
-        batch = hub.read_checked(names, position, limit, self.server.max_answer)
-        ready = bool(batch.messages or batch.gap)
-        if timeout <= 0 or self._stopping() or (
-                ready and time.monotonic() >= self._last_fanout + self._window):
-            self.server.metrics.delivered += len(batch.messages)
-            body = batch.to_json()
+        if due and recent is not None and recent[:2] == (hub.head, hub.history):
+            body, count = recent[2], recent[3]  # the same answer, given moments ago
+        else:
+            batch = hub.read_checked(names, position, limit, self.server.max_answer)
+            ready = bool(batch.messages or batch.gap)
+            if not (timeout <= 0 or self._stopping() or ready and due):
+                # Nothing yet: park until a publish. Or a burst is on: join
+                # the next fan-out (within the window), to take a batch.
+                self.admit(conn, request)
+                group = self._join(conn, key)
+                self._park(conn, request, State.PARKED, timeout)
+                if ready:
+                    self._fired[group] = None
+                return
+            body, count = batch.to_json(), len(batch.messages)
             if ready:
                 if len(self._recent) >= 1024:
                     self._recent.clear()
-                self._recent[key] = (hub.head, hub.history, body, len(batch.messages))
-            self.protocol.respond(conn, request, Response(HTTPStatus.OK, body))
-            return
-        # Nothing yet: park until a publish. Or a burst is on: join the next
-        # fan-out (within `coalesce` seconds), to take a batch.
-        self.admit(conn, request)
-        group = self._join(conn, (names, position, limit))
-        self._park(conn, request, State.PARKED, timeout)
-        if ready:
-            self._fired[group] = None
+                self._recent[key] = (hub.head, hub.history, body, count)
+        self.server.metrics.delivered += count
+        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body))
 
     def stream(self, conn: Connection, request: Request, stream: Stream) -> None:
         """Start an event stream: what is there after the position, then
