@@ -34,6 +34,17 @@ def wait_until(predicate, timeout=10.0, interval=0.01, what="condition"):
         time.sleep(interval)
 
 
+def parked_on(server, channel):
+    """How many requests *server* holds parked (polls and streams) on
+    *channel*: a test publishes "from now on" only once its reader waits."""
+    while True:
+        try:
+            groups = list(server.waiters.groups.values())
+            return sum(len(g.conns) for g in groups if channel in g.key[0])
+        except RuntimeError:  # changed by the loop thread while read: again
+            continue
+
+
 class Response:
     def __init__(self, status, headers, body):
         self.status, self.headers, self.body = status, headers, body

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 import longpoll
-from conftest import E2E, wait_until
+from conftest import E2E, parked_on, wait_until
 
 CHROMIUM = os.environ.get("CHROMIUM") or next(
     (found for name in ("chromium", "chromium-browser", "google-chrome")
@@ -124,6 +124,7 @@ def test_switching_channel_and_a_bad_name(browser, server):
     page.page.fill("#channel", "second")
     page.page.press("#channel", "Enter")
     wait_until(lambda: "channel=second" in page.page.url)
+    wait_until(lambda: parked_on(server, "second"), what="the page to poll the new channel")
     publish(server, "second", "on the second")
     page.wait_text("on the second")
     page.page.fill("#channel", "not valid!")
