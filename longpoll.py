@@ -524,30 +524,23 @@ class IdempotencyKeys:
             del keys[key]
 
 
-class Hub:
-    """Channels of messages with cursors: publish, read, and wait. Thread-safe.
+class Log:
+    """A hub's state and the rules that change it, under one lock: the
+    channels as bounded logs, the one sequence that numbers every message,
+    the history's name, the marks that tell where a cursor's messages may be
+    missing (retention, channels forgotten, a shared store's loss),
+    idempotency keys and ``/receive``'s queues. ``Hub`` builds the public
+    API on it: arguments checked, blocking waits, watches, closing.
 
-    Every message gets the next number of one sequence shared by all the
-    hub's channels, so a cursor is a single position that is valid for any
-    set of channels, and messages of several channels merge in publish
-    order. A cursor also carries ``history``, a random name for this hub's
-    life: a cursor from another hub (or from before a restart) cannot be
-    placed and is answered from the oldest held message with ``gap`` set.
-
-    Methods that may be overridden or used by servers: ``publish``,
-    ``read``, ``wait``, ``take``, ``watch``, ``prune``, ``close``; and for
-    a server's hot path ``locate`` (place a cursor once) and ``read_checked``.
-    *store* (a ``Store`` or a URL for ``open_store``) keeps messages across
-    restarts, or shares them between servers; reads always come from memory.
+    A store reaches a hub only through what is marked "for stores" here
+    (``number``, ``replayed``, ``admit``, ``follow``, ``adopt``,
+    ``hand_out``, ``acknowledge``, ``requeue``) and ``head``, ``history``,
+    ``cursor_for`` and ``closed``; the log tells its store what retention
+    drops (``Store.dropped``).
     """
 
-    def __init__(self, retention: int = DEFAULT_RETENTION,
-                 max_age: float | None = DEFAULT_MAX_AGE,
-                 max_channels: int = DEFAULT_MAX_CHANNELS,
-                 store: "Store | str | None" = None,
-                 idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW) -> None:
-        if retention < 1:
-            raise ValueError("retention must be at least 1 message")
+    def __init__(self, store: "Store", retention: int, max_age: float | None,
+                 max_channels: int, idempotency_window: float) -> None:
         #: Messages kept per channel; older ones are dropped first.
         self.retention = retention
         #: Seconds a message is kept (None or 0: no age limit).
@@ -555,6 +548,8 @@ class Hub:
         #: Channels held at once (with messages, or waited on); a new one
         #: past it is refused with 503 until retention frees room.
         self.max_channels = max_channels
+        #: Where messages are kept besides memory (see ``Store``, ``open_store``).
+        self.store = store
         self._keys = IdempotencyKeys(idempotency_window)
         self._pruned = 0.0
         self._forgotten = 0  # newest message dropped from a channel since forgotten
@@ -565,16 +560,12 @@ class Hub:
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
         self._seq = 0
-        self._waiting = 0
         self._closed = False
         self._positions: dict[str, Position] = {}  # settled cursors, placed once
         #: Messages published since the hub started (through this hub).
         self.published = 0
-        #: Where messages are kept besides memory (see ``Store``, ``open_store``).
-        self.store = open_store(store) if isinstance(store, str) else store or Store()
-        self.store.open(self)  # gives back what was stored: history, sequence, messages
 
-    # -- state --------------------------------------------------------------
+    # -- state ----------------------------------------------------------------------
 
     @property
     def cursor(self) -> str:
@@ -582,20 +573,9 @@ class Hub:
         return self.cursor_for(self._seq)
 
     @property
-    def waiting(self) -> int:
-        """How many blocking ``wait``/``take`` calls are parked now (a
-        server's parked requests are counted by ``Server.waiting``)."""
-        return self._waiting
-
-    @property
     def head(self) -> int:
         """The sequence number of the newest message this hub has."""
         return self._seq
-
-    @property
-    def idempotency_window(self) -> float:
-        """Seconds a publish's idempotency key is remembered."""
-        return self._keys.window
 
     @property
     def channel_count(self) -> int:
@@ -628,41 +608,7 @@ class Hub:
                                     f"no room for new channels: this server holds "
                                     f"{self.max_channels}, its maximum", {"Retry-After": "10"})
 
-    # -- publishing -----------------------------------------------------------
-
-    def publish(self, channel: str, message: Any, *, title: str | None = None,
-                priority: int | None = None, key: str | None = None) -> Message:
-        """Append *message* (any JSON value) to *channel* and wake its waiters.
-
-        With *key* (an idempotency key: 1-128 printable ASCII characters),
-        a publish repeated with the same key within ``idempotency_window``
-        seconds stores nothing and returns the first one's message, with
-        ``replayed`` set (its id, channel and time; its body too while the
-        hub holds it). The sqlite and Redis stores keep the keys, so this
-        holds across restarts and across servers.
-        """
-        check_channel(channel)
-        if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
-            raise _bad_request("an idempotency key is 1-128 printable ASCII characters")
-        if title is not None and (not isinstance(title, str)
-                                  or len(title) > MAX_TITLE):
-            raise _bad_request(f"title must be a string of at most {MAX_TITLE} characters")
-        if priority is not None and (type(priority) is not int
-                                     or not 1 <= priority <= 5):
-            raise _bad_request("priority must be an integer from 1 (min) to 5 (urgent)")
-        try:  # encoded once, outside the lock; refuses what is not plain JSON
-            payload = _encode(message).encode()
-            if title is not None:
-                title.encode()
-        except UnicodeEncodeError:  # a lone surrogate ("\ud800") is no text
-            raise _bad_request("message and title must be valid Unicode text "
-                               "(no lone surrogates)") from None
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise _bad_request(f"message is not plain JSON: {exc}") from None
-        # Who numbers it is the store's choice: by default this hub does
-        # (``number`` below); a store shared by several servers numbers it
-        # itself (``admit`` first) and brings it back through ``follow``.
-        return self.store.publish(self, Draft(channel, message, title, priority, payload, key))
+    # -- numbering (for stores) -----------------------------------------------------
 
     def admit(self, channel: str) -> None:
         """For stores that number messages themselves, before they do:
@@ -778,7 +724,7 @@ class Hub:
         for wake in waiters:
             wake()
 
-    # -- reading --------------------------------------------------------------
+    # -- reading --------------------------------------------------------------------
 
     def locate(self, since: "str | None | Position") -> Position:
         """Place *since* in this hub's history; raise a 400 error if it is
@@ -867,6 +813,146 @@ class Hub:
             return Batch(messages, messages[-1].id, gap)
         return Batch(available, self.cursor_for(max(self._seq, after)), gap)
 
+    def read_checked(self, names: tuple[str, ...], position: Position, limit: int,
+                     max_bytes: int | None = None) -> Batch:
+        """``read`` for servers that have checked *names* and *limit* and
+        placed *position* already: the hot path of every poll. With
+        *max_bytes*, stop before the message that would pass it (the first
+        one always comes)."""
+        if position.after == self._seq and not position.unplaceable and (
+                position.history is None or position.history == self.history):
+            return Batch([], self.cursor_for(position.after))  # at the head: nothing newer
+        with self._lock:
+            return self._read(names, position, limit, max_bytes)
+
+    # -- /receive's queues (for stores) ---------------------------------------------
+    # Kept here for stores that leave them to the hub (the default
+    # ``Store.take``, ``ack`` and ``give_back``): *keep* is called under the
+    # lock with each change, as (channel, taken mark, queue JSON).
+
+    def hand_out(self, channel: str, lease: float | None,
+                 keep: Callable[[str, int, str | None], None]) -> Message | None:
+        """For stores: the next message of *channel*'s queue, or None."""
+        with self._lock:
+            self._make_room((channel,))
+            ch = self._channel(channel)
+            msg = ch.hand_out(lease, time.time())
+            if msg is not None or ch.queue is not None:
+                keep(channel, ch.taken, ch.queue_json())
+            return msg
+
+    def acknowledge(self, channel: str, receipt: str,
+                    keep: Callable[[str, int, str | None], None]) -> bool:
+        """For stores: end *receipt*'s lease with its message taken for good."""
+        with self._lock:
+            ch = self._channels.get(channel)
+            if ch is None or ch.queue is None or not ch.queue.ack(receipt, time.time()):
+                return False
+            keep(channel, ch.taken, ch.queue_json())
+            return True
+
+    def requeue(self, channel: str, seq: int,
+                keep: Callable[[str, int, str | None], None]) -> None:
+        """For stores: put message *seq* back at the head of *channel*'s queue."""
+        with self._lock:
+            ch = self._channel(channel)
+            ch.queue = ch.queue or WorkQueue()
+            ch.queue.give_back(seq)
+            keep(channel, ch.taken, ch.queue.to_json())
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    def _prune(self) -> None:
+        self._pruned = time.monotonic()
+        self._keys.prune(time.time())
+        for name, ch in list(self._channels.items()):
+            gone = ch.trim(self.retention, self.max_age)
+            if gone:
+                self.store.dropped(gone)
+            if not (ch.messages or ch.waiters):
+                del self._channels[name]
+                self._forgotten = max(self._forgotten, ch.dropped)
+                self._unreported[name] = ch.dropped
+
+
+class Hub(Log):
+    """Channels of messages with cursors: publish, read, and wait. Thread-safe.
+
+    Every message gets the next number of one sequence shared by all the
+    hub's channels, so a cursor is a single position that is valid for any
+    set of channels, and messages of several channels merge in publish
+    order. A cursor also carries ``history``, a random name for this hub's
+    life: a cursor from another hub (or from before a restart) cannot be
+    placed and is answered from the oldest held message with ``gap`` set.
+
+    Methods that may be overridden or used by servers: ``publish``,
+    ``read``, ``wait``, ``take``, ``watch``, ``prune``, ``close``; and for
+    a server's hot path ``locate`` (place a cursor once) and ``read_checked``.
+    *store* (a ``Store`` or a URL for ``open_store``) keeps messages across
+    restarts, or shares them between servers; reads always come from memory.
+    """
+
+    def __init__(self, retention: int = DEFAULT_RETENTION,
+                 max_age: float | None = DEFAULT_MAX_AGE,
+                 max_channels: int = DEFAULT_MAX_CHANNELS,
+                 store: "Store | str | None" = None,
+                 idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW) -> None:
+        if retention < 1:
+            raise ValueError("retention must be at least 1 message")
+        super().__init__(open_store(store) if isinstance(store, str) else store or Store(),
+                         retention, max_age, max_channels, idempotency_window)
+        self._waiting = 0
+        self.store.open(self)  # gives back what was stored: history, sequence, messages
+
+    @property
+    def waiting(self) -> int:
+        """How many blocking ``wait``/``take`` calls are parked now (a
+        server's parked requests are counted by ``Server.waiting``)."""
+        return self._waiting
+
+    @property
+    def idempotency_window(self) -> float:
+        """Seconds a publish's idempotency key is remembered."""
+        return self._keys.window
+
+    # -- publishing -----------------------------------------------------------------
+
+    def publish(self, channel: str, message: Any, *, title: str | None = None,
+                priority: int | None = None, key: str | None = None) -> Message:
+        """Append *message* (any JSON value) to *channel* and wake its waiters.
+
+        With *key* (an idempotency key: 1-128 printable ASCII characters),
+        a publish repeated with the same key within ``idempotency_window``
+        seconds stores nothing and returns the first one's message, with
+        ``replayed`` set (its id, channel and time; its body too while the
+        hub holds it). The sqlite and Redis stores keep the keys, so this
+        holds across restarts and across servers.
+        """
+        check_channel(channel)
+        if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
+            raise _bad_request("an idempotency key is 1-128 printable ASCII characters")
+        if title is not None and (not isinstance(title, str)
+                                  or len(title) > MAX_TITLE):
+            raise _bad_request(f"title must be a string of at most {MAX_TITLE} characters")
+        if priority is not None and (type(priority) is not int
+                                     or not 1 <= priority <= 5):
+            raise _bad_request("priority must be an integer from 1 (min) to 5 (urgent)")
+        try:  # encoded once, outside the lock; refuses what is not plain JSON
+            payload = _encode(message).encode()
+            if title is not None:
+                title.encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") is no text
+            raise _bad_request("message and title must be valid Unicode text "
+                               "(no lone surrogates)") from None
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _bad_request(f"message is not plain JSON: {exc}") from None
+        # Who numbers it is the store's choice: by default this hub does
+        # (``number`` below); a store shared by several servers numbers it
+        # itself (``admit`` first) and brings it back through ``follow``.
+        return self.store.publish(self, Draft(channel, message, title, priority, payload, key))
+
+    # -- reading --------------------------------------------------------------------
+
     def read(self, channels: str | Iterable[str], since: "str | None | Position" = None,
              limit: int = DEFAULT_LIMIT) -> Batch:
         """Return at once what *channels* hold after cursor *since*.
@@ -879,18 +965,6 @@ class Hub:
         limit = _check_limit(limit)
         with self._lock:
             return self._read(names, self.locate(since), limit)
-
-    def read_checked(self, names: tuple[str, ...], position: Position, limit: int,
-                     max_bytes: int | None = None) -> Batch:
-        """``read`` for servers that have checked *names* and *limit* and
-        placed *position* already: the hot path of every poll. With
-        *max_bytes*, stop before the message that would pass it (the first
-        one always comes)."""
-        if position.after == self._seq and not position.unplaceable and (
-                position.history is None or position.history == self.history):
-            return Batch([], self.cursor_for(position.after))  # at the head: nothing newer
-        with self._lock:
-            return self._read(names, position, limit, max_bytes)
 
     def wait(self, channels: str | Iterable[str], since: "str | None | Position" = None,
              timeout: float = DEFAULT_TIMEOUT, limit: int = DEFAULT_LIMIT) -> Batch:
@@ -909,6 +983,8 @@ class Hub:
             return bool(batch.messages or batch.gap), batch
 
         return self._block(names, attempt, timeout)
+
+    # -- the work queue (/receive) --------------------------------------------------
 
     def take(self, channel: str = DEFAULT_CHANNEL, timeout: float = DEFAULT_TIMEOUT, *,
              lease: float | None = None) -> Message | None:
@@ -946,40 +1022,6 @@ class Hub:
         for wake in waiters:
             wake()
 
-    # /receive's queue kept here, for stores that leave it to the hub (the
-    # default ``Store.take``, ``ack`` and ``give_back``): *keep* is called
-    # under the lock with each change, as (channel, taken mark, queue JSON).
-
-    def hand_out(self, channel: str, lease: float | None,
-                 keep: Callable[[str, int, str | None], None]) -> Message | None:
-        """For stores: the next message of *channel*'s queue, or None."""
-        with self._lock:
-            self._make_room((channel,))
-            ch = self._channel(channel)
-            msg = ch.hand_out(lease, time.time())
-            if msg is not None or ch.queue is not None:
-                keep(channel, ch.taken, ch.queue_json())
-            return msg
-
-    def acknowledge(self, channel: str, receipt: str,
-                    keep: Callable[[str, int, str | None], None]) -> bool:
-        """For stores: end *receipt*'s lease with its message taken for good."""
-        with self._lock:
-            ch = self._channels.get(channel)
-            if ch is None or ch.queue is None or not ch.queue.ack(receipt, time.time()):
-                return False
-            keep(channel, ch.taken, ch.queue_json())
-            return True
-
-    def requeue(self, channel: str, seq: int,
-                keep: Callable[[str, int, str | None], None]) -> None:
-        """For stores: put message *seq* back at the head of *channel*'s queue."""
-        with self._lock:
-            ch = self._channel(channel)
-            ch.queue = ch.queue or WorkQueue()
-            ch.queue.give_back(seq)
-            keep(channel, ch.taken, ch.queue.to_json())
-
     def _block(self, names: tuple[str, ...],
                attempt: Callable[[], tuple[bool, Any]], timeout: float) -> Any:
         """Call *attempt* until it is done, time
@@ -1010,7 +1052,7 @@ class Hub:
                 with self._lock:
                     self._waiting -= 1
 
-    # -- watching (for servers that park requests without a thread) -----------
+    # -- watching (for servers that park requests without a thread) -----------------
 
     def watch(self, channels: str | Iterable[str], wake: Callable[[], None],
               since: "str | None | Position" = None) -> Callable[[], None]:
@@ -1049,7 +1091,7 @@ class Hub:
         once()
         return cancel
 
-    # -- housekeeping ---------------------------------------------------------
+    # -- housekeeping ---------------------------------------------------------------
 
     def prune(self) -> None:
         """Apply age retention everywhere and forget channels that hold
@@ -1061,18 +1103,6 @@ class Hub:
             forgotten, self._unreported = self._unreported, {}
             head, watermark = self._seq, self._forgotten
         self.store.pruned(head, watermark, forgotten)  # not under the lock: it may wait on I/O
-
-    def _prune(self) -> None:
-        self._pruned = time.monotonic()
-        self._keys.prune(time.time())
-        for name, ch in list(self._channels.items()):
-            gone = ch.trim(self.retention, self.max_age)
-            if gone:
-                self.store.dropped(gone)
-            if not (ch.messages or ch.waiters):
-                del self._channels[name]
-                self._forgotten = max(self._forgotten, ch.dropped)
-                self._unreported[name] = ch.dropped
 
     def close(self) -> None:
         """Wake every waiter; from now on waits return at once and publishing
@@ -2857,6 +2887,21 @@ class ConnectionCap:
                 del self._by_address[conn.address]
 
 
+def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
+    """A non-blocking socket listening on *address* (IPv4 or IPv6)."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Loop:
     """One thread's ``selectors`` loop that owns every socket: accepts (with
     a cap per client address), drives TLS handshakes, reads, writes through
@@ -2867,8 +2912,9 @@ class Loop:
     ``connection_made(conn)`` (give it a reader), ``received(conn)`` (new
     bytes in ``conn.reader``), ``drained(conn)`` (its output is all sent),
     ``expired(conn)`` (its hold timer ran out), ``timed_out(conn)`` (its
-    deadline passed), ``connection_lost(conn)``; and ``refusal()``, the
-    bytes a connection over the per-address cap is sent before it is closed.
+    deadline passed), ``connection_lost(conn)``; and ``refusal(tls=False)``,
+    the bytes a connection over the per-address cap (or a plain-text request
+    on a TLS port) is sent before it is closed.
     """
 
     #: Listen backlog: room for thousands of clients reconnecting at once.
@@ -2888,16 +2934,7 @@ class Loop:
         #: Seconds the loop has spent waiting in select (the rest is work):
         #: read by the waiting layer to tell a saturated loop from an idle one.
         self.idle = 0.0
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.socket.bind(address)
-            self.socket.listen(self.request_queue_size)
-            self.socket.setblocking(False)
-        except OSError:
-            self.socket.close()
-            raise
+        self.socket = _listen(address, self.request_queue_size)
         self.server_address = self.socket.getsockname()
         self.connections: set[Connection] = set()
         #: Connections cut: the client left more than max_queued bytes unread.
@@ -3112,8 +3149,7 @@ class Loop:
 
     def _pause_accepting(self, seconds: float) -> None:
         if self._accepting:
-            self._accepting = False
-            self._selector.unregister(self.socket)
+            self.stop_accepting()
             timer = threading.Timer(seconds, self.call_soon, (self.resume_accepting,))
             timer.daemon = True
             timer.start()
@@ -3142,10 +3178,7 @@ class Loop:
             logger.debug("TLS handshake with %s failed: %s", conn.address, exc)
             if getattr(exc, "reason", None) == "HTTP_REQUEST":  # plain HTTP: say so, in it
                 try:
-                    socket.socket.send(conn.sock, _response(
-                        HTTPStatus.BAD_REQUEST, _json_body(
-                            {"error": "this port speaks HTTPS: use an https:// URL"}),
-                        "application/json", email.utils.formatdate(usegmt=True), (), "close"))
+                    socket.socket.send(conn.sock, self.protocol.refusal(tls=True))
                 except OSError:
                     pass
                 self.finish(conn, linger=True)
@@ -3383,7 +3416,11 @@ class HTTPProtocol:
     def connection_lost(self, conn: Connection) -> None:
         self.waiters.forget(conn)
 
-    def refusal(self) -> bytes:
+    def refusal(self, tls: bool = False) -> bytes:
+        if tls:  # a plain-text request on the TLS port
+            return _response(HTTPStatus.BAD_REQUEST, _json_body(
+                {"error": "this port speaks HTTPS: use an https:// URL"}),
+                "application/json", self.date(), (), "close")
         return _response(HTTPStatus.SERVICE_UNAVAILABLE, _json_body(
             {"error": "too many connections from your address: close some"}),
             "application/json", self.date(), (("Retry-After", "5"),), "close")
@@ -3525,7 +3562,7 @@ def _sse_events(batch: Batch) -> bytes:
 class Waiters:
     """Parks what waits for a message, wakes it when one comes, and answers
     it: long-polls in groups (one read and one encoding per group), event
-    streams, and ``/receive`` takers. Reaches connections only through the
+    streams, and ``/receive`` takers (``Takers``). Reaches connections only through the
     HTTP layer's ``reply`` and the loop's ``send``, ``hold`` and ``close``.
 
     A publish wakes a group through ``hub.watch`` (from any thread, handed
@@ -3558,12 +3595,10 @@ class Waiters:
         self._recent: dict[tuple, tuple[int, str, bytes, int]] = {}
         self.streams: dict[Connection, None] = {}
         self._next_keepalive = 0.0
-        self._takers: collections.deque[Connection] = collections.deque()
-        self._taker_watch: Callable[[], None] | None = None
-        self._taking = False  # a take for the parked takers is under way
         #: Requests parked now, in all and per client key.
         self.parked = 0
         self.parked_by: collections.Counter[str] = collections.Counter()
+        self.takers = Takers(self)  # /receive
 
     # -- starting -------------------------------------------------------------------
 
@@ -3575,11 +3610,11 @@ class Waiters:
             elif isinstance(outcome, Stream):
                 self.stream(conn, request, outcome)
             else:
-                self.take(conn, request, outcome)
+                self.takers.start(conn, request, outcome)
         except LongpollError as error:
             self.protocol.respond(conn, request, _error_response(error))
 
-    def _stopping(self) -> bool:
+    def stopping(self) -> bool:
         return self.server.closing or self.hub.closed
 
     def poll(self, conn: Connection, request: Request, poll: Poll) -> None:
@@ -3596,12 +3631,12 @@ class Waiters:
         else:
             batch = hub.read_checked(names, position, limit, self.server.max_answer)
             ready = bool(batch.messages or batch.gap)
-            if not (timeout <= 0 or self._stopping() or ready and due):
+            if not (timeout <= 0 or self.stopping() or ready and due):
                 # Nothing yet: park until a publish. Or a burst is on: join
                 # the next fan-out (within the window), to take a batch.
                 self.admit(conn, request)
                 group = self._join(conn, key)
-                self._park(conn, request, State.PARKED, timeout)
+                self.park(conn, request, State.PARKED, timeout)
                 if ready:
                     self._fired[group] = None
                 return
@@ -3618,7 +3653,7 @@ class Waiters:
         every message as it comes, until the client goes (or we close)."""
         names, position = stream
         self.admit(conn, request)
-        live = not self._stopping()
+        live = not self.stopping()
         if live:  # joined before the head is written: it may refuse (503)
             group = self._join(conn, (names, position, MAX_LIMIT))
         head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8",
@@ -3630,83 +3665,10 @@ class Waiters:
             self.protocol.reply(conn, head + b": connected\n\n", keep=False)
             return
         self.streams[conn] = None
-        self._park(conn, request, State.STREAMING,
+        self.park(conn, request, State.STREAMING,
                    self.hub.store.lag if self.hub.ahead(position) else None)
         self._fired[group] = None  # send what is already there at the next fan-out
         self.loop.send(conn, head + b": connected\n\n")
-
-    def _with_store(self, call: Callable[[], Any], then: Callable[[Any], None]) -> None:
-        """Run *call*, which may ask the store, and hand its result (or its
-        ``LongpollError``) to *then* on the loop. With a store across the
-        network it runs on a worker: a hung Redis must cost the requests
-        that need it a prompt 503, and everyone else nothing."""
-        def run() -> Any:
-            try:
-                return call()
-            except LongpollError as error:
-                return error
-            except Exception:
-                logger.exception("error asking the store %s", self.hub.store.url)
-                return LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
-
-        if not self.hub.store.remote:
-            then(run())
-            return
-        self.server.pool.submit(lambda: self.loop.call_soon(functools.partial(then, run())))
-
-    def take(self, conn: Connection, request: Request, take: Take) -> None:
-        """``/receive``: hand over the next untaken message, or park."""
-        head = self.hub.locate(None)
-        if self.hub.store.remote:
-            conn.state, conn.deadline = State.BUSY, None  # while the store answers
-        self._with_store(functools.partial(self.hub.take, take.channel, timeout=0,
-                                           lease=take.lease),
-                         functools.partial(self._took, conn, request, take, head))
-
-    def _took(self, conn: Connection, request: Request, take: Take, head: Position,
-              msg: "Message | LongpollError | None") -> None:
-        if conn.state is State.CLOSED:
-            if isinstance(msg, Message):
-                self._give_back(msg)
-            return
-        if isinstance(msg, LongpollError):
-            self.protocol.respond(conn, request, _error_response(msg))
-            self._resume_after_store(conn)
-            return
-        if msg is not None or take.timeout <= 0 or self._stopping():
-            self._respond_taken(conn, request, msg)
-            self._resume_after_store(conn)
-            return
-        try:
-            self.admit(conn, request)
-        except LongpollError as error:
-            self.protocol.respond(conn, request, _error_response(error))
-            self._resume_after_store(conn)
-            return
-        conn.group = take  # a parked /receive: its Take
-        self._takers.append(conn)
-        self._park(conn, request, State.PARKED, take.timeout)
-        if self._taker_watch is None:
-            self._taker_watch = self.hub.watch(
-                take.channel, functools.partial(self.loop.call_soon, self._serve_takers),
-                since=head)
-
-    def _resume_after_store(self, conn: Connection) -> None:
-        """Go on with *conn*'s pipelined requests after an answer that came
-        from a worker (when the answer came at once, the HTTP layer's own
-        loop goes on; resuming here too would recurse)."""
-        if self.hub.store.remote:
-            self.protocol.resume(conn)
-
-    def _respond_taken(self, conn: Connection, request: Request, msg: Message | None) -> None:
-        """Answer a taker. A message whose answer is not all written yet is
-        the connection's (``conn.handed``) until it is: if the connection
-        dies first, the message goes back to the queue (``forget``)."""
-        body = b'{"message":' + (b"null" if msg is None else msg.payload)
-        if msg is not None and msg.receipt is not None:
-            body += b',"receipt":"' + msg.receipt.encode() + b'"'
-        conn.handed = msg  # (cleared by the HTTP layer once the answer is all written)
-        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body + b"}\n"))
 
     def admit(self, conn: Connection, request: Request) -> None:
         """503 with Retry-After when the server, or this client, has as many
@@ -3719,7 +3681,7 @@ class Waiters:
                                 {"Retry-After": "5"})
         conn.owner = key
 
-    def _park(self, conn: Connection, request: Request, state: str,
+    def park(self, conn: Connection, request: Request, state: str,
               timeout: float | None) -> None:
         conn.request = request
         conn.state = state
@@ -3744,7 +3706,7 @@ class Waiters:
 
     # -- ending -------------------------------------------------------------------------
 
-    def _unpark(self, conn: Connection) -> None:
+    def unpark(self, conn: Connection) -> None:
         """Take *conn* out of whatever it waits in (no answer is written)."""
         group = conn.group
         if group is None:
@@ -3752,7 +3714,7 @@ class Waiters:
         conn.group = None
         if isinstance(group, Take):
             try:
-                self._takers.remove(conn)
+                self.takers.queue.remove(conn)
             except ValueError:
                 pass
         else:
@@ -3777,22 +3739,11 @@ class Waiters:
     def forget(self, conn: Connection) -> None:
         """*conn* closed: free what it held here, and give back a message
         whose answer it never got whole."""
-        self._unpark(conn)
+        self.unpark(conn)
         self.streams.pop(conn, None)
         if conn.handed is not None:
             msg, conn.handed = conn.handed, None
-            self._give_back(msg)
-
-    def _give_back(self, msg: Message) -> None:
-        def done(result: Any) -> None:
-            if isinstance(result, LongpollError):
-                logger.error("could not give message %s back to the queue: %s", msg.id,
-                             result.message)
-            else:
-                logger.info("a /receive taker left before its answer: message %s went back "
-                            "to the queue", msg.id)
-
-        self._with_store(functools.partial(self.hub.give_back, msg), done)
+            self.takers.give_back(msg)
 
     def expire(self, conn: Connection) -> None:
         """A parked request's hold has ended: answer it as it stands."""
@@ -3801,14 +3752,14 @@ class Waiters:
             return
         if conn.state is State.STREAMING:  # its position was ahead: settle it
             names, position, limit = group.key
-            self._unpark(conn)
+            self.unpark(conn)
             conn.owner = request.key
-            self._park(conn, request, State.STREAMING, None)
+            self.park(conn, request, State.STREAMING, None)
             self._fired[self._join(conn, (names, self.hub.settle(position), limit))] = None
             return
-        self._unpark(conn)
+        self.unpark(conn)
         if isinstance(group, Take):
-            self._respond_taken(conn, request, None)
+            self.takers.respond(conn, request, None)
         else:
             names, position, limit = group.key
             position = self.hub.settle(position)
@@ -3882,7 +3833,7 @@ class Waiters:
         server.metrics.delivered += len(batch.messages) * len(conns)
         body, date, responses = batch.to_json(), self.protocol.date(), {}
         events: bytes | None = None
-        stopping, polls = self._stopping(), 0
+        stopping, polls = self.stopping(), 0
         protocol, log = self.protocol, logger.isEnabledFor(logging.INFO)
         loop, hold = self.loop, self.loop.hold
         for conn in conns:  # the hot loop of every fan-out: kept lean
@@ -3923,52 +3874,11 @@ class Waiters:
                 protocol.resume(conn)  # pipelined input
         server.metrics.answered("poll", 200, polls)
 
-    def _serve_takers(self) -> None:
-        """A publish reached the queue: take for the parked takers, one
-        message at a time (asking the store off the loop, if it is remote)."""
-        self._taker_watch = None
-        if self._takers and not self._taking:
-            self._taking = True
-            first = self._takers[0]
-            self._with_store(functools.partial(self.hub.take, DEFAULT_CHANNEL, timeout=0,
-                                               lease=first.group.lease),
-                             functools.partial(self._handed, first, self.hub.locate(None)))
-
-    def _handed(self, first: Connection, head: Position,
-                msg: "Message | LongpollError | None") -> None:
-        self._taking = False
-        if isinstance(msg, LongpollError):
-            msg = None  # the store failed: the takers wait on (until their hold ends)
-        if msg is not None and (not self._takers or self._takers[0] is not first):
-            self._give_back(msg)  # taken for a taker that left meanwhile (and its lease)
-            self.loop.call_soon(self._serve_takers)
-        elif (msg is not None or self.hub.closed) and self._takers:
-            conn = self._takers[0]
-            request = conn.request
-            self._unpark(conn)
-            self._respond_taken(conn, request, msg)
-            self.protocol.resume(conn)
-            self.loop.call_soon(self._serve_takers)  # the next message, for the next taker
-        elif self._takers and self._taker_watch is None:
-            self._taker_watch = self.hub.watch(
-                DEFAULT_CHANNEL, functools.partial(self.loop.call_soon, self._serve_takers),
-                since=head)
-
     def tick(self) -> None:
         """Once a second: forget the answers kept for re-polls (age retention
         may have changed them), and retry the parked takers."""
         self._recent.clear()
-        self.retry_takers()
-
-    def retry_takers(self) -> None:
-        """While takers are parked: take again. A lease that ends puts its
-        message back without a publish, and with a shared store a message
-        given back on another server wakes no one here."""
-        if self._takers and not self._taking:
-            if self._taker_watch is not None:
-                self._taker_watch()  # (_serve_takers sets a new one if it finds nothing)
-                self._taker_watch = None
-            self._serve_takers()
+        self.takers.retry()
 
     # -- when the server changes or closes ----------------------------------------------
 
@@ -3989,15 +3899,160 @@ class Waiters:
     def stop(self) -> None:
         """Part of ``Server.close``: answer the takers; end idle streams.
         (Parked polls are answered by the hub's close.)"""
-        if self._taker_watch is not None:
-            self._taker_watch()
-            self._taker_watch = None
-        for conn in list(self._takers):
-            self.expire(conn)
+        self.takers.stop()
         for conn in list(self.streams):
             self.streams.pop(conn, None)
-            self._unpark(conn)
+            self.unpark(conn)
             self.protocol.reply(conn, b"", keep=False)
+
+
+class Takers:
+    """``/receive``'s takers: each gets the next message no one else got,
+    or parks, first come first served, until a publish (or a message given
+    back) lets the next one take. With a store across the network, takes
+    and give-backs run on a worker (``_with_store``). Parks through its
+    ``Waiters``, which owns every parked connection."""
+
+    def __init__(self, waiters: "Waiters") -> None:
+        self.waiters, self.hub = waiters, waiters.hub
+        self.server, self.protocol, self.loop = waiters.server, waiters.protocol, waiters.loop
+        self.queue: collections.deque[Connection] = collections.deque()  # parked, oldest first
+        self._watch: Callable[[], None] | None = None
+        self._taking = False  # a take for the parked takers is under way
+
+    def start(self, conn: Connection, request: Request, take: Take) -> None:
+        """``/receive``: hand over the next untaken message, or park."""
+        head = self.hub.locate(None)
+        if self.hub.store.remote:
+            conn.state, conn.deadline = State.BUSY, None  # while the store answers
+        self._with_store(functools.partial(self.hub.take, take.channel, timeout=0,
+                                           lease=take.lease),
+                         functools.partial(self._took, conn, request, take, head))
+
+    def _took(self, conn: Connection, request: Request, take: Take, head: Position,
+              msg: "Message | LongpollError | None") -> None:
+        if conn.state is State.CLOSED:
+            if isinstance(msg, Message):
+                self.give_back(msg)
+            return
+        if isinstance(msg, LongpollError):
+            self.protocol.respond(conn, request, _error_response(msg))
+            self._resume_after_store(conn)
+            return
+        if msg is not None or take.timeout <= 0 or self.waiters.stopping():
+            self.respond(conn, request, msg)
+            self._resume_after_store(conn)
+            return
+        try:
+            self.waiters.admit(conn, request)
+        except LongpollError as error:
+            self.protocol.respond(conn, request, _error_response(error))
+            self._resume_after_store(conn)
+            return
+        conn.group = take  # a parked /receive: its Take
+        self.queue.append(conn)
+        self.waiters.park(conn, request, State.PARKED, take.timeout)
+        if self._watch is None:
+            self._watch = self.hub.watch(
+                take.channel, functools.partial(self.loop.call_soon, self.serve),
+                since=head)
+
+    def _resume_after_store(self, conn: Connection) -> None:
+        """Go on with *conn*'s pipelined requests after an answer that came
+        from a worker (when the answer came at once, the HTTP layer's own
+        loop goes on; resuming here too would recurse)."""
+        if self.hub.store.remote:
+            self.protocol.resume(conn)
+
+    def respond(self, conn: Connection, request: Request, msg: Message | None) -> None:
+        """Answer a taker. A message whose answer is not all written yet is
+        the connection's (``conn.handed``) until it is: if the connection
+        dies first, the message goes back to the queue (``forget``)."""
+        body = b'{"message":' + (b"null" if msg is None else msg.payload)
+        if msg is not None and msg.receipt is not None:
+            body += b',"receipt":"' + msg.receipt.encode() + b'"'
+        conn.handed = msg  # (cleared by the HTTP layer once the answer is all written)
+        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body + b"}\n"))
+
+    def give_back(self, msg: Message) -> None:
+        """*msg*'s taker never got it: back to the head of the queue."""
+        def done(result: Any) -> None:
+            if isinstance(result, LongpollError):
+                logger.error("could not give message %s back to the queue: %s", msg.id,
+                             result.message)
+            else:
+                logger.info("a /receive taker left before its answer: message %s went back "
+                            "to the queue", msg.id)
+
+        self._with_store(functools.partial(self.hub.give_back, msg), done)
+
+    def _with_store(self, call: Callable[[], Any], then: Callable[[Any], None]) -> None:
+        """Run *call*, which may ask the store, and hand its result (or its
+        ``LongpollError``) to *then* on the loop. With a store across the
+        network it runs on a worker: a hung Redis must cost the requests
+        that need it a prompt 503, and everyone else nothing."""
+        def run() -> Any:
+            try:
+                return call()
+            except LongpollError as error:
+                return error
+            except Exception:
+                logger.exception("error asking the store %s", self.hub.store.url)
+                return LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
+
+        if not self.hub.store.remote:
+            then(run())
+            return
+        self.server.pool.submit(lambda: self.loop.call_soon(functools.partial(then, run())))
+
+    def serve(self) -> None:
+        """A publish reached the queue: take for the parked takers, one
+        message at a time (asking the store off the loop, if it is remote)."""
+        self._watch = None
+        if self.queue and not self._taking:
+            self._taking = True
+            first = self.queue[0]
+            self._with_store(functools.partial(self.hub.take, first.group.channel, timeout=0,
+                                               lease=first.group.lease),
+                             functools.partial(self._handed, first, self.hub.locate(None)))
+
+    def _handed(self, first: Connection, head: Position,
+                msg: "Message | LongpollError | None") -> None:
+        self._taking = False
+        if isinstance(msg, LongpollError):
+            msg = None  # the store failed: the takers wait on (until their hold ends)
+        if msg is not None and (not self.queue or self.queue[0] is not first):
+            self.give_back(msg)  # taken for a taker that left meanwhile (and its lease)
+            self.loop.call_soon(self.serve)
+        elif (msg is not None or self.hub.closed) and self.queue:
+            conn = self.queue[0]
+            request = conn.request
+            self.waiters.unpark(conn)
+            self.respond(conn, request, msg)
+            self.protocol.resume(conn)
+            self.loop.call_soon(self.serve)  # the next message, for the next taker
+        elif self.queue and self._watch is None:
+            self._watch = self.hub.watch(
+                self.queue[0].group.channel, functools.partial(self.loop.call_soon, self.serve),
+                since=head)
+
+    def retry(self) -> None:
+        """While takers are parked: take again. A lease that ends puts its
+        message back without a publish, and with a shared store a message
+        given back on another server wakes no one here."""
+        if self.queue and not self._taking:
+            if self._watch is not None:
+                self._watch()  # (serve sets a new one if it finds nothing)
+                self._watch = None
+            self.serve()
+
+    def stop(self) -> None:
+        """Part of ``Server.close``: answer the parked takers."""
+        if self._watch is not None:
+            self._watch()
+            self._watch = None
+        for conn in list(self.queue):
+            self.waiters.expire(conn)
 
 
 # ---------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_stores_deliver_every_message_once_in_order(backend, ops, subs):
 
     def poll(channels, cursor, limit):
         reader = hubs["reader"]
-        wait_until(lambda: reader._seq >= hubs["writer"]._seq, what="the reader to follow")
+        wait_until(lambda: reader.head >= hubs["writer"].head, what="the reader to follow")
         batch = reader.read(channels, cursor, limit=limit)
         assert not batch.gap
         return [[m.channel, m.message] for m in batch.messages], batch.cursor
@@ -345,7 +345,7 @@ def test_redis_losing_its_data_never_skips_a_message_silently(redis_server, ops,
 
     def poll(n, cursor, limit):
         reader, writer = hubs["reader"], hubs["writer"]
-        wait_until(lambda: reader.history == writer.history and reader._seq >= writer._seq,
+        wait_until(lambda: reader.history == writer.history and reader.head >= writer.head,
                    timeout=5, what="the reader to follow")
         batch = reader.read(subs[n], cursor, limit=limit)
         got = [[m.channel, m.message] for m in batch.messages]
