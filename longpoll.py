@@ -928,6 +928,24 @@ class Hub(Log):
         hub holds it). The sqlite and Redis stores keep the keys, so this
         holds across restarts and across servers.
         """
+        # Who numbers it is the store's choice: by default this hub does
+        # (``number`` below); a store shared by several servers numbers it
+        # itself (``admit`` first) and brings it back through ``follow``.
+        return self.store.publish(self, self._draft(channel, message, title, priority, key))
+
+    def publish_later(self, channel: str, message: Any,
+                      then: Callable[["Message | LongpollError"], None], *,
+                      title: str | None = None, priority: int | None = None,
+                      key: str | None = None) -> None:
+        """``publish`` for a server's loop thread: *then* gets the message,
+        or the ``LongpollError`` that refused it, on that thread; at once,
+        or when a store the loop drives (``Store.loop``) has kept it, so
+        the loop never waits on the network. Bad arguments raise at once."""
+        self.store.publish_later(self, self._draft(channel, message, title, priority, key), then)
+
+    def _draft(self, channel: str, message: Any, title: str | None, priority: int | None,
+               key: str | None) -> Draft:
+        """Check a publish's arguments; encode the message once."""
         check_channel(channel)
         if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
             raise _bad_request("an idempotency key is 1-128 printable ASCII characters")
@@ -946,10 +964,7 @@ class Hub(Log):
                                "(no lone surrogates)") from None
         except (TypeError, ValueError, RecursionError) as exc:
             raise _bad_request(f"message is not plain JSON: {exc}") from None
-        # Who numbers it is the store's choice: by default this hub does
-        # (``number`` below); a store shared by several servers numbers it
-        # itself (``admit`` first) and brings it back through ``follow``.
-        return self.store.publish(self, Draft(channel, message, title, priority, payload, key))
+        return Draft(channel, message, title, priority, payload, key)
 
     # -- reading --------------------------------------------------------------------
 
@@ -1172,7 +1187,10 @@ class Store:
     call ({name: newest dropped seq}).
 
     A server makes every call that may wait on the network (``remote``)
-    on a worker thread, never on its loop.
+    on a worker thread, never on its loop; or, once it has called
+    ``attach(loop, pool)``, a store that sets ``loop`` takes publishes
+    from the loop thread (``publish_later``) and answers them when the
+    network does, without waiting.
     """
 
     #: Seconds another server's message may take to reach this hub (a
@@ -1182,6 +1200,8 @@ class Store:
     lag = 0.0
     #: True when calls wait on the network (a server makes them off its loop).
     remote = False
+    #: The server loop that drives the store's publishes (``attach``), or None.
+    loop: "Loop | None" = None
     #: What ``open_store`` was given (passwords masked).
     url = "memory:"
     #: Requests the store failed (counted by ``_unavailable``; in /metrics).
@@ -1192,6 +1212,27 @@ class Store:
 
     def publish(self, hub: "Hub", draft: Draft) -> Message:
         return hub.number(draft, self.append)
+
+    def publish_later(self, hub: "Hub", draft: Draft,
+                      then: Callable[["Message | LongpollError"], None]) -> None:
+        """``publish`` from a server's loop thread: *then* gets the message,
+        or the ``LongpollError`` that refused it, on that thread. Here at
+        once; a store a loop drives sends its request and returns, and calls
+        *then* when the answer comes."""
+        try:
+            msg: Message | LongpollError = self.publish(hub, draft)
+        except LongpollError as error:
+            msg = error
+        then(msg)
+
+    def attach(self, loop: "Loop", pool: Any) -> None:
+        """A server will call ``publish_later`` from *loop*'s thread (and
+        ``tick`` about once a second); a store across the network may then
+        drive its requests from that loop (and *pool*'s workers, for what
+        must wait), and set ``loop``. Only the first server does."""
+
+    def tick(self) -> None:
+        pass
 
     def take(self, hub: "Hub", channel: str, lease: float | None) -> Message | None:
         return hub.hand_out(channel, lease, self.took)
@@ -1222,6 +1263,25 @@ def _unavailable(store: Store, what: str, exc: Exception) -> LongpollError:
     store.failures += 1
     logger.error("%s: %s", what, exc)
     return LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, f"{what}: {exc}", {"Retry-After": "1"})
+
+
+def _result_of(call: Callable[[], Any], store: Store) -> Any:
+    """What *call* (which asks *store*) returns, or the ``LongpollError``
+    it raised (a 500 for anything else, logged)."""
+    try:
+        return call()
+    except LongpollError as error:
+        return error
+    except Exception:
+        logger.exception("error asking the store %s", store.url)
+        return LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
+
+
+def _on_worker(pool: Any, loop: "Loop", call: Callable[[], Any], then: Callable[[Any], None],
+               store: Store) -> None:
+    """Run *call* on one of *pool*'s workers; hand ``_result_of`` it to
+    *then* on *loop*'s thread."""
+    pool.submit(lambda: loop.call_soon(functools.partial(then, _result_of(call, store))))
 
 
 class SqliteStore(Store):
@@ -1657,6 +1717,171 @@ class _RedisClient:
             self._close(conn)
 
 
+def _parse_reply(data: bytearray, pos: int) -> tuple[Any, int]:
+    """One RESP2 reply from *data* at *pos*: (reply, the position after
+    it); an error reply is a ``_RedisReplyError`` value. Raises IndexError
+    while the reply is not all there, ValueError for what is no reply."""
+    end = data.find(b"\r\n", pos)
+    if end < 0:
+        raise IndexError("incomplete")
+    kind, rest = data[pos:pos + 1], bytes(data[pos + 1:end])
+    pos = end + 2
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None, pos
+        if len(data) < pos + size + 2:
+            raise IndexError("incomplete")
+        return bytes(data[pos:pos + size]), pos + size + 2
+    if kind == b"*":
+        count = int(rest)
+        if count < 0:
+            return None, pos
+        items = []
+        for _ in range(count):
+            item, pos = _parse_reply(data, pos)
+            items.append(item)
+        return items, pos
+    if kind == b":":
+        return int(rest), pos
+    if kind == b"+":
+        return rest, pos
+    if kind == b"-":
+        return _RedisReplyError(rest.decode(errors="replace")), pos
+    raise ValueError(f"not a Redis reply: {(bytes(kind) + rest)[:40]!r}")
+
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
+    (ssl.SSLWantReadError, ssl.SSLWantWriteError) if ssl is not None else ())
+
+
+class _RedisLink:
+    """One connection to Redis that a server's ``Loop`` drives: commands are
+    written from the loop thread without waiting, and each reply goes to
+    its command's callback when the loop finds it readable, in order
+    (pipelined). It is opened on a worker (connecting and AUTH may wait) and
+    commands sent meanwhile wait in line. When the connection fails, or the
+    oldest reply is later than the client's timeout, every command in line
+    gets a ``_RedisError``; the next command opens a new connection."""
+
+    def __init__(self, client: _RedisClient, loop: "Loop", pool: Any) -> None:
+        self.client, self.loop, self.pool = client, loop, pool
+        self.sock: socket.socket | None = None
+        self._opening = False
+        self._out = bytearray()
+        self._in = bytearray()
+        self._line: collections.deque[tuple[float, Callable[[Any], None]]] = \
+            collections.deque()  # (deadline, then), oldest first
+
+    def call(self, args: tuple[Any, ...], then: Callable[[Any], None]) -> None:
+        """From the loop thread: send *args*; *then(reply)* comes on the loop
+        (an error reply as ``_RedisReplyError``, a failure as ``_RedisError``)."""
+        if self.sock is not None and not self._line \
+                and not self.client._idle_and_open((self.sock, None)):
+            self._fail(_RedisError("closed"))  # by Redis while idle (a restart): a new one
+        self._out += self.client._encode(args)
+        self._line.append((time.monotonic() + self.client.timeout, then))
+        if self.sock is not None:
+            self._flush()
+        elif not self._opening:
+            self._opening = True
+            self.pool.submit(self._open)
+
+    def _open(self) -> None:
+        """On a worker: connect (and AUTH, SELECT), then hand it to the loop."""
+        try:
+            sock, f = self.client._connect()
+            f.close()  # (the socket stays open)
+            result: socket.socket | Exception = sock
+        except Exception as exc:  # (the loop fails the commands in line)
+            result = exc
+        self.loop.call_soon(functools.partial(self._opened, result))
+
+    def _opened(self, result: "socket.socket | Exception") -> None:
+        self._opening = False
+        if isinstance(result, Exception):
+            self._fail(_RedisError(str(result) or type(result).__name__))
+            return
+        result.setblocking(False)
+        self.sock = result
+        self._flush()
+
+    def _flush(self) -> None:
+        sock = self.sock
+        try:
+            while self._out:
+                del self._out[:sock.send(self._out)]
+        except _WOULD_BLOCK:
+            pass
+        except OSError as exc:
+            self._fail(_RedisError(str(exc) or type(exc).__name__))
+            return
+        self.loop.watch(sock, self._on_event, write=bool(self._out))
+
+    def _on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and self.sock is not None:
+            self._receive()
+
+    def _receive(self) -> None:
+        sock = self.sock
+        try:
+            while True:
+                data = sock.recv(262144)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                self._in += data
+                if not (ssl is not None and isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                    break
+        except _WOULD_BLOCK:
+            pass
+        except OSError as exc:
+            self._fail(_RedisError(str(exc) or type(exc).__name__))
+            return
+        pos = 0
+        try:
+            while self._line:
+                reply, pos = _parse_reply(self._in, pos)
+                self._answer(self._line.popleft()[1], reply)
+        except IndexError:
+            pass  # the rest comes with the next read
+        except ValueError as exc:
+            self._fail(_RedisError(str(exc)))
+            return
+        del self._in[:pos]
+        if self._in and not self._line:
+            self._fail(_RedisError("Redis sent a reply nobody asked for"))
+
+    def check(self, now: float) -> None:
+        """From the loop, now and then: a reply overdue fails the connection."""
+        if self._line and self._line[0][0] < now:
+            self._fail(_RedisError("timed out"))
+
+    def _fail(self, error: "_RedisError") -> None:
+        if self.sock is not None:
+            self.loop.unwatch(self.sock)
+            self.sock.close()
+            self.sock = None
+        self._out.clear()
+        self._in.clear()
+        line, self._line = self._line, collections.deque()
+        for _, then in line:
+            self._answer(then, error)
+
+    @staticmethod
+    def _answer(then: Callable[[Any], None], reply: Any) -> None:
+        try:
+            then(reply)
+        except Exception:  # a bug must cost one request, never the loop
+            logger.exception("error handling a reply from Redis")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class _AnotherHistory(Exception):
     """Redis holds a history other than the hub's (see ``RedisStore._adopt``)."""
 
@@ -1680,6 +1905,7 @@ class RedisStore(Store):
         self._feed_client = _RedisClient(url, timeout=10, connect_timeout=5)
         self._dropped: dict[str, int] = {}  # per channel: dropped here, to trim in Redis
         self._publish = self.client.script(_R_PUBLISH)
+        self._publish_sha = hashlib.sha1(_R_PUBLISH.encode()).hexdigest()
         self._take = self.client.script(_R_TAKE)
         self._ack = self.client.script(_R_ACK)
         self._give_back = self.client.script(_R_GIVE_BACK)
@@ -1690,8 +1916,11 @@ class RedisStore(Store):
         self._thread: threading.Thread | None = None
         self._feed_lock = threading.Lock()  # one reader of the feed applies at a time
         self._last = 0  # the last message of the feed applied
+        self._own = False  # the feed's last read brought only messages applied already
         self._feed_id: int | None = None  # the feed connection's id, to unblock it
         self._retry_at = 0.0  # after a failure, when to ask Redis again
+        self._link: _RedisLink | None = None  # publishes from a server's loop (attach)
+        self._pool: Any = None
 
     def open(self, hub: "Hub") -> None:
         try:
@@ -1708,10 +1937,7 @@ class RedisStore(Store):
     def _ask(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call Redis; after a failure, refuse at once (503) for a second,
         so an unreachable Redis cannot hold up the server's loop each time."""
-        if time.monotonic() < self._retry_at:
-            self.failures += 1
-            raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the store is unavailable",
-                                {"Retry-After": "1"})
+        self._refuse_while_down()
         try:
             return call(*args, **kwargs)
         except _RedisReplyError as exc:
@@ -1723,19 +1949,19 @@ class RedisStore(Store):
             self._retry_at = time.monotonic() + 1.0
             raise _unavailable(self, "the store is unavailable", exc) from None
 
+    def _refuse_while_down(self) -> None:
+        """After a failure, refuse at once (503) for a second."""
+        if time.monotonic() < self._retry_at:
+            self.failures += 1
+            raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the store is unavailable",
+                                {"Retry-After": "1"})
+
     def publish(self, hub: "Hub", draft: Draft) -> Message:
-        channel, message, title, priority, payload, key = draft
-        hub.admit(channel)
+        hub.admit(draft.channel)
         at = round(time.time(), 3)
         for attempt in range(2):
             try:
-                reply = self._ask(self._publish, keys=[_R_SEQ, _R_STREAM + channel, _R_FEED,
-                                                       _R_DROPPED, _R_HISTORY, _R_LOST,
-                                                       _R_KEY + (key or "")],
-                                  args=[channel, repr(at), payload, _encode(title),
-                                        _encode(priority), hub.retention, _R_FEED_LENGTH,
-                                        hub.history, hub.head, key or "",
-                                        max(1, math.ceil(hub.idempotency_window))])
+                reply = self._ask(self._publish, *self._publish_call(hub, draft, at))
                 break
             except _AnotherHistory:  # Redis lost its data and another server began anew
                 if attempt:
@@ -1743,23 +1969,93 @@ class RedisStore(Store):
                                         "the store's history is changing: try again",
                                         {"Retry-After": "1"}) from None
                 self._adopt(hub)
+        return self._kept(hub, draft, at, reply)  # type: ignore[return-value]
+
+    @staticmethod
+    def _publish_call(hub: "Hub", draft: Draft, at: float) -> tuple[list[Any], list[Any]]:
+        """The publish script's keys and arguments."""
+        channel, _, title, priority, payload, key = draft
+        return ([_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED, _R_HISTORY, _R_LOST,
+                 _R_KEY + (key or "")],
+                [channel, repr(at), payload, _encode(title), _encode(priority), hub.retention,
+                 _R_FEED_LENGTH, hub.history, hub.head, key or "",
+                 max(1, math.ceil(hub.idempotency_window))])
+
+    def _kept(self, hub: "Hub", draft: Draft, at: float, reply: list[Any],
+              wait: bool = True) -> Message | None:
+        """The message the publish script numbered (*reply*), applied to the
+        hub first, so that a read on this server sees it. Without *wait*,
+        None when that needs the feed read up to it."""
+        channel, message, title, priority, payload, key = draft
         seq = int(reply[0])
         if len(reply) > 1:  # the key was used within the window
             return hub.replayed(seq, reply[1].decode(), float(reply[2]))
-        hub.published += 1
-        with self._feed_lock:  # the feed's next message: apply it now, without reading it
-            if seq == self._last + 1 and not hub.closed:
-                self._last = seq
-                hub.follow([Message(seq, hub.cursor_for(seq), channel, None, title, priority,
-                                     payload, at)])
-        for _ in range(3):  # else read the feed up to it, so a read now sees it
+        if self._feed_lock.acquire(wait):  # the feed's next message: apply it now
+            try:
+                if seq == self._last + 1 and not hub.closed:
+                    self._last = seq
+                    hub.follow([Message(seq, hub.cursor_for(seq), channel, None, title,
+                                        priority, payload, at)])
+            finally:
+                self._feed_lock.release()
+        for _ in range(3):  # else read the feed up to it
             if hub.head >= seq or hub.closed:
                 break
+            if not wait:
+                return None
             try:
                 self._read_feed(hub, self.client, None)
             except _RedisError:
                 break  # it is taken; the feed thread brings it when it can
+        hub.published += 1
         return Message(seq, hub.cursor_for(seq), channel, message, title, priority, payload, at)
+
+    def attach(self, loop: "Loop", pool: Any) -> None:
+        if self.loop is None:
+            self.loop, self._pool = loop, pool
+            self._link = _RedisLink(self.client, loop, pool)
+
+    def tick(self) -> None:
+        if self._link is not None:
+            self._link.check(time.monotonic())
+
+    def publish_later(self, hub: "Hub", draft: Draft,
+                      then: Callable[["Message | LongpollError"], None]) -> None:
+        """The publish script sent from the loop, through ``_RedisLink``;
+        what would wait (adopting a new history, reading the feed up to the
+        message) goes on to a worker."""
+        link = self._link
+        if link is None:
+            return super().publish_later(hub, draft, then)
+        try:
+            hub.admit(draft.channel)
+            self._refuse_while_down()
+        except LongpollError as error:
+            return then(error)
+        at = round(time.time(), 3)
+        keys, args = self._publish_call(hub, draft, at)
+
+        def slow(call: Callable[[], Any]) -> None:
+            _on_worker(self._pool, self.loop, call, then, self)
+
+        def answered(reply: Any, loaded: bool = False) -> None:
+            if isinstance(reply, _RedisReplyError) and str(reply).startswith("NOSCRIPT") \
+                    and not loaded:
+                link.call(("EVAL", _R_PUBLISH, len(keys), *keys, *args),
+                          functools.partial(answered, loaded=True))
+            elif isinstance(reply, _RedisReplyError) and "another history" in str(reply):
+                slow(functools.partial(self.publish, hub, draft))  # adopts it, publishes again
+            elif isinstance(reply, _RedisError):
+                self._retry_at = time.monotonic() + 1.0
+                then(_unavailable(self, "the store is unavailable", reply))
+            else:
+                msg = self._kept(hub, draft, at, reply, wait=False)
+                if msg is None:
+                    slow(functools.partial(self._kept, hub, draft, at, reply))
+                else:
+                    then(msg)
+
+        link.call(("EVALSHA", self._publish_sha, len(keys), *keys, *args), answered)
 
     def take(self, hub: "Hub", channel: str, lease: float | None) -> Message | None:
         receipt = secrets.token_hex(8) if lease is not None else ""
@@ -1809,6 +2105,8 @@ class RedisStore(Store):
             thread.join(0.05)
         self._feed_client.close()
         self.client.close()
+        if self._link is not None:
+            self._link.close()
 
     # -- following the feed ---------------------------------------------------
 
@@ -1883,6 +2181,7 @@ class RedisStore(Store):
                             f"{self._last}-0") or ()
         with self._feed_lock:
             messages = []
+            self._own = bool(reply)  # (so far, every message was applied already)
             for _, entries in reply:
                 for entry_id, fields in entries:
                     seq = int(entry_id.split(b"-")[0])
@@ -1892,6 +2191,7 @@ class RedisStore(Store):
                         hub.follow(messages)
                         self._catch_up(hub)
                         return True
+                    self._own = False
                     fields = dict(zip(fields[::2], fields[1::2]))
                     messages.append(self._message(hub, fields[b"c"].decode(),
                                                   entry_id, fields))
@@ -1908,6 +2208,8 @@ class RedisStore(Store):
                 if failures:  # a new connection
                     self._feed_id = self._feed_client.call("CLIENT", "ID")
                 read = self._read_feed(hub, self._feed_client, 1000)
+                if self._own:  # all this server's own: while it publishes, read in batches
+                    self._stop.wait(0.01)
                 if time.monotonic() >= self._checked + 1.0 and not self._stop.is_set():
                     self._checked = time.monotonic()
                     self._check_history(hub, idle=not read)
@@ -2574,6 +2876,13 @@ class Handler:
                 return methods, ()
         raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {_printable(path[:200])}")
 
+    def later(self, request: Request) -> bool:
+        """Whether *request* is a publish the loop sends to a store across
+        the network and answers when the store does (``publish_later``)."""
+        return (request.route in ("publish", "send")
+                and self.server.hub.store.loop is self.server.loop
+                and len(request.body) <= self.server.inline_body_limit)
+
     def on_worker(self, request: Request) -> bool:
         """Whether *request* is handled on a worker thread: a publish with a
         large body to decode, or through a store across the network."""
@@ -2736,9 +3045,31 @@ class Handler:
             ("Access-Control-Max-Age", "86400")))
 
     def handle_publish(self, request: Request) -> Response:
+        channel, message, options = self.publish_arguments(request)
+        return self.published(request, self.server.hub.publish(channel, message, **options))
+
+    def publish_later(self, request: Request, then: Callable[[Response], None]) -> None:
+        """``handle_publish`` (or ``handle_send``) for the loop thread: *then*
+        gets the answer when the store has kept the message (``later``)."""
+        def done(msg: Message | LongpollError) -> None:
+            then(_error_response(msg) if isinstance(msg, LongpollError)
+                 else self.published(request, msg))
+
+        try:
+            channel, message, options = self.publish_arguments(request)
+            self.server.hub.publish_later(channel, message, done, **options)
+        except LongpollError as error:
+            then(_error_response(error))
+
+    def publish_arguments(self, request: Request) -> tuple[str, Any, dict[str, Any]]:
         message, title, priority = self.publish_body(request)
-        msg = self.server.hub.publish(request.names[0], message, title=title, priority=priority,
-                                      key=request.headers.get("idempotency-key"))
+        return (request.names[0] if request.route == "publish" else DEFAULT_CHANNEL, message,
+                {"title": title, "priority": priority,
+                 "key": request.headers.get("idempotency-key")})
+
+    def published(self, request: Request, msg: Message) -> Response:
+        if request.route == "send":  # (the Flask tutorial's answer)
+            return self.json(HTTPStatus.OK, {"status": "Message sent."})
         return Response(HTTPStatus.OK if msg.replayed else HTTPStatus.CREATED, msg.summary())
 
     def handle_poll(self, request: Request) -> Poll:
@@ -2751,11 +3082,7 @@ class Handler:
         since = request.headers.get("last-event-id") or request.query.get("since") or None
         return Stream(request.names, self.server.hub.locate(since))
 
-    def handle_send(self, request: Request) -> Response:
-        message, title, priority = self.publish_body(request)
-        self.server.hub.publish(DEFAULT_CHANNEL, message, title=title, priority=priority,
-                                key=request.headers.get("idempotency-key"))
-        return self.json(HTTPStatus.OK, {"status": "Message sent."})
+    handle_send = handle_publish  # (to DEFAULT_CHANNEL, answered as the Flask tutorial's)
 
     def handle_receive(self, request: Request) -> Take:
         text, lease = request.query.get("lease"), None
@@ -3028,7 +3355,7 @@ class Loop:
             except OSError:
                 pass  # full (it is awake anyway) or closed (it is gone)
 
-    def _drain_wake(self) -> None:
+    def _drain_wake(self, mask: int = 0) -> None:
         try:
             while self._wake_r.recv(4096):
                 pass
@@ -3046,7 +3373,7 @@ class Loop:
 
     def _on_event(self, data: Any, mask: int) -> None:
         if not isinstance(data, Connection):
-            data()  # the listening socket or the wake-up socket
+            data(mask)  # the listening socket, the wake-up socket, a store's (watch)
             return
         try:
             if mask & selectors.EVENT_READ:
@@ -3105,7 +3432,7 @@ class Loop:
 
     # -- accepting ------------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _accept(self, mask: int = 0) -> None:
         for _ in range(512):  # a burst at a time, so the loop keeps serving others
             try:
                 sock, address = self.socket.accept()
@@ -3146,6 +3473,22 @@ class Loop:
                 continue
             self.per_address.add(conn)
             self.protocol.connection_made(conn)
+
+    def watch(self, sock: socket.socket, on_event: Callable[[int], None],
+              write: bool = False) -> None:
+        """Call *on_event(mask)* on the loop when *sock* (not a client's: a
+        store's connection) is readable, or also writable with *write*."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            self._selector.modify(sock, events, on_event)
+        except KeyError:
+            self._selector.register(sock, events, on_event)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
 
     def _pause_accepting(self, seconds: float) -> None:
         if self._accepting:
@@ -3444,6 +3787,10 @@ class HTTPProtocol:
     def _dispatch(self, conn: Connection, request: Request) -> None:
         if request.refusal is not None:
             self.respond(conn, request, _error_response(request.refusal))
+        elif self.handler.later(request):  # answered when the store answers
+            conn.state = State.BUSY
+            conn.deadline = None
+            self.handler.publish_later(request, functools.partial(self._later, conn, request))
         elif self.handler.on_worker(request):
             conn.state = State.BUSY
             conn.deadline = None
@@ -3454,6 +3801,9 @@ class HTTPProtocol:
     def _work(self, conn: Connection, request: Request) -> None:
         """On a worker thread: the outcome, handed back to the loop."""
         outcome = self.handler.handle(request)
+        self.loop.call_soon(functools.partial(self._worked, conn, request, outcome))
+
+    def _later(self, conn: Connection, request: Request, outcome: Any) -> None:
         self.loop.call_soon(functools.partial(self._worked, conn, request, outcome))
 
     def _worked(self, conn: Connection, request: Request, outcome: Any) -> None:
@@ -3991,19 +4341,11 @@ class Takers:
         ``LongpollError``) to *then* on the loop. With a store across the
         network it runs on a worker: a hung Redis must cost the requests
         that need it a prompt 503, and everyone else nothing."""
-        def run() -> Any:
-            try:
-                return call()
-            except LongpollError as error:
-                return error
-            except Exception:
-                logger.exception("error asking the store %s", self.hub.store.url)
-                return LongpollError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
-
-        if not self.hub.store.remote:
-            then(run())
-            return
-        self.server.pool.submit(lambda: self.loop.call_soon(functools.partial(then, run())))
+        store = self.hub.store
+        if store.remote:
+            _on_worker(self.server.pool, self.loop, call, then, store)
+        else:
+            then(_result_of(call, store))
 
     def serve(self) -> None:
         """A publish reached the queue: take for the parked takers, one
@@ -4197,6 +4539,7 @@ class Server:
         self.protocol.loop, self.protocol.waiters = self.loop, self.waiters
         self.loop.after_io, self.loop.wake_at = self.waiters.fan_out, self.waiters.wake_at
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "longpoll-worker")
+        self.hub.store.attach(self.loop, self.pool)  # (a store across the network: see later)
         self._thread: threading.Thread | None = None
 
     # -- public surface -----------------------------------------------------------------
@@ -4324,6 +4667,8 @@ class Server:
         """Housekeeping, about once a second, on the loop."""
         now = time.monotonic()
         self.waiters.tick()
+        if self.hub.store.loop is self.loop:
+            self.hub.store.tick()
         if now >= self._next_prune:
             self._next_prune = now + 10.0
             if not self.hub.store.remote:

@@ -24,12 +24,14 @@ def test_a_hung_redis_stalls_only_the_requests_that_need_it(own_redis, make_serv
     own_redis.pause()
     answers = []
     try:
-        slow = [threading.Thread(target=lambda path=path: answers.append(
-                    request(server, "GET", path, timeout=30)))
-                for path in ["/receive?timeout=0", f"/channels/a?since={ahead}&timeout=0"] * 3]
+        slow = [threading.Thread(target=lambda method=method, path=path: answers.append(
+                    request(server, method, path, "y" if method == "POST" else None, timeout=30)))
+                for method, path in [("GET", "/receive?timeout=0"),
+                                     ("GET", f"/channels/a?since={ahead}&timeout=0"),
+                                     ("POST", "/channels/a")] * 3]
         for t in slow:
             t.start()
-        wait_until(lambda: len(server._connections) >= 6)
+        wait_until(lambda: len(server._connections) >= 9)
         for _ in range(5):
             health, took = timed(server, "/health")
             assert health.status == 200 and took < 0.1, took
@@ -40,8 +42,35 @@ def test_a_hung_redis_stalls_only_the_requests_that_need_it(own_redis, make_serv
     for t in slow:
         t.join(30)
         assert not t.is_alive()
-    for resp in answers:  # each got an answer: a 503 from the store, or a gap
-        assert resp.status == 503 or resp.json.get("gap") or "message" in resp.json, resp
+    for resp in answers:  # each got an answer: a 503 from the store, a gap, or its own
+        assert resp.status in (201, 503) or resp.json.get("gap") or "message" in resp.json, resp
+
+
+def test_a_publish_redis_never_answers_gets_503_and_the_next_one_goes_through(
+        own_redis, make_server):
+    """A publish is sent to Redis from the server's loop, and answered when
+    Redis answers: one Redis holds past the store's timeout gets a 503 (and
+    for a second after, so do the others, at once), while the loop goes on."""
+    server = make_server(longpoll.Hub(store=own_redis.url))
+    assert request(server, "POST", "/channels/a", "before").status == 201
+    server.hub.store.client.timeout = 0.5
+    own_redis.pause()
+    try:
+        answer = []
+        publisher = threading.Thread(target=lambda: answer.append(
+            request(server, "POST", "/channels/a", "held", timeout=30)))
+        publisher.start()
+        wait_until(lambda: server.hub.store.failures, what="the publish to time out")
+        publisher.join(10)
+        assert not publisher.is_alive()
+        assert answer[0].status == 503 and answer[0].headers["Retry-After"] == "1", answer
+        health, took = timed(server, "/health")
+        assert health.status == 200 and took < 0.1
+    finally:
+        own_redis.resume()
+    wait_until(lambda: request(server, "POST", "/channels/a", "after").status == 201,
+               what="publishing to work again")
+    assert [m for m in everything(server, "a")[0]][-1] == "after"
 
 
 def test_a_redis_restart_costs_no_request(own_redis, make_server):
