@@ -3214,6 +3214,47 @@ class ConnectionCap:
                 del self._by_address[conn.address]
 
 
+class HoldTimers:
+    """Each connection's one hold timer (``conn.timer``), in a heap. A timer
+    cancelled or re-armed leaves its old entry behind, skipped when it
+    comes up, and all swept out at once when they are most of the heap."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Connection]] = []
+        self._ids = itertools.count()
+        self._stale = 0
+
+    def hold(self, conn: Connection, seconds: float | None) -> None:
+        if conn.timer is not None:
+            self._stale += 1
+            conn.timer = None
+        if seconds is not None:
+            conn.timer = next(self._ids)
+            heapq.heappush(self._heap, (time.monotonic() + seconds, conn.timer, conn))
+        if self._stale > 1024 and self._stale > len(self._heap) // 2:
+            self._heap[:] = [t for t in self._heap if t[2].timer == t[1]]  # (in place:
+            heapq.heapify(self._heap)                                     # see expired)
+            self._stale = 0
+
+    def next_due(self) -> float | None:
+        heap = self._heap
+        while heap and heap[0][2].timer != heap[0][1]:
+            heapq.heappop(heap)  # cancelled
+            self._stale -= 1
+        return heap[0][0] if heap else None
+
+    def expired(self, now: float) -> Iterator[Connection]:
+        """Pop the timers due by *now*, and give their connections."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, timer, conn = heapq.heappop(heap)
+            if conn.timer != timer:
+                self._stale -= 1
+                continue
+            conn.timer = None
+            yield conn
+
+
 def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
     """A non-blocking socket listening on *address* (IPv4 or IPv6)."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -3272,9 +3313,7 @@ class Loop:
         self._wake_w.setblocking(False)
         self._pending: collections.deque[Callable[[], None]] = collections.deque()
         self._woken = False
-        self._timers: list[tuple[float, int, Connection]] = []
-        self._timer_ids = itertools.count()
-        self._stale = 0
+        self.timers = HoldTimers()
         self._thread_id: int | None = None
         self._stopped = threading.Event()
         self._stopped.set()
@@ -3391,37 +3430,17 @@ class Loop:
             return 0.0
         now = time.monotonic()
         timeout = self.wake_at(min(poll_interval, max(0.0, self._next_sweep - now)))
-        timers = self._timers
-        while timers and timers[0][2].timer != timers[0][1]:
-            heapq.heappop(timers)  # cancelled
-            self._stale -= 1
-        if timers:
-            timeout = min(timeout, max(0.0, timers[0][0] - now))
-        return timeout
+        due = self.timers.next_due()
+        return timeout if due is None else min(timeout, max(0.0, due - now))
 
     def hold(self, conn: Connection, seconds: float | None) -> None:
         """Arm (or with None, cancel) the one hold timer of *conn*: at its
         end the protocol's ``expired(conn)`` runs."""
-        if conn.timer is not None:
-            self._stale += 1
-            conn.timer = None
-        if seconds is not None:
-            conn.timer = next(self._timer_ids)
-            heapq.heappush(self._timers, (time.monotonic() + seconds, conn.timer, conn))
-        if self._stale > 1024 and self._stale > len(self._timers) // 2:
-            self._timers = [t for t in self._timers if t[2].timer == t[1]]
-            heapq.heapify(self._timers)
-            self._stale = 0
+        self.timers.hold(conn, seconds)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, timer, conn = heapq.heappop(timers)
-            if conn.timer != timer:
-                self._stale -= 1
-                continue
-            conn.timer = None
+        for conn in self.timers.expired(now):
             self.protocol.expired(conn)
         if now >= self._next_sweep:
             self._next_sweep = now + self.sweep_interval
