@@ -2450,6 +2450,15 @@ class Request:
         return f"<Request {self.loggable()}>"
 
 
+def _keep(cache: dict[Any, Any], key: bytes | str, value: Any, longest: int) -> None:
+    """Keep *value* under *key* if the key is at most *longest* long; a
+    cache of 256 is emptied first (256 x *longest* bytes at most)."""
+    if len(key) <= longest:
+        if len(cache) >= 256:
+            cache.clear()
+        cache[key] = value
+
+
 def _printable(text: str) -> str:
     """*text* with control characters escaped, safe in a log line."""
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m.group()):02x}", text)
@@ -2474,7 +2483,9 @@ class RequestReader:
     """
 
     def __init__(self, max_head: int = MAX_HEAD, max_body: int = MAX_BODY,
-                 max_line: int = 8192, max_headers: int = 100) -> None:
+                 max_line: int = 8192, max_headers: int = 100,
+                 heads: dict[bytes, Any] | None = None,
+                 blocks: dict[bytes, dict[str, str]] | None = None) -> None:
         self.max_head, self.max_body = max_head, max_body
         self.max_line, self.max_headers = max_line, max_headers
         self.buffer = bytearray()
@@ -2486,11 +2497,14 @@ class RequestReader:
         self._size = 0             # body bytes so far
         #: The first line of the last head refused (for the log), at most 200 bytes.
         self.first_line = b""
-        # The header lines of the last request and what they parsed to: a
-        # client polling on a keep-alive connection sends the same ones each
-        # time, with only the request line (its cursor) changed.
-        self._last_block = b""
-        self._last_headers: dict[str, str] = {}
+        # What small heads, and header sections, parsed to, by their bytes;
+        # shared by the readers of one server (each kept at most 256). A
+        # client polling on a keep-alive connection sends the same header
+        # lines each time, with only its cursor changed, and after a publish
+        # its subscribers' re-polls are the same bytes (the same cursor).
+        # Equal header lines give the one same (never changed) dict.
+        self.heads = {} if heads is None else heads
+        self.blocks = {} if blocks is None else blocks
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -2570,16 +2584,28 @@ class RequestReader:
         return method, target, version
 
     def _parse_head(self, head: bytes) -> Request:
+        known = self.heads.get(head)
+        if known is not None:  # the same bytes as a head read before
+            request = Request(*known)  # (a request's headers are never changed: shared)
+            self._frame(request)
+            return request
         eol = head.find(b"\r\n") + 2
-        block = head[eol:]
-        if block == self._last_block and block:  # checked whole the last time
-            line = head[:eol]
-            if not (b"\n" in line[:-2] or b"\r" in line[:-2] or _CONTROL_IN_HEAD.search(line)):
-                request = Request(*self._request_line(line), dict(self._last_headers))
-                if request.version == "HTTP/1.1" and "host" not in request.headers:
-                    raise _bad_request("an HTTP/1.1 request needs a Host header")
-                self._frame(request)
-                return request
+        line, block = head[:eol], head[eol:]
+        headers = self.blocks.get(block)
+        if headers is not None and not (  # header lines read before: the request line is new
+                b"\n" in line[:-2] or b"\r" in line[:-2] or _CONTROL_IN_HEAD.search(line)):
+            method, target, version = self._request_line(line)
+        else:
+            method, target, version, headers = self._parse_whole(head)
+            _keep(self.blocks, block, headers, 4096)
+        if version == "HTTP/1.1" and "host" not in headers:
+            raise _bad_request("an HTTP/1.1 request needs a Host header")
+        request = Request(method, target, version, headers)
+        self._frame(request)
+        _keep(self.heads, head, (method, target, version, headers), 2048)
+        return request
+
+    def _parse_whole(self, head: bytes) -> tuple[str, str, str, dict[str, str]]:
         self._check_line_ends(head, len(head))
         if _CONTROL_IN_HEAD.search(head):
             raise _bad_request("the request head holds a control character")
@@ -2608,12 +2634,7 @@ class RequestReader:
                     raise _bad_request("Content-Length must be one whole number")
             else:
                 headers[name] = seen + ", " + value
-        if version == "HTTP/1.1" and "host" not in headers:
-            raise _bad_request("an HTTP/1.1 request needs a Host header")
-        request = Request(method, target, version, headers)
-        self._frame(request)
-        self._last_block, self._last_headers = block, dict(headers)
-        return request
+        return method, target, version, headers
 
     def _frame(self, request: Request) -> None:
         """RFC 9112 6.3: where this request's body ends."""
@@ -2821,13 +2842,31 @@ class Handler:
 
     def __init__(self, server: "Server") -> None:
         self.server = server
+        # A poll's parameters by its query string: after a publish, its
+        # subscribers come back with the same one (the same cursor).
+        self._polls: dict[str, tuple[str | None, float, int]] = {}
 
     # -- deciding, once per request -----------------------------------------------
 
-    def decide(self, request: Request) -> None:
+    def decide(self, request: Request, previous: tuple | None = None) -> tuple | None:
         """Route *request* and decide whether it may proceed, from its head
-        alone; raise a ``LongpollError`` (404, 405, 400, 401, 403, 429) if not."""
+        alone; raise a ``LongpollError`` (404, 405, 400, 401, 403, 429) if not.
+
+        Returns what was decided for a long-poll. Given back as *previous*
+        for the next request on the connection, it is reused when that one
+        has the same method, path, header lines (the same parsed headers)
+        and token, and the auth rules are the same: a re-poll, whose cursor
+        alone changed. Only the rate limit is taken again."""
         server = self.server
+        token = self.token(request)
+        if (previous is not None and previous[0] is request.headers
+                and previous[1:5] == (request.method, request.path, token, server.auth)):
+            (request.client, request.cors, request.route, request.names, request.rules,
+             request.key) = previous[5]
+            request.token = token
+            if request.route not in self.unlimited:
+                self.limit(request, server.request_limit, "requests")
+            return previous
         request.client = self.client_address(request)
         if server.cors_origins:
             request.cors = self.cors_headers(request)
@@ -2850,7 +2889,7 @@ class Handler:
         elif route == "publish" and len(names) != 1:
             raise _bad_request("publish to one channel at a time")
         request.names = names
-        request.token = self.token(request)
+        request.token = token
         if action is not None and server.auth is not None:
             request.rules = server.auth.identify(request.token)  # 401 for an unknown token
         request.key = self.client_key(request)
@@ -2861,6 +2900,10 @@ class Handler:
                 server.auth.permit(request.rules, action, names)
             if action == "write":
                 self.limit(request, server.publish_limit, "publishes")
+        if route != "poll":
+            return None
+        return (request.headers, request.method, request.path, token, server.auth,
+                (request.client, request.cors, route, names, request.rules, request.key))
 
     def route(self, path: str) -> tuple[dict[str, str], tuple[str, ...]]:
         """Map *path* to {method: route} and the channel names it holds."""
@@ -2896,6 +2939,9 @@ class Handler:
         header = request.headers.get("authorization", "")
         if header[:7].lower() == "bearer ":
             return header[7:].strip()
+        query = request.query_string
+        if "token" not in query and "%" not in query:  # (%74oken is token too)
+            return None
         return request.query.get("token")
 
     def client_address(self, request: Request) -> str:
@@ -3073,9 +3119,14 @@ class Handler:
         return Response(HTTPStatus.OK if msg.replayed else HTTPStatus.CREATED, msg.summary())
 
     def handle_poll(self, request: Request) -> Poll:
-        since = request.query.get("since") or None  # an empty since means absent
-        return Poll(request.names, self.server.hub.locate(since), self.param_timeout(request),
-                    self.param_limit(request))
+        query = request.query_string
+        params = self._polls.get(query)
+        if params is None:
+            since = request.query.get("since") or None  # an empty since means absent
+            params = (since, self.param_timeout(request), self.param_limit(request))
+            _keep(self._polls, query, params, 512)
+        since, timeout, limit = params
+        return Poll(request.names, self.server.hub.locate(since), timeout, limit)
 
     def handle_events(self, request: Request) -> Stream:
         """Server-Sent Events: resume from Last-Event-ID, else ``since``."""
@@ -3157,7 +3208,7 @@ class Connection:
     """The loop's record of one client connection."""
 
     __slots__ = ("sock", "address", "state", "deadline", "reader", "request", "output",
-                 "queued", "timer", "linger", "group", "owner", "handed")
+                 "queued", "timer", "linger", "group", "owner", "handed", "decided")
 
     def __init__(self, sock: socket.socket, address: str) -> None:
         self.sock = sock
@@ -3173,6 +3224,7 @@ class Connection:
         self.group: Any = None          # the waiting layer's record, while parked
         self.owner: str | None = None   # the client key its parked request counts against
         self.handed: Message | None = None  # /receive: taken, answer not yet all written
+        self.decided: Any = None        # the HTTP layer's last decision, for a re-poll
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} {self.state}>"
@@ -3710,6 +3762,8 @@ class HTTPProtocol:
         self.loop: Loop
         self.waiters: "Waiters"
         self._date = (0, "")
+        self._heads: dict[bytes, Any] = {}  # parsed heads and header lines, by their
+        self._blocks: dict[bytes, dict[str, str]] = {}  # bytes (see RequestReader)
 
     def date(self) -> str:
         """The Date header's value, formatted once a second."""
@@ -3722,7 +3776,8 @@ class HTTPProtocol:
 
     def connection_made(self, conn: Connection) -> None:
         server = self.server
-        conn.reader = RequestReader(server.max_head, server.max_body)
+        conn.reader = RequestReader(server.max_head, server.max_body, heads=self._heads,
+                                    blocks=self._blocks)
 
     def received(self, conn: Connection) -> None:
         """Handle the requests waiting in *conn*'s input while it is free."""
@@ -3792,7 +3847,7 @@ class HTTPProtocol:
     def _decide(self, conn: Connection, request: Request) -> bool:
         """Decide on *request* from its head; False if it was answered."""
         try:
-            self.handler.decide(request)
+            conn.decided = self.handler.decide(request, conn.decided)
         except LongpollError as error:
             if request.has_body and request.expect_continue:
                 self._refuse(conn, request, error)  # the body need never come

@@ -139,3 +139,27 @@ def test_sighup_reloads_without_dropping_connections(tmp_path):
         assert result[0]["messages"][0]["message"] == "after reload"
     finally:
         assert proc.stop() == 0
+
+
+def test_a_repoll_on_one_connection_is_decided_again_when_its_token_or_the_rules_change(
+        secured):
+    """A re-poll on a keep-alive connection reuses the decision made for the
+    poll before it only while its path, headers and token are the same and
+    the rules have not been replaced."""
+    import http.client
+    conn = http.client.HTTPConnection(*secured.server_address[:2], timeout=10)
+    try:
+        def poll(query):
+            return request(secured, "GET", f"/channels/news?timeout=0&{query}", conn=conn)
+        first = poll("token=reader")
+        assert first.status == 200
+        assert poll(f"since={first.json['cursor']}&token=reader").status == 200  # reused
+        assert poll(f"since={first.json['cursor']}&token=writer").status == 403
+        assert poll("token=nobody").status == 401
+        assert poll("token=reader").status == 200
+        secured.auth = longpoll.Auth({"reader": {"read": ["default"]}}, {})
+        assert poll(f"since={first.json['cursor']}&token=reader").status == 403
+        assert request(secured, "GET", "/channels/default?timeout=0&token=reader",
+                       conn=conn).status == 200
+    finally:
+        conn.close()
