@@ -2852,20 +2852,23 @@ class Handler:
         """Route *request* and decide whether it may proceed, from its head
         alone; raise a ``LongpollError`` (404, 405, 400, 401, 403, 429) if not.
 
-        Returns what was decided for a long-poll. Given back as *previous*
-        for the next request on the connection, it is reused when that one
-        has the same method, path, header lines (the same parsed headers)
-        and token, and the auth rules are the same: a re-poll, whose cursor
-        alone changed. Only the rate limit is taken again."""
+        Returns what was decided. Given back as *previous* for the next
+        request on the connection, it is reused when that one has the same
+        method, path, header lines (the same parsed headers) and token, and
+        the auth rules are the same: a re-poll, whose cursor alone changed,
+        or the next publish to the same channel. Only the rate limits are
+        taken again."""
         server = self.server
         token = self.token(request)
         if (previous is not None and previous[0] is request.headers
                 and previous[1:5] == (request.method, request.path, token, server.auth)):
             (request.client, request.cors, request.route, request.names, request.rules,
-             request.key) = previous[5]
+             request.key, action) = previous[5]
             request.token = token
             if request.route not in self.unlimited:
                 self.limit(request, server.request_limit, "requests")
+            if action == "write":
+                self.limit(request, server.publish_limit, "publishes")
             return previous
         request.client = self.client_address(request)
         if server.cors_origins:
@@ -2900,10 +2903,9 @@ class Handler:
                 server.auth.permit(request.rules, action, names)
             if action == "write":
                 self.limit(request, server.publish_limit, "publishes")
-        if route != "poll":
-            return None
         return (request.headers, request.method, request.path, token, server.auth,
-                (request.client, request.cors, route, names, request.rules, request.key))
+                (request.client, request.cors, route, names, request.rules, request.key,
+                 action))
 
     def route(self, path: str) -> tuple[dict[str, str], tuple[str, ...]]:
         """Map *path* to {method: route} and the channel names it holds."""
@@ -3733,17 +3735,28 @@ def _response(status: int, body: bytes, content_type: str, date: str,
               headers: Iterable[tuple[str, str]] = (), connection: str | None = None,
               head_only: bool = False) -> bytes:
     """A whole HTTP/1.1 response as bytes, ready for one send."""
-    lines = [_STATUS_LINES[status],
-             f"Server: longpoll/{__version__}",
-             f"Date: {date}",
-             f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}",
-             "Cache-Control: no-store"]
-    lines += [f"{k}: {v}" for k, v in headers]
-    if connection:
-        lines.append(f"Connection: {connection}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    headers = tuple(headers)
+    key = (status, content_type, date, headers, connection)
+    parts = _HEADS.get(key)  # the head around Content-Length, built once a second
+    if parts is None:
+        lines = [_STATUS_LINES[status],
+                 f"Server: longpoll/{__version__}",
+                 f"Date: {date}",
+                 f"Content-Type: {content_type}",
+                 "Content-Length: "]
+        after = ["", "Cache-Control: no-store", *[f"{k}: {v}" for k, v in headers]]
+        if connection:
+            after.append(f"Connection: {connection}")
+        parts = ("\r\n".join(lines).encode("latin-1"),
+                 ("\r\n".join(after) + "\r\n\r\n").encode("latin-1"))
+        if len(_HEADS) >= 64:
+            _HEADS.clear()
+        _HEADS[key] = parts
+    head = parts[0] + str(len(body)).encode() + parts[1]
     return head if head_only else head + body
+
+
+_HEADS: dict[tuple, tuple[bytes, bytes]] = {}  # (see _response)
 
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -161,5 +161,9 @@ def test_a_repoll_on_one_connection_is_decided_again_when_its_token_or_the_rules
         assert poll(f"since={first.json['cursor']}&token=reader").status == 403
         assert request(secured, "GET", "/channels/default?timeout=0&token=reader",
                        conn=conn).status == 200
+        secured.auth = longpoll.Auth(RULES["tokens"], RULES["anonymous"])
+        for token, status in (("writer", 201), ("writer", 201), ("reader", 403)):
+            resp = request(secured, "POST", f"/channels/news?token={token}", "x", conn=conn)
+            assert resp.status == status, (token, resp)
     finally:
         conn.close()

@@ -1,5 +1,8 @@
 """Rate limits (429) and capacity limits (503), per client."""
+import http.client
 import threading
+
+import pytest
 
 import longpoll
 from conftest import request, wait_until
@@ -12,11 +15,16 @@ def bearer(token, **extra):
     return {"Authorization": f"Bearer {token}", **extra}
 
 
-def test_a_hammering_client_gets_429_and_another_is_unaffected(make_server):
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_a_hammering_client_gets_429_and_another_is_unaffected(make_server, keep_alive):
+    """Also on one keep-alive connection, where each publish after the first
+    reuses the decision made for the one before it, but not its budget."""
     server = make_server(auth=AUTH, publish_rate=5, publish_burst=10)
     statuses, honest = [], []
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10) \
+        if keep_alive else None
     for i in range(40):
-        resp = request(server, "POST", "/channels/x", str(i), bearer("hammer"))
+        resp = request(server, "POST", "/channels/x", str(i), bearer("hammer"), conn=conn)
         statuses.append(resp.status)
         if resp.status == 429:
             assert int(resp.headers["Retry-After"]) >= 1 and resp.json["error"]
@@ -25,6 +33,8 @@ def test_a_hammering_client_gets_429_and_another_is_unaffected(make_server):
     assert statuses[:10] == [201] * 10 and statuses.count(429) >= 25
     assert honest == [201] * 5
     assert server.rate_limited == statuses.count(429)
+    if conn is not None:
+        conn.close()
 
 
 def test_addresses_are_limited_apart_behind_a_trusted_proxy(make_server):
