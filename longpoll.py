@@ -813,15 +813,20 @@ class Log:
             return Batch(messages, messages[-1].id, gap)
         return Batch(available, self.cursor_for(max(self._seq, after)), gap)
 
+    def at_head(self, position: Position) -> bool:
+        """Whether a read at *position* is sure to find nothing (no message
+        after it, and no gap to report)."""
+        return position.after == self._seq and not position.unplaceable and (
+            position.history is None or position.history == self.history)
+
     def read_checked(self, names: tuple[str, ...], position: Position, limit: int,
                      max_bytes: int | None = None) -> Batch:
         """``read`` for servers that have checked *names* and *limit* and
         placed *position* already: the hot path of every poll. With
         *max_bytes*, stop before the message that would pass it (the first
         one always comes)."""
-        if position.after == self._seq and not position.unplaceable and (
-                position.history is None or position.history == self.history):
-            return Batch([], self.cursor_for(position.after))  # at the head: nothing newer
+        if self.at_head(position):
+            return Batch([], self.cursor_for(position.after))  # nothing newer
         with self._lock:
             return self._read(names, position, limit, max_bytes)
 
@@ -2401,20 +2406,22 @@ class Request:
                  "route", "names", "token", "key", "rules", "cors", "refusal", "_query")
 
     def __init__(self, method: str, target: str, version: str,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], known: tuple | None = None) -> None:
         self.method = method
         self.target = target
-        path, _, self.query_string = target.partition("?")
-        self.path = path
         self.version = version          # "HTTP/1.1" or "HTTP/1.0"
         self.headers = headers          # lower-case names; repeats joined with ", "
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.1":
-            self.keep_alive = "close" not in connection
+        if known is not None:  # (what follows, from a request with the same head)
+            self.path, self.query_string, self.keep_alive, self.expect_continue = known
         else:
-            self.keep_alive = "keep-alive" in connection and "close" not in connection
-        self.expect_continue = (version == "HTTP/1.1" and
-                                headers.get("expect", "").lower() == "100-continue")
+            self.path, _, self.query_string = target.partition("?")
+            connection = headers.get("connection", "").lower()
+            if version == "HTTP/1.1":
+                self.keep_alive = "close" not in connection
+            else:
+                self.keep_alive = "keep-alive" in connection and "close" not in connection
+            self.expect_continue = (version == "HTTP/1.1" and
+                                    headers.get("expect", "").lower() == "100-continue")
         self.has_body = False
         self.body = b""
         self.client = ""                # the client's address (see Handler.decide)
@@ -2602,7 +2609,9 @@ class RequestReader:
             raise _bad_request("an HTTP/1.1 request needs a Host header")
         request = Request(method, target, version, headers)
         self._frame(request)
-        _keep(self.heads, head, (method, target, version, headers), 2048)
+        _keep(self.heads, head, (method, target, version, headers, (
+            request.path, request.query_string, request.keep_alive, request.expect_continue)),
+            2048)
         return request
 
     def _parse_whole(self, head: bytes) -> tuple[str, str, str, dict[str, str]]:
@@ -3368,6 +3377,9 @@ class Loop:
         self._pending: collections.deque[Callable[[], None]] = collections.deque()
         self._woken = False
         self.timers = HoldTimers()
+        #: ``hold(conn, seconds)`` arms (with None, cancels) the one hold
+        #: timer of *conn*: at its end the protocol's ``expired(conn)`` runs.
+        self.hold = self.timers.hold
         self._thread_id: int | None = None
         self._stopped = threading.Event()
         self._stopped.set()
@@ -3486,11 +3498,6 @@ class Loop:
         timeout = self.wake_at(min(poll_interval, max(0.0, self._next_sweep - now)))
         due = self.timers.next_due()
         return timeout if due is None else min(timeout, max(0.0, due - now))
-
-    def hold(self, conn: Connection, seconds: float | None) -> None:
-        """Arm (or with None, cancel) the one hold timer of *conn*: at its
-        end the protocol's ``expired(conn)`` runs."""
-        self.timers.hold(conn, seconds)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -3796,7 +3803,7 @@ class HTTPProtocol:
         """Handle the requests waiting in *conn*'s input while it is free."""
         while conn.state is State.IDLE or conn.state is State.READING:
             if conn.state is State.IDLE:
-                if not conn.reader.buffered:
+                if not conn.reader.buffer:
                     return
                 # A request begins. Its deadline runs from its first byte: a
                 # client trickling bytes (slow loris) cannot push it back.
@@ -3874,6 +3881,15 @@ class HTTPProtocol:
     def _dispatch(self, conn: Connection, request: Request) -> None:
         if request.refusal is not None:
             self.respond(conn, request, _error_response(request.refusal))
+        elif request.route == "poll":  # (the most frequent request, on its shortest way)
+            try:
+                self.waiters.poll(conn, request, self.handler.handle_poll(request))
+            except LongpollError as error:
+                self.respond(conn, request, _error_response(error))
+            except Exception:
+                logger.exception("error serving %s", request.loggable())
+                self.respond(conn, request, _error_response(LongpollError(
+                    HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")))
         elif self.handler.later(request):  # answered when the store answers
             conn.state = State.BUSY
             conn.deadline = None
@@ -3960,7 +3976,7 @@ class HTTPProtocol:
 
     def resume(self, conn: Connection) -> None:
         """Go on with what *conn* sent meanwhile (pipelined requests)."""
-        if conn.state is State.IDLE and conn.reader.buffered:
+        if conn.state is State.IDLE and conn.reader.buffer:
             self.received(conn)
 
     def log(self, request: Request, status: int, size: int) -> None:
@@ -4061,6 +4077,11 @@ class Waiters:
         if hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
             timeout = max(timeout, hub.store.lag)
         key = (names, position, limit)
+        if hub.at_head(position) and timeout > 0 and not self.stopping():
+            self.admit(conn, request)  # nothing yet: park until a publish (the usual case)
+            self._join(conn, key)
+            self.park(conn, request, State.PARKED, timeout)
+            return
         due = time.monotonic() >= self._last_fanout + self._window  # (past the batching window)
         recent = self._recent.get(key)
         if due and recent is not None and recent[:2] == (hub.head, hub.history):
@@ -4307,7 +4328,7 @@ class Waiters:
                 logger.info('%s "%s" 200 %s %.1fms', request.client, request.loggable(),
                             len(body), (time.monotonic() - request.started) * 1000)
             protocol.reply(conn, data, keep)
-            if conn.reader.buffered:
+            if conn.reader.buffer:
                 protocol.resume(conn)  # pipelined input
         server.metrics.answered("poll", 200, polls)
 
