@@ -3295,8 +3295,8 @@ class HoldTimers:
             conn.timer = next(self._ids)
             heapq.heappush(self._heap, (time.monotonic() + seconds, conn.timer, conn))
         if self._stale > 1024 and self._stale > len(self._heap) // 2:
-            self._heap[:] = [t for t in self._heap if t[2].timer == t[1]]  # (in place:
-            heapq.heapify(self._heap)                                     # see expired)
+            self._heap = [t for t in self._heap if t[2].timer == t[1]]
+            heapq.heapify(self._heap)
             self._stale = 0
 
     def next_due(self) -> float | None:
@@ -3306,16 +3306,17 @@ class HoldTimers:
             self._stale -= 1
         return heap[0][0] if heap else None
 
-    def expired(self, now: float) -> Iterator[Connection]:
-        """Pop the timers due by *now*, and give their connections."""
-        heap = self._heap
+    def expired(self, now: float) -> list[Connection]:
+        """Pop the timers due by *now*; their connections."""
+        heap, due = self._heap, []
         while heap and heap[0][0] <= now:
             _, timer, conn = heapq.heappop(heap)
             if conn.timer != timer:
                 self._stale -= 1
                 continue
             conn.timer = None
-            yield conn
+            due.append(conn)
+        return due
 
 
 def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
@@ -4235,6 +4236,8 @@ class Waiters:
 
     def wake_at(self, timeout: float) -> float:
         """The loop's select timeout, shortened for the next fan-out or keepalive."""
+        if not (self._fired or self.streams):
+            return timeout
         now = time.monotonic()
         if self._fired:
             timeout = min(timeout, max(0.0, self._last_fanout + self._window - now))
@@ -4245,6 +4248,8 @@ class Waiters:
     def fan_out(self) -> None:
         """Answer the woken groups, at most once per ``coalesce`` seconds;
         send stream keepalives when due."""
+        if not (self._fired or self.streams):
+            return  # (most turns of the loop)
         now = time.monotonic()
         if self._fired and now >= self._last_fanout + self._window:
             self._adapt(now)
