@@ -1756,10 +1756,6 @@ def _parse_reply(data: bytearray, pos: int) -> tuple[Any, int]:
     raise ValueError(f"not a Redis reply: {(bytes(kind) + rest)[:40]!r}")
 
 
-_WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
-    (ssl.SSLWantReadError, ssl.SSLWantWriteError) if ssl is not None else ())
-
-
 class _RedisLink:
     """One connection to Redis that a server's ``Loop`` drives: commands are
     written from the loop thread without waiting, and each reply goes to

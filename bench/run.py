@@ -290,7 +290,10 @@ async def fanout(name, clients, messages, rate, idle_seconds, drain):
         start = time.monotonic()
         for index in range(messages):
             await asyncio.sleep(max(0.0, start + index / rate - time.monotonic()))
-            await publisher.publish(index)
+            try:
+                await asyncio.wait_for(publisher.publish(index), drain)
+            except asyncio.TimeoutError:
+                break  # it no longer answers a publish in time: the row shows what came
         try:
             await asyncio.wait_for(asyncio.shield(run.done), drain)
         except asyncio.TimeoutError:

@@ -173,6 +173,34 @@ def test_100_subscribers_over_two_servers_get_200_messages_in_one_order(pair):
     assert all(ids == sent for ids in received)
 
 
+def test_concurrent_publishers_through_one_redis_connection_each_get_their_own_answer(pair):
+    """A server sends every publish to Redis from its loop, on one
+    connection, and answers each from its own reply (pipelined, in order):
+    eight clients publishing at once each get the ids of their own
+    messages, and every message is stored once."""
+    a, b = pair
+    results = {}
+
+    def publisher(n):
+        client = longpoll.Client(a.url)
+        results[n] = [(client.publish("many", f"{n}-{i}")["id"], f"{n}-{i}") for i in range(40)]
+
+    threads = [threading.Thread(target=publisher, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+    wait_until(lambda: b.hub.read("many", "0", limit=1000).messages.__len__() == 320,
+               what="B to follow every message")
+    for server in pair:
+        held = {m.id: m.message for m in server.hub.read("many", "0", limit=1000).messages}
+        assert held == {id_: text for answers in results.values() for id_, text in answers}
+    for answers in results.values():  # each client's own, in its order
+        seqs = [int(id_.rsplit("-", 1)[1]) for id_, _ in answers]
+        assert seqs == sorted(seqs)
+
+
 def test_a_client_fails_over_from_a_killed_server_without_loss_or_repeat(redis_url):
     a = Process("serve", "--port", "0", "--store", redis_url)
     b = Process("serve", "--port", "0", "--store", redis_url)
