@@ -1768,6 +1768,7 @@ class _RedisLink:
     def __init__(self, client: _RedisClient, loop: "Loop", pool: Any) -> None:
         self.client, self.loop, self.pool = client, loop, pool
         self.sock: socket.socket | None = None
+        self._writing: bool | None = None  # what the loop watches it for (None: nothing)
         self._opening = False
         self._out = bytearray()
         self._in = bytearray()
@@ -1817,7 +1818,9 @@ class _RedisLink:
         except OSError as exc:
             self._fail(_RedisError(str(exc) or type(exc).__name__))
             return
-        self.loop.watch(sock, self._on_event, write=bool(self._out))
+        if self._writing is not bool(self._out):  # (an epoll change only when needed)
+            self._writing = bool(self._out)
+            self.loop.watch(sock, self._on_event, write=self._writing)
 
     def _on_event(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -1864,6 +1867,7 @@ class _RedisLink:
             self.loop.unwatch(self.sock)
             self.sock.close()
             self.sock = None
+            self._writing = None
         self._out.clear()
         self._in.clear()
         line, self._line = self._line, collections.deque()
@@ -1917,7 +1921,6 @@ class RedisStore(Store):
         self._thread: threading.Thread | None = None
         self._feed_lock = threading.Lock()  # one reader of the feed applies at a time
         self._last = 0  # the last message of the feed applied
-        self._own = False  # the feed's last read brought only messages applied already
         self._feed_id: int | None = None  # the feed connection's id, to unblock it
         self._retry_at = 0.0  # after a failure, when to ask Redis again
         self._link: _RedisLink | None = None  # publishes from a server's loop (attach)
@@ -2173,16 +2176,16 @@ class RedisStore(Store):
                 self._last = 0
                 self._catch_up(hub)
 
-    def _read_feed(self, hub: "Hub", client: Any, block: int | None) -> bool:
+    def _read_feed(self, hub: "Hub", client: Any, block: int | None) -> int | None:
         """Apply the feed's next messages, in order (from the feed thread,
-        or from a publisher that wants its own message applied now); False
-        if there were none."""
+        or from a publisher that wants its own message applied now); return
+        how many were new here (0: all applied already, by their publisher
+        on this server), or None if the feed had none."""
         block_args = () if block is None else ("BLOCK", block)
         reply = client.call("XREAD", "COUNT", 1000, *block_args, "STREAMS", _R_FEED,
                             f"{self._last}-0") or ()
         with self._feed_lock:
             messages = []
-            self._own = bool(reply)  # (so far, every message was applied already)
             for _, entries in reply:
                 for entry_id, fields in entries:
                     seq = int(entry_id.split(b"-")[0])
@@ -2191,14 +2194,13 @@ class RedisStore(Store):
                     if seq != self._last + 1:  # the feed was trimmed past us
                         hub.follow(messages)
                         self._catch_up(hub)
-                        return True
-                    self._own = False
+                        return len(messages) + 1
                     fields = dict(zip(fields[::2], fields[1::2]))
                     messages.append(self._message(hub, fields[b"c"].decode(),
                                                   entry_id, fields))
                     self._last = seq
             hub.follow(messages)
-        return bool(reply)
+        return len(messages) if reply else None
 
     def _follow(self, hub: "Hub") -> None:
         """The feed thread: apply each new message in order; after a lost
@@ -2208,12 +2210,12 @@ class RedisStore(Store):
             try:
                 if failures:  # a new connection
                     self._feed_id = self._feed_client.call("CLIENT", "ID")
-                read = self._read_feed(hub, self._feed_client, 1000)
-                if self._own:  # all this server's own: while it publishes, read in batches
+                new = self._read_feed(hub, self._feed_client, 1000)
+                if new == 0:  # all this server's own: while it publishes, read in batches
                     self._stop.wait(0.01)
                 if time.monotonic() >= self._checked + 1.0 and not self._stop.is_set():
                     self._checked = time.monotonic()
-                    self._check_history(hub, idle=not read)
+                    self._check_history(hub, idle=new is None)
 
                 if failures:
                     logger.warning("following %s again", self.url)
@@ -3878,15 +3880,6 @@ class HTTPProtocol:
     def _dispatch(self, conn: Connection, request: Request) -> None:
         if request.refusal is not None:
             self.respond(conn, request, _error_response(request.refusal))
-        elif request.route == "poll":  # (the most frequent request, on its shortest way)
-            try:
-                self.waiters.poll(conn, request, self.handler.handle_poll(request))
-            except LongpollError as error:
-                self.respond(conn, request, _error_response(error))
-            except Exception:
-                logger.exception("error serving %s", request.loggable())
-                self.respond(conn, request, _error_response(LongpollError(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")))
         elif self.handler.later(request):  # answered when the store answers
             conn.state = State.BUSY
             conn.deadline = None
@@ -3900,10 +3893,10 @@ class HTTPProtocol:
 
     def _work(self, conn: Connection, request: Request) -> None:
         """On a worker thread: the outcome, handed back to the loop."""
-        outcome = self.handler.handle(request)
-        self.loop.call_soon(functools.partial(self._worked, conn, request, outcome))
+        self._later(conn, request, self.handler.handle(request))
 
     def _later(self, conn: Connection, request: Request, outcome: Any) -> None:
+        """Carry out *outcome* on the loop (from a worker, or a store's answer)."""
         self.loop.call_soon(functools.partial(self._worked, conn, request, outcome))
 
     def _worked(self, conn: Connection, request: Request, outcome: Any) -> None:
@@ -4075,9 +4068,7 @@ class Waiters:
             timeout = max(timeout, hub.store.lag)
         key = (names, position, limit)
         if hub.at_head(position) and timeout > 0 and not self.stopping():
-            self.admit(conn, request)  # nothing yet: park until a publish (the usual case)
-            self._join(conn, key)
-            self.park(conn, request, State.PARKED, timeout)
+            self._wait(conn, request, key, timeout)  # nothing yet (the usual re-poll)
             return
         due = time.monotonic() >= self._last_fanout + self._window  # (past the batching window)
         recent = self._recent.get(key)
@@ -4089,9 +4080,7 @@ class Waiters:
             if not (timeout <= 0 or self.stopping() or ready and due):
                 # Nothing yet: park until a publish. Or a burst is on: join
                 # the next fan-out (within the window), to take a batch.
-                self.admit(conn, request)
-                group = self._join(conn, key)
-                self.park(conn, request, State.PARKED, timeout)
+                group = self._wait(conn, request, key, timeout)
                 if ready:
                     self._fired[group] = None
                 return
@@ -4102,6 +4091,14 @@ class Waiters:
                 self._recent[key] = (hub.head, hub.history, body, count)
         self.server.metrics.delivered += count
         self.protocol.respond(conn, request, Response(HTTPStatus.OK, body))
+
+    def _wait(self, conn: Connection, request: Request, key: tuple,
+              timeout: float) -> _Group:
+        """Park a poll in the group waiting at *key* (503 if over capacity)."""
+        self.admit(conn, request)
+        group = self._join(conn, key)
+        self.park(conn, request, State.PARKED, timeout)
+        return group
 
     def stream(self, conn: Connection, request: Request, stream: Stream) -> None:
         """Start an event stream: what is there after the position, then
