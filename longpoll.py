@@ -3217,7 +3217,7 @@ class Connection:
     """The loop's record of one client connection."""
 
     __slots__ = ("sock", "address", "state", "deadline", "reader", "request", "output",
-                 "queued", "timer", "linger", "group", "owner", "handed", "decided")
+                 "queued", "timer", "entry", "linger", "group", "owner", "handed", "decided")
 
     def __init__(self, sock: socket.socket, address: str) -> None:
         self.sock = sock
@@ -3228,7 +3228,8 @@ class Connection:
         self.request: Request | None = None  # the request under way
         self.output: collections.deque[bytes | memoryview] = collections.deque()
         self.queued = 0                 # bytes in output
-        self.timer: int | None = None   # id of its live entry in the hold-timer heap
+        self.timer: float | None = None  # when its hold ends (see HoldTimers)
+        self.entry: tuple | None = None  # its entry in the hold-timer heap
         self.linger = False             # after the last answer: drain input, then close
         self.group: Any = None          # the waiting layer's record, while parked
         self.owner: str | None = None   # the client key its parked request counts against
@@ -3276,43 +3277,84 @@ class ConnectionCap:
 
 
 class HoldTimers:
-    """Each connection's one hold timer (``conn.timer``), in a heap. A timer
-    cancelled or re-armed leaves its old entry behind, skipped when it
-    comes up, and all swept out at once when they are most of the heap."""
+    """Each connection's one hold timer: ``conn.timer`` is when it is due
+    (None: it holds nothing), and ``conn.entry`` its entry in a heap.
+
+    Ending a hold and starting the next touch only ``conn.timer``: the
+    entry stays, and when it comes up it is dropped (no hold), pushed again
+    for the later time (held again meanwhile), or due. A re-poll, which
+    ends one hold and starts another, so costs an assignment, not a push.
+    Entries left behind are swept out at once when they are most of the
+    heap."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Connection]] = []
         self._ids = itertools.count()
-        self._stale = 0
+        self._stale = 0  # entries whose connection holds nothing, or has a newer entry
 
     def hold(self, conn: Connection, seconds: float | None) -> None:
-        if conn.timer is not None:
-            self._stale += 1
-            conn.timer = None
-        if seconds is not None:
-            conn.timer = next(self._ids)
-            heapq.heappush(self._heap, (time.monotonic() + seconds, conn.timer, conn))
-        if self._stale > 1024 and self._stale > len(self._heap) // 2:
-            self._heap = [t for t in self._heap if t[2].timer == t[1]]
-            heapq.heapify(self._heap)
-            self._stale = 0
+        if seconds is None:
+            if conn.timer is not None:
+                conn.timer = None
+                self._stale += 1
+            return
+        due = time.monotonic() + seconds
+        entry = conn.entry
+        if entry is not None and conn.timer is None:
+            self._stale -= 1  # its entry is live again
+        conn.timer = due
+        if entry is None or due < entry[0]:  # (an entry due later would be too late)
+            if entry is not None:
+                self._stale += 1
+            conn.entry = entry = (due, next(self._ids), conn)
+            heapq.heappush(self._heap, entry)
+            if self._stale > 1024 and self._stale > len(self._heap) // 2:
+                self._sweep()
+
+    def _sweep(self) -> None:
+        kept = []
+        for entry in self._heap:
+            conn = entry[2]
+            if conn.entry is entry:
+                if conn.timer is not None:
+                    kept.append(entry)
+                    continue
+                conn.entry = None
+        heapq.heapify(kept)
+        self._heap, self._stale = kept, 0
+
+    def _settle(self, now: float | None) -> Connection | None:
+        """Bring the heap's first entry up to date; its connection, if it is
+        due by *now* (with no *now*: the first entry is then live)."""
+        heap = self._heap
+        while heap:
+            at, _, conn = entry = heap[0]
+            if conn.entry is not entry:
+                heapq.heappop(heap)  # replaced by a sooner one
+                self._stale -= 1
+            elif conn.timer is None:
+                heapq.heappop(heap)  # its hold ended
+                conn.entry = None
+                self._stale -= 1
+            elif conn.timer > at:  # held again since: due later
+                conn.entry = (conn.timer, next(self._ids), conn)
+                heapq.heapreplace(heap, conn.entry)
+            elif now is None or at > now:
+                return None
+            else:
+                heapq.heappop(heap)
+                conn.entry = conn.timer = None
+                return conn
+        return None
 
     def next_due(self) -> float | None:
-        heap = self._heap
-        while heap and heap[0][2].timer != heap[0][1]:
-            heapq.heappop(heap)  # cancelled
-            self._stale -= 1
-        return heap[0][0] if heap else None
+        self._settle(None)
+        return self._heap[0][0] if self._heap else None
 
     def expired(self, now: float) -> list[Connection]:
-        """Pop the timers due by *now*; their connections."""
-        heap, due = self._heap, []
-        while heap and heap[0][0] <= now:
-            _, timer, conn = heapq.heappop(heap)
-            if conn.timer != timer:
-                self._stale -= 1
-                continue
-            conn.timer = None
+        """The connections whose holds are due by *now* (their timers ended)."""
+        due = []
+        while (conn := self._settle(now)) is not None:
             due.append(conn)
         return due
 

@@ -171,3 +171,39 @@ def test_close_with_thousands_parked_answers_all_within_3_s(make_server, pollers
     for client in clients.clients:
         status, head, body = client.answers[0]
         assert status == 200 and body["messages"] == [] and b"Connection: close" in head
+
+
+class _Held:
+    """What HoldTimers reads and writes of a connection."""
+    __slots__ = ("timer", "entry")
+
+    def __init__(self):
+        self.timer = self.entry = None
+
+
+def test_hold_timers_end_each_hold_once_on_time_and_stay_small():
+    """Holds started, ended, restarted sooner and later, in random order,
+    against a model: every due hold comes up once, none that ended or moved
+    later; the heap stays bounded by the live holds, not by the history."""
+    import random
+    import longpoll
+    timers, conns = longpoll.HoldTimers(), [_Held() for _ in range(40)]
+    rng, model = random.Random(7), {}
+    now = time.monotonic()  # the clock the checks pass: 100 s a step, ahead of the real one
+    for step in range(30000):
+        conn = rng.choice(conns)
+        if rng.random() < 0.4:
+            timers.hold(conn, None)
+            model.pop(conn, None)
+        else:  # due 30 s or 70 s away from any check: the real clock's drift cannot matter
+            model[conn] = due = now + rng.choice((30, 130, 230, 100030))
+            timers.hold(conn, due - time.monotonic())
+        if step % 100 == 99:
+            now += 100
+            due = {c for c, at in model.items() if at <= now}
+            assert set(timers.expired(now)) == due
+            for c in due:
+                del model[c]
+                assert c.timer is None
+            assert len(timers._heap) <= 2 * 1024 + 2 * len(conns)
+    assert abs(timers.next_due() - min(model.values())) < 1
