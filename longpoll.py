@@ -60,6 +60,7 @@ __all__ = [
     "open_store",
 ]
 
+import base64
 import bisect
 import collections
 import concurrent.futures
@@ -83,6 +84,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -166,7 +168,8 @@ OPTIONS = (
     Option("store", "memory:", "where messages are kept: memory: (lost on restart), "
            "sqlite:PATH (survives restarts) or redis://host:port/db (several servers "
            "share channels)", "hub", "URL"),
-    Option("max_body", MAX_BODY, "largest request body in bytes (413 beyond)", metavar="BYTES"),
+    Option("max_body", MAX_BODY, "largest request body, or message a client sends on a "
+           "WebSocket, in bytes (413, or close code 1009, beyond)", metavar="BYTES"),
     Option("max_answer", 1 << 20, "bytes of messages in one poll answer or stream write; "
            "the rest follows at once (one message always goes, whatever its size)",
            metavar="BYTES"),
@@ -190,7 +193,8 @@ OPTIONS = (
            "loopback is exempt, and so is everyone with --trust-proxy"),
     Option("max_lease", 3600.0, "the longest lease /receive?lease= may ask for",
            metavar="SECONDS"),
-    Option("keepalive", 15.0, "seconds between keepalive comments on event streams",
+    Option("keepalive", 15.0, "seconds between keepalives on event streams (a comment) "
+           "and WebSockets (a ping)",
            metavar="SECONDS"),
     Option("workers", 4, "threads that decode large bodies and wait on a networked store"),
 )
@@ -2764,10 +2768,12 @@ class Poll(NamedTuple):
 
 
 class Stream(NamedTuple):
-    """An outcome: an event stream (SSE) of *names* from *position* on."""
+    """An outcome: an event stream (SSE) of *names* from *position* on; a
+    WebSocket if *websocket* is given (its ``Sec-WebSocket-Accept``)."""
 
     names: tuple[str, ...]
     position: Position
+    websocket: str | None = None
 
 
 class Take(NamedTuple):
@@ -2806,6 +2812,11 @@ def _parse_priority(value: str) -> int:
         "priority must be 1-5 or one of min, low, default, high, max, urgent")
 
 
+def _tokens(value: str | None) -> list[str]:
+    """A comma-separated header value's tokens, lower-case."""
+    return [part.strip().lower() for part in (value or "").split(",")]
+
+
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 _HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z, \t-]{0,1024}")
 
@@ -2837,13 +2848,14 @@ class Handler:
         "/receive": {"GET": "receive"},
         "/receive/ack": {"POST": "ack"},
     }
-    #: Methods of /channels/{names} and of /channels/{names}/events.
+    #: Methods of /channels/{names}, /channels/{names}/events and .../ws.
     channel_routes = {"GET": "poll", "POST": "publish", "PUT": "publish"}
     stream_routes = {"GET": "events"}
+    socket_routes = {"GET": "ws"}
     #: What each route does to its channels (for auth); /send and /receive
     #: act on the ``default`` channel.
-    actions = {"poll": "read", "events": "read", "receive": "read", "ack": "read",
-               "publish": "write", "send": "write"}
+    actions = {"poll": "read", "events": "read", "ws": "read", "receive": "read",
+               "ack": "read", "publish": "write", "send": "write"}
     #: Routes that no rate limit counts (monitoring must always get through).
     unlimited = frozenset({"health", "metrics"})
 
@@ -2890,8 +2902,11 @@ class Handler:
             raise LongpollError(HTTPStatus.METHOD_NOT_ALLOWED,
                                 f"{request.method} is not allowed here; use {allow}",
                                 {"Allow": allow})
-        if route == "poll" and "text/event-stream" in request.headers.get("accept", ""):
-            route = "events"
+        if route == "poll":
+            if "websocket" in request.headers.get("upgrade", "").lower():
+                route = "ws"
+            elif "text/event-stream" in request.headers.get("accept", ""):
+                route = "events"
         request.route = route
         action = self.actions.get(route)
         if route in ("send", "receive", "ack"):
@@ -2922,6 +2937,8 @@ class Handler:
                 return self.channel_routes, _channels_in_path(names)
             if rest == "events":
                 return self.stream_routes, _channels_in_path(names)
+            if rest == "ws":
+                return self.socket_routes, _channels_in_path(names)
         else:
             methods = self.routes.get(path)
             if methods is not None:
@@ -3142,6 +3159,42 @@ class Handler:
         since = request.headers.get("last-event-id") or request.query.get("since") or None
         return Stream(request.names, self.server.hub.locate(since))
 
+    def handle_ws(self, request: Request) -> Stream:
+        """A WebSocket (RFC 6455 4.2): its handshake checked, then a stream
+        of text frames from ``since``."""
+        headers = request.headers
+        if "websocket" not in headers.get("upgrade", "").lower():
+            raise LongpollError(HTTPStatus.UPGRADE_REQUIRED,
+                                "this is a WebSocket: connect with Upgrade: websocket",
+                                {"Upgrade": "websocket"})
+        if request.version != "HTTP/1.1" or "upgrade" not in _tokens(headers.get("connection")):
+            raise _bad_request("a WebSocket handshake is an HTTP/1.1 GET with "
+                               "Connection: Upgrade")
+        if headers.get("sec-websocket-version") != "13":
+            raise LongpollError(HTTPStatus.UPGRADE_REQUIRED, "WebSocket version 13 only",
+                                {"Sec-WebSocket-Version": "13"})
+        key = headers.get("sec-websocket-key", "")
+        if not _WS_KEY.fullmatch(key):
+            raise _bad_request("Sec-WebSocket-Key must be 16 bytes in base64")
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin, headers.get("host", "")):
+            raise LongpollError(HTTPStatus.FORBIDDEN, f"WebSockets from {_printable(origin[:100])}"
+                                " are not allowed here: start the server with --cors-origin "
+                                "for that origin")
+        accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
+        since = request.query.get("since") or None
+        return Stream(request.names, self.server.hub.locate(since), accept)
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        """Whether a browser page from *origin* may open a WebSocket here:
+        the server's own origin (as the Host header names it), or one that
+        ``--cors-origin`` allows. (A browser applies CORS to every other
+        request; to a WebSocket the server must apply it itself.)"""
+        allowed = self.server.cors_origins
+        if "*" in allowed or origin in allowed:
+            return True
+        return urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+
     handle_send = handle_publish  # (to DEFAULT_CHANNEL, answered as the Flask tutorial's)
 
     def handle_receive(self, request: Request) -> Take:
@@ -3217,7 +3270,8 @@ class Connection:
     """The loop's record of one client connection."""
 
     __slots__ = ("sock", "address", "state", "deadline", "reader", "request", "output",
-                 "queued", "timer", "entry", "linger", "group", "owner", "handed", "decided")
+                 "queued", "timer", "entry", "linger", "group", "owner", "handed", "decided",
+                 "websocket")
 
     def __init__(self, sock: socket.socket, address: str) -> None:
         self.sock = sock
@@ -3235,6 +3289,7 @@ class Connection:
         self.owner: str | None = None   # the client key its parked request counts against
         self.handed: Message | None = None  # /receive: taken, answer not yet all written
         self.decided: Any = None        # the HTTP layer's last decision, for a re-poll
+        self.websocket: WebSocketReader | None = None  # once upgraded: its frames
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} {self.state}>"
@@ -3842,6 +3897,9 @@ class HTTPProtocol:
 
     def received(self, conn: Connection) -> None:
         """Handle the requests waiting in *conn*'s input while it is free."""
+        if conn.websocket is not None:  # no HTTP past the upgrade
+            self.waiters.socket_input(conn)
+            return
         while conn.state is State.IDLE or conn.state is State.READING:
             if conn.state is State.IDLE:
                 if not conn.reader.buffer:
@@ -4044,6 +4102,149 @@ def _sse_events(batch: Batch) -> bytes:
     return b"".join(parts)
 
 
+# -- WebSocket (RFC 6455): a subscriber's socket, one way ---------------------------
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_WS_KEY = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")  # base64 of 16 bytes
+
+
+def _ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One whole, unmasked frame, as a server sends it (RFC 6455 5.2)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x80 | opcode, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, size) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, size) + payload
+
+
+def _ws_close(code: int, reason: str = "") -> bytes:
+    """A close frame: *code*, then *reason* (cut to fit 125 bytes)."""
+    return _ws_frame(struct.pack("!H", code) + reason.encode()[:123], 0x8)
+
+
+def _ws_frames(batch: Batch) -> bytes:
+    """A batch as WebSocket text frames: a gap frame, then one per message."""
+    parts = [_WS_GAP] if batch.gap else []
+    parts += [_ws_frame(m.json) for m in batch.messages]
+    return b"".join(parts)
+
+
+_WS_GAP = _ws_frame(b'{"event":"gap"}')
+_WS_PING = _ws_frame(b"", 0x9)
+_WS_GOING_AWAY = _ws_close(1001, "the server is closing")
+#: Close codes (RFC 6455 7.4.1) a client may send; others are a protocol error.
+_WS_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
+                       1014)) | frozenset(range(3000, 5000))
+
+
+class WebSocketClosed(Exception):
+    """The client's frames end the socket: close with *code* and *reason*."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
+
+
+class WebSocketReader:
+    """Reads a client's frames from a connection's input (RFC 6455 5):
+    pings to answer, a close to echo, data messages to check and drop (a
+    subscriber's socket carries messages one way: publish with POST).
+    What the RFC refuses raises ``WebSocketClosed`` with the code to close
+    with: an unmasked frame, reserved bits, an unknown opcode, a fragmented
+    or oversized control frame, a continuation with no message or a message
+    inside another (1002), text that is not UTF-8 (1007), a message over
+    *max_message* bytes, told from the frame's header before its payload
+    comes (1009). No I/O here, like ``RequestReader``."""
+
+    __slots__ = ("max_message", "_parts", "_size", "_text")
+
+    def __init__(self, max_message: int) -> None:
+        self.max_message = max_message
+        self._parts: list[bytes] | None = None  # a fragmented message under way
+        self._size = 0
+        self._text = False
+
+    def read(self, buf: bytearray) -> Iterator[tuple[int, bytes]]:
+        """The control frames (opcode, payload) whole in *buf*, taken out
+        of it one by one; data frames are checked and dropped on the way."""
+        while len(buf) >= 2:
+            first, second = buf[0], buf[1]
+            fin, opcode, size = first & 0x80, first & 0x0F, second & 0x7F
+            if first & 0x70:
+                raise WebSocketClosed(1002, "reserved bits set: no extension was agreed")
+            if opcode in (0x3, 0x4, 0x5, 0x6, 0x7) or opcode > 0xA:
+                raise WebSocketClosed(1002, f"unknown opcode {opcode}")
+            if not second & 0x80:
+                raise WebSocketClosed(1002, "a client's frames must be masked")
+            if opcode >= 0x8 and (not fin or size > 125):
+                raise WebSocketClosed(1002, "a control frame is one frame of at most "
+                                            "125 bytes")
+            start = 2
+            if size == 126:
+                if len(buf) < 4:
+                    return
+                size, start = struct.unpack_from("!H", buf, 2)[0], 4
+            elif size == 127:
+                if len(buf) < 10:
+                    return
+                size, start = struct.unpack_from("!Q", buf, 2)[0], 10
+            if opcode < 0x8:
+                if opcode == 0x0 and self._parts is None:
+                    raise WebSocketClosed(1002, "a continuation frame with no message "
+                                                "to continue")
+                if opcode != 0x0 and self._parts is not None:
+                    raise WebSocketClosed(1002, "a new message before the last one ended")
+                if (self._size if opcode == 0x0 else 0) + size > self.max_message:
+                    raise WebSocketClosed(1009, f"a message over {self.max_message} bytes")
+            end = start + 4 + size
+            if len(buf) < end:
+                return  # (the rest of the frame is coming)
+            payload = _unmask(bytes(buf[start + 4:end]), bytes(buf[start:start + 4]))
+            del buf[:end]
+            if opcode >= 0x8:
+                if opcode == 0x8:
+                    self._check_close(payload)
+                yield opcode, payload
+            else:
+                self._data(opcode, payload, fin)
+
+    def _data(self, opcode: int, payload: bytes, fin: int) -> None:
+        if opcode != 0x0:
+            self._parts, self._size, self._text = [], 0, opcode == 0x1
+        parts = self._parts
+        parts.append(payload)
+        self._size += len(payload)
+        if fin:
+            self._parts = None
+            if self._text:
+                try:
+                    b"".join(parts).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise WebSocketClosed(1007, "a text message that is not UTF-8") from None
+
+    @staticmethod
+    def _check_close(payload: bytes) -> None:
+        if len(payload) == 1:
+            raise WebSocketClosed(1002, "a close frame's code is two bytes")
+        if payload:
+            if struct.unpack_from("!H", payload)[0] not in _WS_CODES:
+                raise WebSocketClosed(1002, "a close code a client may not send")
+            try:
+                payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise WebSocketClosed(1007, "a close reason that is not UTF-8") from None
+
+
+def _unmask(data: bytes, mask: bytes) -> bytes:
+    """XOR *data* with the 4-byte *mask*, repeated (RFC 6455 5.3)."""
+    if not data:
+        return data
+    size = len(data)
+    key = (mask * (size // 4 + 1))[:size]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
+
+
 class Waiters:
     """Parks what waits for a message, wakes it when one comes, and answers
     it: long-polls in groups (one read and one encoding per group), event
@@ -4145,24 +4346,72 @@ class Waiters:
     def stream(self, conn: Connection, request: Request, stream: Stream) -> None:
         """Start an event stream: what is there after the position, then
         every message as it comes, until the client goes (or we close)."""
-        names, position = stream
+        names, position, accept = stream
         self.admit(conn, request)
         live = not self.stopping()
+        if accept is not None and not live:
+            raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing",
+                                {"Retry-After": "5"})
         if live:  # joined before the head is written: it may refuse (503)
             group = self._join(conn, (names, position, MAX_LIMIT))
-        head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8",
-                         self.protocol.date(), (("X-Accel-Buffering", "no"), *request.cors),
-                         "close", head_only=True)
-        head = head.replace(b"Content-Length: 0\r\n", b"")  # the body ends at the close
-        self.protocol.log(request, 200, 0)
+        if accept is not None:
+            head, first = self._upgrade(accept, position)
+            conn.websocket = WebSocketReader(self.server.max_body)
+            self.protocol.log(request, 101, 0)
+        else:
+            head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8",
+                             self.protocol.date(), (("X-Accel-Buffering", "no"), *request.cors),
+                             "close", head_only=True)
+            head = head.replace(b"Content-Length: 0\r\n", b"")  # the body ends at the close
+            first = b": connected\n\n"
+            self.protocol.log(request, 200, 0)
         if not live:
-            self.protocol.reply(conn, head + b": connected\n\n", keep=False)
+            self.protocol.reply(conn, head + first, keep=False)
             return
         self.streams[conn] = None
         self.park(conn, request, State.STREAMING,
                    self.hub.store.lag if self.hub.ahead(position) else None)
         self._fired[group] = None  # send what is already there at the next fan-out
-        self.loop.send(conn, head + b": connected\n\n")
+        self.loop.send(conn, head + first)
+        if conn.websocket is not None and conn.reader.buffer:
+            self.socket_input(conn)  # frames that came with the handshake
+
+    def _upgrade(self, accept: str, position: Position) -> tuple[bytes, bytes]:
+        """A WebSocket's 101 answer, and its first frame: ``{"event": "open"}``
+        with the cursor it starts from (where a client that loses the
+        socket before any message resumes)."""
+        head = (f"HTTP/1.1 101 Switching Protocols\r\nServer: longpoll/{__version__}\r\n"
+                f"Date: {self.protocol.date()}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").encode()
+        opened: dict[str, Any] = {"event": "open"}
+        if position.everything:
+            opened["cursor"] = "0"
+        elif not position.unplaceable:
+            opened["cursor"] = self.hub.cursor_for(position.after)
+        return head, _ws_frame(_encode(opened).encode())
+
+    def socket_input(self, conn: Connection) -> None:
+        """A WebSocket's frames from its client: pong its pings, echo its
+        close, and close with the code the RFC names for a bad frame."""
+        try:
+            for opcode, payload in conn.websocket.read(conn.reader.buffer):
+                if opcode == 0x9:
+                    self.loop.send(conn, _ws_frame(payload, 0xA))
+                elif opcode == 0x8:
+                    self.end_socket(conn, _ws_frame(payload[:2], 0x8))
+                    return
+        except WebSocketClosed as closed:
+            logger.info("closing a WebSocket of %s: %d %s", conn.address, closed.code,
+                        closed.reason)
+            self.end_socket(conn, _ws_close(closed.code, closed.reason))
+
+    def end_socket(self, conn: Connection, frame: bytes) -> None:
+        """Send a WebSocket's close *frame*, then close it (reading, and
+        dropping, what the client still sends: its own close)."""
+        self.streams.pop(conn, None)
+        self.unpark(conn)
+        conn.websocket = None
+        self.protocol.reply(conn, frame, keep=False, linger=True)
 
     def admit(self, conn: Connection, request: Request) -> None:
         """503 with Retry-After when the server, or this client, has as many
@@ -4295,7 +4544,7 @@ class Waiters:
         if self.streams and now >= self._next_keepalive:
             self._next_keepalive = now + self.server.keepalive
             for conn in list(self.streams):
-                self.loop.send(conn, b": keepalive\n\n")
+                self.loop.send(conn, b": keepalive\n\n" if conn.websocket is None else _WS_PING)
 
     def _adapt(self, now: float) -> None:
         """Size the batching window by how busy the loop was since the last
@@ -4330,7 +4579,9 @@ class Waiters:
         self.parked -= len(conns)
         server.metrics.delivered += len(batch.messages) * len(conns)
         body, date, responses = batch.to_json(), self.protocol.date(), {}
-        events: bytes | None = None
+        events: bytes | None = None  # (encoded once for all the group's streams)
+        frames: bytes | None = None
+        after: tuple | None = None
         stopping, polls = self.stopping(), 0
         protocol, log = self.protocol, logger.isEnabledFor(logging.INFO)
         loop, hold = self.loop, self.loop.hold
@@ -4342,13 +4593,20 @@ class Waiters:
                 hold(conn, None)
             request = conn.request
             if conn.state is State.STREAMING:  # send the events, wait at the next position
-                if events is None:
-                    events = _sse_events(batch)
+                if after is None:
                     after = (names, hub.locate(batch.cursor), limit)
-                loop.send(conn, events)
+                if conn.websocket is None:
+                    if events is None:
+                        events = _sse_events(batch)
+                    loop.send(conn, events)
+                else:
+                    if frames is None:
+                        frames = _ws_frames(batch)
+                    loop.send(conn, frames)
                 if stopping:
                     self.streams.pop(conn, None)
-                    protocol.reply(conn, b"", keep=False)
+                    protocol.reply(conn, b"" if conn.websocket is None else _WS_GOING_AWAY,
+                                   keep=False)
                 elif conn.state is not State.CLOSED:
                     conn.owner = request.key
                     self._join(conn, after)
@@ -4392,7 +4650,10 @@ class Waiters:
                 auth.check(request.token, "read", request.names)
             except LongpollError as error:
                 logger.info("ending a %s of %s: %s", request.route, request.client, error)
-                self.loop.close(conn)
+                if conn.websocket is not None:
+                    self.end_socket(conn, _ws_close(1008, error.message))
+                else:
+                    self.loop.close(conn)
 
     def stop(self) -> None:
         """Part of ``Server.close``: answer the takers; end idle streams.
@@ -4401,7 +4662,8 @@ class Waiters:
         for conn in list(self.streams):
             self.streams.pop(conn, None)
             self.unpark(conn)
-            self.protocol.reply(conn, b"", keep=False)
+            self.protocol.reply(conn, b"" if conn.websocket is None else _WS_GOING_AWAY,
+                                keep=False)
 
 
 class Takers:
@@ -4899,6 +5161,104 @@ class _Cutoff:
             pass
 
 
+class _ClientSocket:
+    """The client's end of a WebSocket: reads the server's handshake answer,
+    then its frames as JSON events; answers pings; its own frames masked
+    (RFC 6455 5.3). Errors are ``LongpollError`` (status None: retry)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def _fill(self, size: int) -> None:
+        while len(self.buffer) < size:
+            try:
+                data = self.sock.recv(65536)
+            except OSError as exc:  # (a timeout too: nothing, not even a ping, came)
+                raise LongpollError(None, f"the WebSocket failed: {exc}") from None
+            if not data:
+                raise LongpollError(None, "the server closed the WebSocket")
+            self.buffer += data
+
+    def handshake(self) -> tuple[int, dict[str, str], bytes]:
+        """The answer to the upgrade: (status, headers, body if not 101)."""
+        while b"\r\n\r\n" not in self.buffer:
+            if len(self.buffer) > MAX_HEAD:
+                raise ValueError("the answer's head is too large")
+            self._fill(len(self.buffer) + 1)
+        head, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
+        self.buffer[:] = rest
+        lines = head.decode("latin-1").split("\r\n")
+        status_line = lines[0].split(" ", 2)
+        if len(status_line) < 2 or not status_line[1].isdigit():
+            raise ValueError(f"not an HTTP answer: {lines[0][:80]!r}")
+        status = int(status_line[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = b""
+        if status != 101:
+            length = min(int(headers.get("content-length", "0") or 0), 1 << 20)
+            self._fill(length)
+            body = bytes(self.buffer[:length])
+        return status, headers, body
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The server's text messages, decoded, until it closes."""
+        parts: list[bytes] = []
+        while True:
+            self._fill(2)
+            first, size = self.buffer[0], self.buffer[1] & 0x7F
+            start = 2
+            if size == 126:
+                self._fill(4)
+                size, start = struct.unpack_from("!H", self.buffer, 2)[0], 4
+            elif size == 127:
+                self._fill(10)
+                size, start = struct.unpack_from("!Q", self.buffer, 2)[0], 10
+            if size > 64 << 20:
+                raise LongpollError(None, "a WebSocket frame over 64 MiB")
+            self._fill(start + size)
+            payload = bytes(self.buffer[start:start + size])
+            del self.buffer[:start + size]
+            opcode = first & 0x0F
+            if opcode == 0x9:
+                self.send(0xA, payload)
+            elif opcode == 0x8:
+                code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005
+                reason = payload[2:].decode(errors="replace")
+                self.send(0x8, payload[:2])
+                if code == 1008:  # (no longer allowed: as a 403 would)
+                    raise LongpollError(HTTPStatus.FORBIDDEN, reason or "policy violation")
+                raise LongpollError(None, f"the server closed the WebSocket: {code} {reason}")
+            elif opcode in (0x0, 0x1, 0x2):
+                parts.append(payload)
+                if first & 0x80:
+                    text, parts = b"".join(parts), []
+                    try:
+                        yield json.loads(text)
+                    except ValueError:
+                        raise LongpollError(None, "a WebSocket message that is not "
+                                                  "JSON") from None
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        mask = secrets.token_bytes(4)
+        size = len(payload)
+        head = (bytes((0x80 | opcode, 0x80 | size)) if size < 126
+                else struct.pack("!BBH", 0x80 | opcode, 0xFE, size))
+        try:
+            self.sock.sendall(head + mask + _unmask(payload, mask))
+        except OSError:
+            pass  # (it is going anyway)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 class _CutoffConnection:
     """Mixed into http.client's connections: registers the socket with a
     ``_Cutoff`` as soon as it is connected."""
@@ -5002,11 +5362,16 @@ class Client:
 
     def subscribe(self, channels: str | Iterable[str], since: str | None = None, *,
                   timeout: float | None = None,
-                  on_connection: Callable[[bool, LongpollError | None], None] | None = None
-                  ) -> "Subscription":
-        """An endless iterator of messages (dicts); see ``Subscription``."""
+                  on_connection: Callable[[bool, LongpollError | None], None] | None = None,
+                  transport: str = "poll") -> "Subscription":
+        """An endless iterator of messages (dicts); see ``Subscription``.
+        *transport* ``"ws"`` reads over a WebSocket, and long-polls instead
+        where the server (or a proxy) refuses the upgrade."""
+        if transport not in ("poll", "ws"):
+            raise ValueError(f"transport is 'poll' or 'ws', not {transport!r}")
         return Subscription(self, channels, since,
-                            self.timeout if timeout is None else timeout, on_connection)
+                            self.timeout if timeout is None else timeout, on_connection,
+                            transport)
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/health", None, self._socket_timeout(0))
@@ -5026,6 +5391,53 @@ class Client:
             query["limit"] = str(limit)
         names = ",".join(_check_channels(channels))
         return f"/channels/{names}?{urllib.parse.urlencode(query)}"
+
+    def _socket(self, path: str, socket_timeout: float, cutoff: _Cutoff) -> "_ClientSocket":
+        """Open a WebSocket to *path* on the current server (RFC 6455 4.1);
+        raise ``LongpollError`` as ``_request`` does, with the status of an
+        answer that is not ``101``."""
+        url = self.urls[self._current] + path
+        parts = urllib.parse.urlsplit(url)
+        secure = parts.scheme == "https"
+        port = parts.port or (443 if secure else 80)
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}",
+                 "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
+                 "Sec-WebSocket-Version: 13", f"User-Agent: longpoll/{__version__}"]
+        if self.token:
+            lines.append(f"Authorization: Bearer {self.token}")
+        sock = None
+        try:
+            sock = socket.create_connection((parts.hostname, port), timeout=socket_timeout)
+            if secure:
+                context = self.ssl_context or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=parts.hostname)
+            cutoff.register(sock)
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            conn = _ClientSocket(sock)
+            status, headers, body = conn.handshake()
+            if status != 101:
+                try:
+                    detail = json.loads(body).get("error", body.decode(errors="replace"))
+                except (ValueError, AttributeError):
+                    detail = body.decode(errors="replace")[:200] or f"status {status}"
+                raise LongpollError(status, str(detail), headers)
+            expected = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
+            if headers.get("sec-websocket-accept", "").encode() != expected:
+                raise LongpollError(None, f"{url}: not a WebSocket answer")
+            sock = None  # (the socket is conn's now)
+            return conn
+        except (OSError, ValueError) as exc:
+            untrusted = ssl is not None and isinstance(exc, ssl.SSLCertVerificationError)
+            error = LongpollError(None, f"{url}: {exc}" + (
+                " (give the server's CA certificate: --cafile)" if untrusted else ""))
+            error.refused = isinstance(exc, ConnectionRefusedError)
+            error.untrusted = untrusted
+            raise error from None
+        finally:
+            if sock is not None:
+                sock.close()
 
     def _delay(self, failures: int, retry_after: float | None = None) -> float:
         """Exponential backoff with "equal jitter"; at least Retry-After."""
@@ -5146,9 +5558,11 @@ class Subscription:
 
     def __init__(self, client: Client, channels: str | Iterable[str],
                  since: str | None, timeout: float,
-                 on_connection: Callable[[bool, LongpollError | None], None] | None = None
-                 ) -> None:
+                 on_connection: Callable[[bool, LongpollError | None], None] | None = None,
+                 transport: str = "poll") -> None:
         self.client = client
+        #: "poll" or "ws"; a refused WebSocket upgrade turns "ws" into "poll".
+        self.transport = transport
         self.channels = _check_channels(channels)
         #: Where the next poll starts: pass it as ``since`` to resume later.
         self.cursor = since
@@ -5162,7 +5576,14 @@ class Subscription:
     def batches(self) -> Iterator[dict[str, Any]]:
         """Each server answer that says something, as received:
         ``{"messages": [...], "cursor": ..., "gap"?: true}``. The cursor
-        moves past an answer when the next one is asked for."""
+        moves past an answer when the next one is asked for. Over a
+        WebSocket each message is an answer of its own."""
+        if self.transport == "ws":
+            yield from self._socket_batches()
+        if self.transport == "poll":
+            yield from self._poll_batches()
+
+    def _poll_batches(self) -> Iterator[dict[str, Any]]:
         client, gap_pending, lost = self.client, False, False
 
         def on_retry(error: LongpollError) -> None:
@@ -5192,6 +5613,65 @@ class Subscription:
                     messages[0]["gap"], gap_pending = True, False
                 yield answer
             self.cursor = answer["cursor"]
+
+    def _socket_batches(self) -> Iterator[dict[str, Any]]:
+        """``batches`` over WebSockets, one after another: on a lost socket
+        the next resumes from the cursor, after the same backoff and
+        failover as a poll; where the upgrade is refused (404, 405, 426, or
+        a 400 from a proxy or an older server) it sets ``transport`` to
+        "poll" and returns, and ``batches`` goes on by long-poll."""
+        client, gap_pending, lost, failures = self.client, False, False, 0
+        outage = time.monotonic()
+        names = ",".join(self.channels)
+        while not self._stop.is_set():
+            query = "" if self.cursor is None else "?" + urllib.parse.urlencode(
+                {"since": self.cursor})
+            try:
+                conn = client._socket(f"/channels/{names}/ws{query}",
+                                      client._socket_timeout(self.timeout), self._cutoff)
+                try:
+                    if lost and self.on_connection is not None:
+                        self.on_connection(True, None)
+                    lost, failures = False, 0
+                    for event in conn.events():
+                        kind = event.get("event")
+                        if kind == "open":
+                            if self.cursor is None and "cursor" in event:
+                                self.cursor = event["cursor"]
+                        elif kind == "gap":
+                            self.gaps += 1
+                            gap_pending = True
+                            logger.warning("messages on %s were lost before they could be "
+                                           "read", names)
+                        elif kind is None:
+                            if gap_pending:
+                                event["gap"], gap_pending = True, False
+                            yield {"messages": [event], "cursor": event["id"]}
+                            self.cursor = event["id"]
+                        if self._stop.is_set():
+                            return
+                finally:
+                    conn.close()
+            except LongpollError as error:
+                if self._stop.is_set():
+                    return
+                if error.status in (400, 404, 405, 426):
+                    logger.info("no WebSocket (%s); long-polling instead", error)
+                    self.transport = "poll"
+                    return
+                if not client._retryable(error, True):
+                    raise
+                if not failures:
+                    outage = time.monotonic()
+                failures += 1
+                client._failover(error, time.monotonic() - outage)
+                if not lost and self.on_connection is not None:
+                    self.on_connection(False, error)
+                lost = True
+                if self._stop.wait(client._delay(failures, _retry_after(error))):
+                    return
+            finally:
+                self._cutoff.sockets.clear()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for answer in self.batches():
@@ -5456,7 +5936,8 @@ def _publish(args: Any) -> int:
 
 def _subscribe(args: Any) -> int:
     client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
-    with client.subscribe(args.channels, since=args.since) as subscription:
+    with client.subscribe(args.channels, since=args.since,
+                          transport=args.transport) as subscription:
         several = len(subscription.channels) > 1
         for count, message in enumerate(subscription, 1):
             _print_message(message, args.json, several)
@@ -5538,6 +6019,9 @@ def main(argv: list[str] | None = None) -> int:
                            help="one JSON object per line, with id, time, title, priority")
     subscribe.add_argument("--count", type=int, metavar="N",
                            help="exit after N messages (e.g. wait for one in a script)")
+    subscribe.add_argument("--transport", choices=("poll", "ws"), default="poll",
+                           help="long-poll (default), or a WebSocket, which long-polls "
+                                "where the upgrade is refused")
     add_client(subscribe)
 
     args = parser.parse_args(argv)

@@ -104,9 +104,9 @@ def make_server():
     """Factory: a started server on 127.0.0.1 port 0; closed on teardown."""
     servers = []
 
-    def factory(hub=None, **options):
+    def factory(hub=None, port=0, **options):
         options.setdefault("read_timeout", 10.0)
-        server = longpoll.make_server("127.0.0.1", 0, hub, **options).start()
+        server = longpoll.make_server("127.0.0.1", port, hub, **options).start()
         servers.append(server)
         return server
 
@@ -328,3 +328,90 @@ def no_feed_thread_outlives_its_test():
         return [t for t in threading.enumerate() if t.name == "longpoll-redis-feed"]
     wait_until(lambda: not feeds(), timeout=10, what="every Redis feed thread to end "
                "(close every Hub a test opens)")
+
+
+# -- WebSocket, by hand (RFC 6455): for frames no library would send ----------
+
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's own example key
+
+
+def ws_open(server, path="/channels/ws/ws", headers=None, timeout=5):
+    """A raw socket that has done the WebSocket handshake on *path*; returns
+    (socket, status, head, rest): the bytes after the head are *rest*."""
+    host, port = server.server_address[:2]
+    sock = socket.create_connection((host, port), timeout=timeout)
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {WS_KEY}",
+             "Sec-WebSocket-Version: 13"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return sock, int(head.split(b" ", 2)[1]), head, rest
+
+
+def ws_frame(payload, opcode=0x1, fin=True, mask=b"\x01\x02\x03\x04", rsv=0, length=None):
+    """One client frame as given: masked with *mask* (None: unmasked), with
+    *length* as the declared payload length if given (a lie, for tests)."""
+    size = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | rsv << 4 | opcode
+    masked = 0x80 if mask is not None else 0
+    if size < 126:
+        head = bytes((first, masked | size))
+    elif size < 65536:
+        head = bytes((first, masked | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((first, masked | 127)) + size.to_bytes(8, "big")
+    if mask is None:
+        return head + payload
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class WsReader:
+    """Reads a server's frames from a raw socket: (opcode, payload)."""
+
+    def __init__(self, sock, rest=b""):
+        self.sock, self.buf = sock, bytearray(rest)
+
+    def _need(self, size):
+        while len(self.buf) < size:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("the server closed the connection")
+            self.buf += chunk
+
+    def frame(self):
+        self._need(2)
+        first, size = self.buf[0], self.buf[1] & 0x7F
+        assert not self.buf[1] & 0x80, "a server's frames are never masked"
+        start = 2
+        if size == 126:
+            self._need(4)
+            size, start = int.from_bytes(self.buf[2:4], "big"), 4
+        elif size == 127:
+            self._need(10)
+            size, start = int.from_bytes(self.buf[2:10], "big"), 10
+        self._need(start + size)
+        payload = bytes(self.buf[start:start + size])
+        del self.buf[:start + size]
+        return first & 0x0F, payload
+
+    def close_code(self):
+        """Frames up to the close: its code (and the socket's end after it)."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x8:
+                return int.from_bytes(payload[:2], "big") if payload else None
+
+    def text(self):
+        """The next text frame, decoded as JSON (pings skipped)."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x1:
+                return json.loads(payload)
+            assert opcode in (0x9, 0xA), (opcode, payload)

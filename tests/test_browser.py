@@ -131,3 +131,19 @@ def test_switching_channel_and_a_bad_name(browser, server):
     page.page.press("#channel", "Enter")
     page.page.locator("#state.error").wait_for(timeout=5000)
     assert "invalid channel name" in page.page.locator("#state").inner_text()
+
+
+def test_the_browsers_own_websocket_gets_a_publish_within_1_s(browser, server):
+    page = Page(browser, f"{server.url}/")
+    page.page.evaluate("""url => {
+        window.got = [];
+        const ws = new WebSocket(url);
+        ws.onmessage = event => window.got.push(JSON.parse(event.data));
+    }""", server.url.replace("http://", "ws://") + "/channels/browser/ws")
+    page.page.wait_for_function("window.got.length === 1")  # the open frame
+    assert page.page.evaluate("window.got[0].event") == "open"
+    publish(server, "browser", "to the socket", title="WS")
+    page.page.wait_for_function("window.got.length === 2", timeout=1000)
+    message = page.page.evaluate("window.got[1]")
+    assert (message["message"], message["title"]) == ("to the socket", "WS")
+    assert not page.errors

@@ -28,6 +28,7 @@ def server_routes():
     rows = {(method, path) for path, methods in handler.routes.items() for method in methods}
     rows |= {(method, "/channels/{names}") for method in handler.channel_routes}
     rows |= {(method, "/channels/{names}/events") for method in handler.stream_routes}
+    rows |= {(method, "/channels/{names}/ws") for method in handler.socket_routes}
     return rows
 
 

@@ -209,3 +209,22 @@ def test_notifier_over_https_with_cafile(https, cert):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_websocket_over_tls(https, cert):
+    from websockets.sync.client import connect
+    context = ssl.create_default_context(cafile=cert[0])
+    url = https.url.replace("https://", "wss://") + "/channels/secure/ws"
+    with connect(url, ssl=context, open_timeout=5) as ws:
+        assert json.loads(ws.recv(timeout=5))["event"] == "open"
+        client = longpoll.Client(https.url, cafile=cert[0])
+        client.publish("secure", "over wss")
+        assert json.loads(ws.recv(timeout=5))["message"] == "over wss"
+
+
+def test_the_client_subscribes_over_wss(https, cert):
+    client = longpoll.Client(https.url, cafile=cert[0])
+    client.publish("secure-client", "held")
+    with client.subscribe("secure-client", since="0", transport="ws") as subscription:
+        assert next(iter(subscription))["message"] == "held"
+        assert subscription.transport == "ws"
