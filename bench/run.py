@@ -9,6 +9,7 @@ Servers (each started fresh for every row, as a subprocess of this script):
   longpoll   python -m longpoll serve
   longpoll-baseline the same, from the folder --baseline DIR (an older checkout);
                     longpoll-baseline-sqlite and -redis with its stores
+  longpoll-ws       the same, its subscribers on WebSockets (/channels/bench/ws)
   longpoll-sqlite   the same with --store sqlite:FILE (a new file per row)
   longpoll-redis    the same with --store redis://... (a redis-server this
                     script starts on a free port, emptied for every row)
@@ -209,8 +210,58 @@ class Subscriber(HTTP):
             run.done.set_result(now)
         if b'"gap":true' in body:
             run.gaps += 1  # messages lost before these, and said so
-        self.cursor = CURSOR.search(body).group(1)
-        self.poll()
+        cursor = CURSOR.search(body)  # (WebSocket frames carry none: their socket stays)
+        if cursor is not None:
+            self.cursor = cursor.group(1)
+            self.poll()
+
+
+class WebSocketSubscriber(Subscriber):
+    """A subscriber on one WebSocket (/channels/bench/ws): the server's text
+    frames, each a message (or the open frame), instead of poll answers."""
+
+    def poll(self):
+        pass  # (nothing to ask again: the socket stays)
+
+    def connection_made(self, transport):
+        HTTP.connection_made(self, transport)
+        self.upgraded = False
+        transport.write(b"GET /channels/bench/ws HTTP/1.1\r\nHost: bench\r\n"
+                        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+    def data_received(self, data):
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            del buf[:end + 4]
+            self.upgraded = True
+        bodies = []
+        while len(buf) >= 2:
+            size, start = buf[1] & 0x7F, 2
+            if size == 126:
+                if len(buf) < 4:
+                    break
+                size, start = int.from_bytes(buf[2:4], "big"), 4
+            elif size == 127:
+                if len(buf) < 10:
+                    break
+                size, start = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < start + size:
+                break
+            if buf[0] & 0x0F == 0x1:
+                bodies.append(bytes(buf[start:start + size]))
+            del buf[:start + size]
+        if bodies:
+            self.on_body(b"".join(bodies))
+
+    def on_body(self, body):
+        if SENT.search(body):  # (not the open frame)
+            super().on_body(body)
 
 
 class Publisher(HTTP):
@@ -248,9 +299,10 @@ async def health(host, port):
 async def park(server, run, count, timeout=180):
     loop = asyncio.get_running_loop()
     subscribers = []
+    kind = WebSocketSubscriber if server.name.endswith("-ws") else Subscriber
     for start in range(0, count, 250):  # in waves, within the listen backlog
         results = await asyncio.gather(*(
-            loop.create_connection(lambda: Subscriber(run), server.host, server.port)
+            loop.create_connection(lambda: kind(run), server.host, server.port)
             for _ in range(start, min(count, start + 250))))
         subscribers += [protocol for _, protocol in results]
     deadline = time.monotonic() + timeout
@@ -380,8 +432,8 @@ def ms(seconds):
 
 def fanout_table(rows):
     out = ["| server | N | delivered | latency p50 / p99 / max (ms) | CPU µs per delivery "
-           "| vs floor | vs tornado | RSS MB | threads | idle CPU % |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| vs floor | vs longpoll | vs tornado | RSS MB | threads | idle CPU % |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         peers = {r["server"]: r for r in rows if r["clients"] == row["clients"]}
 
@@ -397,7 +449,7 @@ def fanout_table(rows):
         out.append(
             f"| {row['server']} | {row['clients']:,} | {delivered} | {ms(row['p50'])} / "
             f"{ms(row['p99'])} / {ms(row['max'])} | {row['cpu_us']:.1f} | {ratio('floor')} | "
-            f"{ratio('tornado')} | {row['rss']:.0f} | {row['threads']} | {row['idle'] * 100:.2f} |")
+            f"{ratio('longpoll')} | {ratio('tornado')} | {row['rss']:.0f} | {row['threads']} | {row['idle'] * 100:.2f} |")
     return "\n".join(out)
 
 
@@ -516,7 +568,9 @@ python3 bench/run.py --output docs/performance.md  # the whole matrix, about 20 
 
 - **longpoll**: `python3 -m longpoll serve`; **longpoll-sqlite** and
   **longpoll-redis** the same with `--store sqlite:FILE` and
-  `--store redis://…` (a redis-server the script starts on a free port).
+  `--store redis://…` (a redis-server the script starts on a free port);
+  **longpoll-ws** the same server with its subscribers on WebSockets
+  (`/channels/bench/ws`) instead of long-polls.
 - **floor**: `bench/servers/floor.py`, a minimal asyncio server that writes
   one pre-encoded answer to every parked socket and does nothing else: what
   any long-poll server must at least pay here.
@@ -550,7 +604,7 @@ checkout's `longpoll.py` beside this one.
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", default="longpoll,floor,tornado,threaded")
+    parser.add_argument("--servers", default="longpoll,longpoll-ws,floor,tornado,threaded")
     parser.add_argument("--baseline", metavar="DIR",
                         help="a folder holding another longpoll.py (e.g. a checkout of an "
                              "older commit), run as the server longpoll-baseline")
