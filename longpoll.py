@@ -64,6 +64,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import email.header
 import email.utils
 import errno
 import fnmatch
@@ -269,17 +270,108 @@ def _check_channels(channels: str | Iterable[str]) -> tuple[str, ...]:
 # Messages and channels (no HTTP in this part)
 # ---------------------------------------------------------------------------
 
+#: A message's optional fields besides title and priority, by ntfy's names:
+#: ``tags`` (up to 16 strings of up to 64 characters), ``click`` (the URL a
+#: click opens), ``icon`` (an http(s) URL), ``actions`` (up to 3 buttons:
+#: ntfy's view, broadcast and http actions) and ``markdown`` (true: the
+#: text is Markdown).
+EXTRA_FIELDS = ("tags", "click", "icon", "actions", "markdown")
+MAX_TAGS = 16
+MAX_ACTIONS = 3
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_UNSAFE_SCHEMES = frozenset({"javascript", "data", "vbscript", "file", "blob"})
+#: Each action's fields, and what they hold (ntfy's action buttons).
+_ACTION_FIELDS = {"action": str, "label": str, "url": str, "clear": bool, "method": str,
+                  "headers": dict, "body": str, "intent": str, "extras": dict}
+
+
+def _check_url(value: Any, what: str, web_only: bool = False) -> str:
+    """A link a client may open: a string with a scheme (http or https with
+    *web_only*), never one a browser would run (javascript:, data:...)."""
+    match = _URL_SCHEME.match(value) if isinstance(value, str) else None
+    scheme = match.group(1).lower() if match else ""
+    if (not match or len(value) > 2048 or scheme in _UNSAFE_SCHEMES
+            or web_only and scheme not in ("http", "https")):
+        kind = "an http(s) URL" if web_only else "a URL (http, https, mailto, geo, ...)"
+        raise _bad_request(f"{what} must be {kind} of at most 2048 characters")
+    return value
+
+
+def _check_extra(extra: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A message's extra fields, checked and in order; None if it has none."""
+    if not extra:
+        return None
+    unknown = set(extra) - set(EXTRA_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown message fields: {', '.join(sorted(unknown))}")
+    checked: dict[str, Any] = {}
+    tags = extra.get("tags")
+    if tags:
+        if (not isinstance(tags, list) or len(tags) > MAX_TAGS or not all(
+                isinstance(t, str) and 0 < len(t) <= 64 for t in tags)):
+            raise _bad_request(f"tags must be at most {MAX_TAGS} strings of 1-64 characters")
+        checked["tags"] = tags
+    if extra.get("click"):
+        checked["click"] = _check_url(extra["click"], "click")
+    if extra.get("icon"):
+        checked["icon"] = _check_url(extra["icon"], "icon", web_only=True)
+    actions = extra.get("actions")
+    if actions:
+        if not isinstance(actions, list) or len(actions) > MAX_ACTIONS:
+            raise _bad_request(f"actions must be a list of at most {MAX_ACTIONS} buttons")
+        checked["actions"] = [_check_action(a) for a in actions]
+    if extra.get("markdown"):
+        if extra["markdown"] is not True:
+            raise _bad_request("markdown must be true or absent")
+        checked["markdown"] = True
+    return checked or None
+
+
+def _check_action(action: Any) -> dict[str, Any]:
+    """One action button (ntfy's: view, broadcast or http), checked."""
+    if not isinstance(action, dict):
+        raise _bad_request("each action is an object with action, label and url")
+    checked = {}
+    for name, value in action.items():
+        kind = _ACTION_FIELDS.get(name)
+        if kind is None or value is None:
+            continue  # (ntfy's id, and fields a client fills with null)
+        if not isinstance(value, kind) or kind is dict and not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise _bad_request(f"action field {name} must be a {kind.__name__}")
+        checked[name] = value
+    kind = str(checked.get("action", "")).lower()
+    if kind not in ("view", "broadcast", "http"):
+        raise _bad_request("an action is view, broadcast or http")
+    checked["action"] = kind
+    if not checked.get("label") or len(checked["label"]) > 128:
+        raise _bad_request("an action needs a label of at most 128 characters")
+    if kind in ("view", "http"):
+        checked["url"] = _check_url(checked.get("url"), f"a {kind} action's url",
+                                    web_only=kind == "http")
+    if "method" in checked:
+        checked["method"] = checked["method"].upper()
+    return checked
+
+
+def _extra_of(fields: dict[str, Any]) -> dict[str, Any] | None:
+    """The extra fields of a message as its JSON holds them."""
+    extra = {name: fields[name] for name in EXTRA_FIELDS if name in fields}
+    return extra or None
+
+
 class Message:
     """One published message. ``json`` is its wire form, encoded once; the
     message value is decoded from it only when asked for (``message``), so
     a message costs its wire text and a small record, whatever its shape."""
 
-    __slots__ = ("seq", "id", "channel", "time", "title", "priority", "json", "born",
+    __slots__ = ("seq", "id", "channel", "time", "title", "priority", "extra", "json", "born",
                  "_start", "_end", "replayed", "receipt")
 
     def __init__(self, seq: int, id: str, channel: str, message: Any,
                  title: str | None, priority: int | None,
-                 payload: str | bytes | None = None, at: float | None = None) -> None:
+                 payload: str | bytes | None = None, at: float | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         self.seq = seq
         self.id = id
         self.channel = channel
@@ -291,6 +383,9 @@ class Message:
             self.born = time.monotonic() - max(0.0, time.time() - at)
         self.title = title
         self.priority = priority
+        #: Its other fields (``EXTRA_FIELDS``: tags, click, icon, actions,
+        #: markdown), checked; None when it has none.
+        self.extra = extra
         #: True when ``Hub.publish`` answers a repeated Idempotency-Key with
         #: the message published the first time (nothing new was stored).
         self.replayed = False
@@ -305,6 +400,8 @@ class Message:
             extra += ',"title":' + _encode(title)
         if priority is not None:
             extra += f',"priority":{priority}'
+        if self.extra:
+            extra += "".join(f',"{name}":{_encode(value)}' for name, value in self.extra.items())
         head = (f'{{"id":"{id}","channel":"{channel}","time":{self.time!r},'
                 f'"message":').encode()
         self.json = b"".join((head, payload, extra.encode(), b"}"))
@@ -333,6 +430,8 @@ class Message:
             d["title"] = self.title
         if self.priority is not None:
             d["priority"] = self.priority
+        if self.extra:
+            d.update(self.extra)
         return d
 
     def __repr__(self) -> str:
@@ -347,6 +446,7 @@ class Draft(NamedTuple):
     priority: int | None
     payload: bytes  # the message as JSON, encoded once
     key: str | None  # the publish's idempotency key
+    extra: dict[str, Any] | None = None  # (see Message.extra)
 
 
 class Batch(NamedTuple):
@@ -416,7 +516,7 @@ class Channel:
                 self.taken = msg.seq
         if msg is not None and lease is not None:
             msg = Message(msg.seq, msg.id, self.name, None, msg.title, msg.priority,
-                          msg.payload, msg.time)
+                          msg.payload, msg.time, msg.extra)
             msg.receipt = secrets.token_hex(8)
             self.queue = self.queue or WorkQueue()
             self.queue.leases[msg.receipt] = (msg.seq, now + lease)
@@ -628,7 +728,7 @@ class Log:
         keep it (raise to refuse it), then apply it and wake its waiters,
         all under the lock; or, for a key used within the window, return
         the first publish's message (``replayed``)."""
-        channel, message, title, priority, payload, key = draft
+        channel, message, title, priority, payload, key, extra = draft
         with self._lock:
             if self._closed:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
@@ -639,7 +739,7 @@ class Log:
             self._make_room((channel,))
             seq = self._seq + 1
             msg = Message(seq, f"{self.history}-{seq}", channel, message, title, priority,
-                          payload)
+                          payload, extra=extra)
             keep(msg, key)  # kept before it is acknowledged; may raise
             self._seq = seq
             self.published += 1
@@ -657,7 +757,7 @@ class Log:
         first = ch.held(seq) if ch is not None else None
         if first is not None:
             msg = Message(seq, first.id, channel, None, first.title, first.priority,
-                          first.payload, first.time)
+                          first.payload, first.time, first.extra)
         else:
             msg = Message(seq, self.cursor_for(seq), channel, None, None, None, b"null", at)
         msg.replayed = True
@@ -817,6 +917,29 @@ class Log:
             return Batch(messages, messages[-1].id, gap)
         return Batch(available, self.cursor_for(max(self._seq, after)), gap)
 
+    def position_at(self, names: Iterable[str], when: float | None = None) -> Position:
+        """The position just before the first message of *names* published
+        at or after *when* (a Unix time), or with no *when*, before the
+        newest of them; the head if there is none. (ntfy's ``since=`` with
+        a time, a duration or ``latest``.) Messages retention dropped after
+        it make a read from it report ``gap``."""
+        with self._lock:
+            first = None
+            for name in names:
+                ch = self._channels.get(name)
+                if not ch or not ch.messages:
+                    continue
+                if when is None:
+                    seq = ch.messages[-1].seq
+                    first = seq if first is None else max(first, seq)
+                    continue
+                index = bisect.bisect_left(ch.messages, when, key=lambda m: m.time)
+                if index < len(ch.messages):
+                    seq = ch.messages[index].seq
+                    first = seq if first is None else min(first, seq)
+            after = self._seq if first is None else first - 1
+            return Position(after, False, False, self.history)
+
     def at_head(self, position: Position) -> bool:
         """Whether a read at *position* is sure to find nothing (no message
         after it, and no gap to report)."""
@@ -927,8 +1050,12 @@ class Hub(Log):
     # -- publishing -----------------------------------------------------------------
 
     def publish(self, channel: str, message: Any, *, title: str | None = None,
-                priority: int | None = None, key: str | None = None) -> Message:
+                priority: int | None = None, key: str | None = None,
+                **extra: Any) -> Message:
         """Append *message* (any JSON value) to *channel* and wake its waiters.
+
+        *extra*: the message's other fields, as ntfy names them (``tags``,
+        ``click``, ``icon``, ``actions``, ``markdown``; see ``EXTRA_FIELDS``).
 
         With *key* (an idempotency key: 1-128 printable ASCII characters),
         a publish repeated with the same key within ``idempotency_window``
@@ -940,20 +1067,22 @@ class Hub(Log):
         # Who numbers it is the store's choice: by default this hub does
         # (``number`` below); a store shared by several servers numbers it
         # itself (``admit`` first) and brings it back through ``follow``.
-        return self.store.publish(self, self._draft(channel, message, title, priority, key))
+        return self.store.publish(self, self._draft(channel, message, title, priority, key,
+                                                    extra))
 
     def publish_later(self, channel: str, message: Any,
                       then: Callable[["Message | LongpollError"], None], *,
                       title: str | None = None, priority: int | None = None,
-                      key: str | None = None) -> None:
+                      key: str | None = None, **extra: Any) -> None:
         """``publish`` for a server's loop thread: *then* gets the message,
         or the ``LongpollError`` that refused it, on that thread; at once,
         or when a store the loop drives (``Store.loop``) has kept it, so
         the loop never waits on the network. Bad arguments raise at once."""
-        self.store.publish_later(self, self._draft(channel, message, title, priority, key), then)
+        self.store.publish_later(self, self._draft(channel, message, title, priority, key,
+                                                   extra), then)
 
     def _draft(self, channel: str, message: Any, title: str | None, priority: int | None,
-               key: str | None) -> Draft:
+               key: str | None, extra: dict[str, Any] | None = None) -> Draft:
         """Check a publish's arguments; encode the message once."""
         check_channel(channel)
         if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
@@ -973,7 +1102,7 @@ class Hub(Log):
                                "(no lone surrogates)") from None
         except (TypeError, ValueError, RecursionError) as exc:
             raise _bad_request(f"message is not plain JSON: {exc}") from None
-        return Draft(channel, message, title, priority, payload, key)
+        return Draft(channel, message, title, priority, payload, key, _check_extra(extra))
 
     # -- reading --------------------------------------------------------------------
 
@@ -1327,7 +1456,8 @@ class SqliteStore(Store):
             for seq, wire in db.execute("SELECT seq, json FROM messages ORDER BY seq"):
                 d = json.loads(wire)  # as the wire carried it
                 messages.append(Message(seq, hub.cursor_for(seq), d["channel"], d["message"],
-                                        d.get("title"), d.get("priority"), None, d["time"]))
+                                        d.get("title"), d.get("priority"), None, d["time"],
+                                        _extra_of(d)))
             columns = [row[1] for row in db.execute("PRAGMA table_info(channels)")]
             if "queue" not in columns:  # a file from before leases
                 db.execute("ALTER TABLE channels ADD COLUMN queue TEXT")
@@ -1455,6 +1585,10 @@ end
 local seq = redis.call('INCR', KEYS[1])
 local id = seq .. '-0'
 local fields = {'t', ARGV[2], 'm', ARGV[3], 'ti', ARGV[4], 'pr', ARGV[5]}
+if ARGV[12] ~= '' then  -- tags, click, icon, actions, markdown: as JSON
+  table.insert(fields, 'x')
+  table.insert(fields, ARGV[12])
+end
 redis.call('XADD', KEYS[2], id, unpack(fields))
 local over = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[6])
 if over > 0 then
@@ -1982,19 +2116,19 @@ class RedisStore(Store):
     @staticmethod
     def _publish_call(hub: "Hub", draft: Draft, at: float) -> tuple[list[Any], list[Any]]:
         """The publish script's keys and arguments."""
-        channel, _, title, priority, payload, key = draft
+        channel, _, title, priority, payload, key, extra = draft
         return ([_R_SEQ, _R_STREAM + channel, _R_FEED, _R_DROPPED, _R_HISTORY, _R_LOST,
                  _R_KEY + (key or "")],
                 [channel, repr(at), payload, _encode(title), _encode(priority), hub.retention,
                  _R_FEED_LENGTH, hub.history, hub.head, key or "",
-                 max(1, math.ceil(hub.idempotency_window))])
+                 max(1, math.ceil(hub.idempotency_window)), _encode(extra) if extra else ""])
 
     def _kept(self, hub: "Hub", draft: Draft, at: float, reply: list[Any],
               wait: bool = True) -> Message | None:
         """The message the publish script numbered (*reply*), applied to the
         hub first, so that a read on this server sees it. Without *wait*,
         None when that needs the feed read up to it."""
-        channel, message, title, priority, payload, key = draft
+        channel, message, title, priority, payload, key, extra = draft
         seq = int(reply[0])
         if len(reply) > 1:  # the key was used within the window
             return hub.replayed(seq, reply[1].decode(), float(reply[2]))
@@ -2003,7 +2137,7 @@ class RedisStore(Store):
                 if seq == self._last + 1 and not hub.closed:
                     self._last = seq
                     hub.follow([Message(seq, hub.cursor_for(seq), channel, None, title,
-                                        priority, payload, at)])
+                                        priority, payload, at, extra)])
             finally:
                 self._feed_lock.release()
         for _ in range(3):  # else read the feed up to it
@@ -2016,7 +2150,8 @@ class RedisStore(Store):
             except _RedisError:
                 break  # it is taken; the feed thread brings it when it can
         hub.published += 1
-        return Message(seq, hub.cursor_for(seq), channel, message, title, priority, payload, at)
+        return Message(seq, hub.cursor_for(seq), channel, message, title, priority, payload, at,
+                       extra)
 
     def attach(self, loop: "Loop", pool: Any) -> None:
         if self.loop is None:
@@ -2124,9 +2259,10 @@ class RedisStore(Store):
         if isinstance(fields, list):  # a script's reply: [name, value, ...]
             fields = dict(zip(fields[::2], fields[1::2]))
         seq = int(entry_id.split(b"-")[0])
+        extra = fields.get(b"x")
         return Message(seq, hub.cursor_for(seq), channel, None,
                        json.loads(fields[b"ti"]), json.loads(fields[b"pr"]), fields[b"m"],
-                       float(fields[b"t"]))
+                       float(fields[b"t"]), json.loads(extra) if extra else None)
 
     def _catch_up(self, hub: "Hub") -> None:
         """Read every channel's stream past the hub's head (at start, and
@@ -2767,12 +2903,26 @@ class Poll(NamedTuple):
     limit: int
 
 
+class Form(NamedTuple):
+    """How a stream is written: its content type (None: a WebSocket), the
+    bytes it opens with, each batch of messages (``encode``, a function of
+    the batch alone: a fan-out encodes once per form for all the streams
+    waiting at one position), and a keepalive."""
+
+    content_type: str | None
+    opening: bytes
+    encode: Callable[["Batch"], bytes]
+    keepalive: Callable[[], bytes]
+
+
 class Stream(NamedTuple):
-    """An outcome: an event stream (SSE) of *names* from *position* on; a
-    WebSocket if *websocket* is given (its ``Sec-WebSocket-Accept``)."""
+    """An outcome: a stream of *names* from *position* on, written in
+    *form*; a WebSocket if *websocket* is given (its
+    ``Sec-WebSocket-Accept``)."""
 
     names: tuple[str, ...]
     position: Position
+    form: Form
     websocket: str | None = None
 
 
@@ -2791,12 +2941,86 @@ def _error_response(error: LongpollError) -> Response:
                     headers=tuple(error.headers.items()))
 
 
-def _decode_header(value: str, name: str) -> str:
-    """Header values arrive as Latin-1; give back the UTF-8 text."""
+def _ntfy_error(response: Response) -> Response:
+    """An error answer as ntfy's clients read one: ``{"code", "http", "error"}``."""
     try:
+        message = json.loads(response.body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return response
+    status = response.status
+    return response._replace(body=_json_body(
+        {"code": status * 100 if status == 400 else status * 100 + 1, "http": status,
+         "error": message}))
+
+
+def _decode_header(value: str, name: str) -> str:
+    """Header values arrive as Latin-1; give back the UTF-8 text (RFC 2047
+    encoded words too, ``=?UTF-8?B?...?=``, as some clients send it)."""
+    try:
+        if "=?" in value:
+            return str(email.header.make_header(email.header.decode_header(value)))
         return value.encode("latin-1").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
+    except (UnicodeError, ValueError, LookupError, email.errors.HeaderParseError):
         raise _bad_request(f"the {name} header is not valid UTF-8") from None
+
+
+def _parse_actions(text: str) -> list[dict[str, Any]]:
+    """ntfy's action buttons from a header or parameter: a JSON array, or
+    its short form, ``view, Open, https://x; http, Close, https://y,
+    method=PUT, body='{"a": 1}'``: actions split by ``;``, fields by ``,``,
+    each ``key=value`` or, in order, action, label and url; values may be
+    quoted with ``"`` or ``'``. Checked by ``_check_action`` afterwards."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            actions = json.loads(text)
+        except ValueError as exc:
+            raise _bad_request(f"actions are not valid JSON: {exc}") from None
+        if not isinstance(actions, list):
+            raise _bad_request("actions must be a list")
+        return actions
+    actions: list[dict[str, Any]] = []
+    fields: list[tuple[str, str]] = []
+    for match in _ACTION_PART.finditer(text):
+        quote, end = match.group("quote"), match.group("end")
+        if quote:
+            value = match.group("quoted").replace("\\" + quote, quote)
+        else:
+            value = match.group("plain").strip()
+        fields.append((match.group("key") or "", value))
+        if end in (";", ""):
+            if any(key or value for key, value in fields):
+                actions.append(_action_from_fields(fields))
+            fields = []
+            if not end:
+                break
+    return actions
+
+
+_ACTION_PART = re.compile(r"""\s*(?:(?P<key>[-.\w]+)\s*=\s*)?"""
+                          r"""(?:(?P<quote>["'])(?P<quoted>(?:\\.|(?!(?P=quote)).)*)(?P=quote)"""
+                          r"""|(?P<plain>[^,;]*))\s*(?P<end>[,;]|$)""", re.S)
+
+
+def _action_from_fields(fields: list[tuple[str, str]]) -> dict[str, Any]:
+    action: dict[str, Any] = {}
+    for index, (key, value) in enumerate(fields):
+        if not key:
+            key = {0: "action", 1: "label", 2: "url"}.get(index, "")
+            if not key:
+                raise _bad_request(f"action term {value[:40]!r} has no name (write key=value)")
+        if key.startswith(("headers.", "extras.")):
+            group, _, name = key.partition(".")
+            action.setdefault(group, {})[name] = value
+        elif key == "clear":
+            if value.lower() not in ("true", "yes", "1", "false", "no", "0"):
+                raise _bad_request("an action's clear is true or false")
+            action["clear"] = value.lower() in ("true", "yes", "1")
+        elif key in _ACTION_FIELDS:
+            action[key] = value
+        else:
+            raise _bad_request(f"unknown action field {key[:40]!r}")
+    return action
 
 
 _HTTP_PRIORITY = re.compile(r"\s*(u=|i\s*(,|$))")
@@ -2855,9 +3079,16 @@ class Handler:
     #: What each route does to its channels (for auth); /send and /receive
     #: act on the ``default`` channel.
     actions = {"poll": "read", "events": "read", "ws": "read", "receive": "read",
-               "ack": "read", "publish": "write", "send": "write"}
+               "ack": "read", "publish": "write", "send": "write",
+               "ntfy_publish": "write", "ntfy_post": "write", "ntfy_json": "read",
+               "ntfy_sse": "read", "ntfy_raw": "read", "ntfy_ws": "read", "ntfy_auth": "read"}
     #: Routes that no rate limit counts (monitoring must always get through).
-    unlimited = frozenset({"health", "metrics"})
+    unlimited = frozenset({"health", "metrics", "ntfy_health"})
+    #: Routes that publish (``publish_arguments`` reads them; ``later``).
+    publishing = frozenset({"publish", "send", "ntfy_publish", "ntfy_post"})
+    #: ntfy's paths (``ntfy_route``), with ``--ntfy`` (the default).
+    ntfy_topic_routes = {"POST": "ntfy_publish", "PUT": "ntfy_publish", "GET": "ntfy_page"}
+    ntfy_root_routes = {"GET": "index", "HEAD": "index", "POST": "ntfy_post", "PUT": "ntfy_post"}
 
     def __init__(self, server: "Server") -> None:
         self.server = server
@@ -2942,13 +3173,42 @@ class Handler:
         else:
             methods = self.routes.get(path)
             if methods is not None:
+                if path == "/" and self.server.ntfy:
+                    return self.ntfy_root_routes, ()
                 return methods, ()
+            if self.server.ntfy:
+                found = self.ntfy_route(path)
+                if found is not None:
+                    return found
         raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {_printable(path[:200])}")
+
+    def ntfy_route(self, path: str) -> tuple[dict[str, str], tuple[str, ...]] | None:
+        """ntfy's paths: ``/<topic>`` (publish), ``/<topic>/publish`` (by
+        GET too), ``/<topics>/json|sse|raw|ws`` (subscribe),
+        ``/<topics>/auth``, ``/v1/health``; None for another path."""
+        parts = path[1:].split("/")
+        if len(parts) == 1 and NTFY_TOPIC_RE.match(urllib.parse.unquote(parts[0])):
+            if urllib.parse.unquote(parts[0]) in NTFY_RESERVED:  # (say so to a publish)
+                return {"POST": "ntfy_reserved", "PUT": "ntfy_reserved", "GET": "invalid"}, ()
+            return self.ntfy_topic_routes, _ntfy_topics(parts[0])
+        if len(parts) != 2:
+            return None
+        first, kind = parts
+        if first == "v1" and kind == "health":
+            return {"GET": "ntfy_health"}, ()
+        if kind in ("json", "sse", "raw", "ws", "auth"):
+            return {"GET": "ntfy_" + kind}, _ntfy_topics(first)
+        if kind in ("publish", "send", "trigger"):
+            topics = _ntfy_topics(first)
+            if len(topics) != 1:
+                raise _bad_request("publish to one topic at a time")
+            return {"GET": "ntfy_publish", "POST": "ntfy_publish", "PUT": "ntfy_publish"}, topics
+        return None
 
     def later(self, request: Request) -> bool:
         """Whether *request* is a publish the loop sends to a store across
         the network and answers when the store does (``publish_later``)."""
-        return (request.route in ("publish", "send")
+        return (request.route in self.publishing
                 and self.server.hub.store.loop is self.server.loop
                 and len(request.body) <= self.server.inline_body_limit)
 
@@ -2956,16 +3216,32 @@ class Handler:
         """Whether *request* is handled on a worker thread: a publish with a
         large body to decode, or through a store across the network."""
         remote = self.server.hub.store.remote
-        return (request.route in ("publish", "send")
+        return (request.route in self.publishing
                 and (len(request.body) > self.server.inline_body_limit or remote)
                 or request.route == "ack" and remote)
 
     def token(self, request: Request) -> str | None:
-        """The credentials sent: ``Authorization: Bearer``, else ``?token=``."""
+        """The credentials sent: ``Authorization: Bearer <token>``, or
+        ``Basic`` with the token as the password (any user: as ntfy's
+        clients send one); else ``?token=``, or ntfy's ``?auth=`` (that
+        header's value, in base64url)."""
         header = request.headers.get("authorization", "")
+        query = request.query_string
+        if not header and "auth" in query:
+            try:
+                header = base64.urlsafe_b64decode(
+                    request.query.get("auth", "") + "==").decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                raise _bad_request("auth must be an Authorization header in base64url") from None
         if header[:7].lower() == "bearer ":
             return header[7:].strip()
-        query = request.query_string
+        if header[:6].lower() == "basic ":
+            try:
+                user, _, password = base64.b64decode(header[6:].strip()).decode(
+                    "utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise _bad_request("malformed Basic credentials") from None
+            return password or user or None
         if "token" not in query and "%" not in query:  # (%74oken is token too)
             return None
         return request.query.get("token")
@@ -3046,35 +3322,37 @@ class Handler:
             raise _bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {text!r}")
         return int(text)
 
-    def publish_body(self, request: Request) -> tuple[Any, str | None, int | None]:
-        """(message, title, priority) from a publish's body, by the one rule
+    def publish_body(self, request: Request) -> tuple[Any, str | None, int | None,
+                                                     dict[str, Any]]:
+        """(message, title, priority, extra) from a publish, by the one rule
         of docs/protocol.md ("What a publish body means"):
 
         - ``Content-Type: application/json``: an object with a ``"message"``
-          field is an envelope (``"title"`` and ``"priority"`` beside it);
-          any other JSON value is the message itself.
+          field is an envelope (``"title"``, ``"priority"`` and the fields of
+          ``EXTRA_FIELDS`` beside it); any other JSON value is the message.
         - ``application/x-www-form-urlencoded`` holding a ``message`` field
           (a browser form, jQuery's ``$.post``; Flask's ``request.form``):
           that field, and ``title`` and ``priority`` fields. Any other body
           of that type is text: ``curl -d hello`` sends that type too.
         - Anything else: the body, as UTF-8 text, is the message.
 
-        Title and priority the body does not give come from the ``Title`` /
-        ``X-Title`` and ``Priority`` / ``X-Priority`` headers; a priority is
-        1-5 or a name (min, low, default, high, max, urgent). An empty body
-        is refused: there is nothing to publish.
+        What the body does not give comes from headers, then the query, by
+        ntfy's names (``publish_params``). An empty body is refused: there
+        is nothing to publish.
         """
         body, headers = request.body, request.headers
         if not body:
             raise _bad_request("the body is empty: send the message as the body")
         ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         title = priority = None
+        given: dict[str, Any] = {}
         if ctype == "application/json":
             try:
                 message = _decode(body.decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too
                 raise _bad_request(f"body is not valid JSON: {exc}") from None
             if isinstance(message, dict) and "message" in message:  # the envelope
+                given = {name: message[name] for name in EXTRA_FIELDS if name in message}
                 message, title, priority = (message["message"], message.get("title"),
                                             message.get("priority"))
         else:
@@ -3092,17 +3370,91 @@ class Handler:
                     message = form["message"][0]
                     title = form.get("title", [None])[0]
                     priority = form.get("priority", [None])[0]
+        params = self.publish_params(request)
         if title is None:
-            title = headers.get("title") or headers.get("x-title")
-            if title is not None:
-                title = _decode_header(title, "Title")
+            title = params.pop("title", None)
         if priority is None:
-            priority = headers.get("x-priority") or headers.get("priority")
-            if priority is not None and _HTTP_PRIORITY.match(priority):
-                priority = None  # RFC 9218's "Priority: u=1, i", which browsers send
+            priority = params.pop("priority", None)
         if isinstance(priority, str):  # a header, a form field, or a name in JSON
             priority = _parse_priority(priority)
-        return message, title, priority
+        extra = {name: params[name] for name in EXTRA_FIELDS if name in params}
+        extra.update(given)  # (the body's own fields win)
+        return message, title, priority, extra
+
+    #: ntfy's names for a publish's parameters, as headers (any case) and
+    #: query parameters, first found wins: the same on both APIs.
+    publish_names = {
+        "title": ("x-title", "title", "t"),
+        "priority": ("x-priority", "priority", "prio", "p"),
+        "tags": ("x-tags", "tags", "tag", "ta"),
+        "click": ("x-click", "click"),
+        "icon": ("x-icon", "icon"),
+        "actions": ("x-actions", "actions", "action"),
+        "markdown": ("x-markdown", "markdown", "md"),
+        "message": ("x-message", "message", "m"),
+    }
+    #: What ntfy has and this server does not: a publish naming one is
+    #: refused (400), never published without it.
+    unsupported = {
+        "attachments": ("x-attach", "attach", "a", "x-filename", "filename", "file", "f"),
+        "e-mail notifications": ("x-email", "x-e-mail", "email", "e-mail", "mail", "e"),
+        "phone calls": ("x-call", "call"),
+        "delayed delivery": ("x-delay", "delay", "x-at", "at", "x-in", "in"),
+        "templates": ("x-template", "template", "tpl"),
+        "UnifiedPush": ("x-unifiedpush", "unifiedpush", "up"),
+        "poll requests": ("x-poll-id", "poll-id"),
+    }
+
+    _param_names = frozenset(itertools.chain(*publish_names.values(), *unsupported.values(),
+                                             ("x-cache", "cache")))
+
+    def publish_params(self, request: Request) -> dict[str, Any]:
+        """A publish's parameters from its headers and query, by ntfy's
+        names (``publish_names``): title, priority, tags, click, icon,
+        actions, markdown, message; 400 for one this server does not have."""
+        headers = request.headers
+        query = request.query if request.query_string else {}
+        params: dict[str, Any] = {}
+        if not (headers.keys() & self._param_names or query.keys() & self._param_names):
+            if headers.get("content-type", "").lower().startswith("text/markdown"):
+                params["markdown"] = True
+            return params  # (the usual publish: none of them, nothing to look up)
+
+        def param(names: tuple[str, ...]) -> str | None:
+            for name in names:
+                value = headers.get(name)
+                if name == "priority" and value and _HTTP_PRIORITY.match(value):
+                    value = None  # RFC 9218's "Priority: u=1, i", which browsers send
+                if value:
+                    return _decode_header(value, name).strip()
+            for name in names:
+                value = query.get(name)
+                if value:
+                    return value.strip()
+            return None
+
+        for what, names in self.unsupported.items():
+            if param(names) is not None:
+                raise _bad_request(f"{what} are not supported by this server")
+        cache = param(("x-cache", "cache"))
+        if cache is not None and cache.lower() in ("no", "0", "false"):
+            raise _bad_request("Cache: no is not supported by this server: every "
+                               "message is kept (see --retention and --max-age)")
+        for name, names in self.publish_names.items():
+            value = param(names)
+            if value is not None:
+                params[name] = value
+        if "tags" in params:
+            params["tags"] = [t.strip() for t in params["tags"].split(",") if t.strip()]
+        if "actions" in params:
+            params["actions"] = _parse_actions(params["actions"])
+        markdown = params.pop("markdown", "").lower()
+        if markdown in ("1", "yes", "true") or headers.get("content-type", "").split(
+                ";")[0].strip().lower() == "text/markdown":
+            params["markdown"] = True
+        elif markdown not in ("", "0", "no", "false"):
+            raise _bad_request("markdown is yes or no")
+        return params
 
     def handle_preflight(self, request: Request) -> Response:
         """A CORS preflight from an allowed origin: 204 with what may follow."""
@@ -3134,14 +3486,18 @@ class Handler:
             then(_error_response(error))
 
     def publish_arguments(self, request: Request) -> tuple[str, Any, dict[str, Any]]:
-        message, title, priority = self.publish_body(request)
+        if request.route in ("ntfy_publish", "ntfy_post"):
+            return self.ntfy_arguments(request)
+        message, title, priority, extra = self.publish_body(request)
         return (request.names[0] if request.route == "publish" else DEFAULT_CHANNEL, message,
                 {"title": title, "priority": priority,
-                 "key": request.headers.get("idempotency-key")})
+                 "key": request.headers.get("idempotency-key"), **extra})
 
     def published(self, request: Request, msg: Message) -> Response:
         if request.route == "send":  # (the Flask tutorial's answer)
             return self.json(HTTPStatus.OK, {"status": "Message sent."})
+        if request.route in ("ntfy_publish", "ntfy_post"):  # (ntfy's: the message event)
+            return Response(HTTPStatus.OK, _ntfy_event(msg) + b"\n")
         return Response(HTTPStatus.OK if msg.replayed else HTTPStatus.CREATED, msg.summary())
 
     def handle_poll(self, request: Request) -> Poll:
@@ -3157,11 +3513,26 @@ class Handler:
     def handle_events(self, request: Request) -> Stream:
         """Server-Sent Events: resume from Last-Event-ID, else ``since``."""
         since = request.headers.get("last-event-id") or request.query.get("since") or None
-        return Stream(request.names, self.server.hub.locate(since))
+        return Stream(request.names, self.server.hub.locate(since), _SSE)
 
     def handle_ws(self, request: Request) -> Stream:
         """A WebSocket (RFC 6455 4.2): its handshake checked, then a stream
-        of text frames from ``since``."""
+        of text frames from ``since``: an open frame with the cursor it
+        starts from (where a client that loses the socket before any
+        message resumes), then one frame per message."""
+        since = request.query.get("since") or None
+        position = self.server.hub.locate(since)
+        opened: dict[str, Any] = {"event": "open"}
+        if position.everything:
+            opened["cursor"] = "0"
+        elif not position.unplaceable:
+            opened["cursor"] = self.server.hub.cursor_for(position.after)
+        form = Form(None, _ws_frame(_encode(opened).encode()), _ws_frames, _ws_ping)
+        return Stream(request.names, position, form, self.handshake(request))
+
+    def handshake(self, request: Request) -> str:
+        """Check a WebSocket handshake (RFC 6455 4.2.1); its
+        ``Sec-WebSocket-Accept``."""
         headers = request.headers
         if "websocket" not in headers.get("upgrade", "").lower():
             raise LongpollError(HTTPStatus.UPGRADE_REQUIRED,
@@ -3181,9 +3552,7 @@ class Handler:
             raise LongpollError(HTTPStatus.FORBIDDEN, f"WebSockets from {_printable(origin[:100])}"
                                 " are not allowed here: start the server with --cors-origin "
                                 "for that origin")
-        accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
-        since = request.query.get("since") or None
-        return Stream(request.names, self.server.hub.locate(since), accept)
+        return base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
 
     def origin_allowed(self, origin: str, host: str) -> bool:
         """Whether a browser page from *origin* may open a WebSocket here:
@@ -3196,6 +3565,156 @@ class Handler:
         return urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
 
     handle_send = handle_publish  # (to DEFAULT_CHANNEL, answered as the Flask tutorial's)
+
+    # -- ntfy's API ---------------------------------------------------------------
+
+    handle_ntfy_publish = handle_ntfy_post = handle_publish  # (see ntfy_arguments)
+
+    def ntfy_arguments(self, request: Request) -> tuple[str, Any, dict[str, Any]]:
+        """A publish by ntfy's rules: ``PUT``/``POST /<topic>`` with the body
+        as the text and the fields in headers or the query, or ``POST /``
+        with ntfy's JSON (``{"topic": ..., "message": ..., "title": ...}``).
+        No text at all is ntfy's "triggered"."""
+        if request.route == "ntfy_post":
+            return self._ntfy_json_publish(request)
+        params = self.publish_params(request)
+        try:
+            text = request.body.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise _bad_request("attachments are not supported by this server: the body "
+                               "must be UTF-8 text") from None
+        message = text or params.pop("message", "").replace("\\n", "\n") or "triggered"
+        params.pop("message", None)
+        title, priority = params.pop("title", None), params.pop("priority", None)
+        return request.names[0], message, {
+            "title": title, "priority": _parse_priority(priority) if priority else None,
+            "key": request.headers.get("idempotency-key"), **params}
+
+    #: Fields of ntfy's JSON publish this server takes (the others are
+    #: refused, as in ``unsupported``).
+    ntfy_json_fields = frozenset({"topic", "message", "title", "priority", "tags", "click",
+                                  "icon", "actions", "markdown", "firebase"})
+
+    def _ntfy_json_publish(self, request: Request) -> tuple[str, Any, dict[str, Any]]:
+        try:
+            data = json.loads(request.body.decode("utf-8") or "null")
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("topic"), str):
+            raise _bad_request('publish to / with ntfy\'s JSON: {"topic": "...", '
+                               '"message": "...", "title": "..."}')
+        topic = _ntfy_topics(data["topic"])[0] if "," not in data["topic"] else ""
+        if not topic:
+            raise _bad_request("publish to one topic at a time")
+        if self.server.auth is not None:
+            self.server.auth.permit(request.rules, "write", (topic,))
+        for name, value in data.items():
+            if name not in self.ntfy_json_fields and value not in (None, "", [], False):
+                if name == "cache" and str(value).lower() not in ("no", "0", "false"):
+                    continue
+                raise _bad_request(f"{name} is not supported by this server")
+        message = data.get("message") or "triggered"
+        title, priority = data.get("title") or None, data.get("priority") or None
+        if not isinstance(message, str):
+            raise _bad_request("message must be a string")
+        if isinstance(priority, str):
+            priority = _parse_priority(priority)
+        extra = {name: data[name] for name in EXTRA_FIELDS if data.get(name)}
+        return topic, message, {"title": title, "priority": priority,
+                                "key": request.headers.get("idempotency-key"), **extra}
+
+    def ntfy_position(self, request: Request) -> tuple[Position, bool]:
+        """Where an ntfy subscription starts, and whether it is a poll: by
+        ``since`` (``all``, ``latest``, ``none``, a message id, a Unix time
+        or a duration such as ``10m``) and ``poll=1``; ntfy's filters are
+        not supported (400)."""
+        headers, query = request.headers, request.query
+
+        def param(*names: str) -> str:
+            for name in names:
+                value = headers.get(name) or query.get(name)
+                if value:
+                    return value.strip()
+            return ""
+
+        poll = param("x-poll", "poll", "po").lower() in ("1", "yes", "true")
+        for names in (("x-id", "id"), ("x-message", "message", "m"), ("x-title", "title", "t"),
+                      ("x-priority", "priority", "prio", "p"), ("x-tags", "tags", "tag", "ta")):
+            if param(*names):
+                raise _bad_request(f"filters ({names[1]}=) are not supported by this server")
+        since, hub = param("x-since", "since", "si"), self.server.hub
+        if not since:
+            return hub.locate("0" if poll else None), poll
+        if since == "all":
+            return hub.locate("0"), poll
+        if since == "none":
+            return hub.locate(None), poll
+        if since == "latest":
+            return hub.position_at(request.names), poll
+        if CURSOR_RE.match(since):
+            return hub.locate(since), poll
+        if since.isdigit():
+            return hub.position_at(request.names, int(since)), poll
+        seconds = _go_duration(since)
+        if seconds is None:
+            raise _bad_request(f"invalid since {since[:40]!r}: all, latest, none, a message "
+                               "id, a Unix time or a duration (30s, 10m, 1h30m)")
+        return hub.position_at(request.names, time.time() - seconds), poll
+
+    def ntfy_stream(self, request: Request, kind: str) -> Stream | Response:
+        """An ntfy subscription (json, sse, raw or ws); with ``poll=1`` the
+        messages held, at once, up to --max-answer bytes."""
+        position, poll = self.ntfy_position(request)
+        form = _ntfy_form(kind, ",".join(request.names))
+        if not poll:
+            return Stream(request.names, position, form,
+                          self.handshake(request) if kind == "ws" else None)
+        if kind == "ws":
+            raise _bad_request("poll=1 is for /json, /sse and /raw")
+        hub, parts, size = self.server.hub, [], 0
+        while size < self.server.max_answer:
+            batch = hub.read(request.names, position, MAX_LIMIT)
+            if not batch.messages:
+                break
+            parts.append(form.encode(batch))
+            size += len(parts[-1])
+            position = batch.cursor
+        return Response(HTTPStatus.OK, b"".join(parts), form.content_type)
+
+    def handle_ntfy_json(self, request: Request) -> Stream | Response:
+        return self.ntfy_stream(request, "json")
+
+    def handle_ntfy_sse(self, request: Request) -> Stream | Response:
+        return self.ntfy_stream(request, "sse")
+
+    def handle_ntfy_raw(self, request: Request) -> Stream | Response:
+        return self.ntfy_stream(request, "raw")
+
+    def handle_ntfy_ws(self, request: Request) -> Stream | Response:
+        return self.ntfy_stream(request, "ws")
+
+    def handle_ntfy_reserved(self, request: Request) -> Response:
+        _ntfy_topics(request.path[1:])  # (raises: a reserved name)
+        raise _bad_request("not a topic")
+
+    def handle_invalid(self, request: Request) -> Response:
+        raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {_printable(request.path)}")
+
+    def handle_ntfy_auth(self, request: Request) -> Response:
+        """ntfy's "may I read these topics?" (decide() has checked it)."""
+        return self.json(HTTPStatus.OK, {"success": True})
+
+    def handle_ntfy_health(self, request: Request) -> Response:
+        return self.json(HTTPStatus.OK, {"healthy": True})
+
+    def handle_ntfy_page(self, request: Request) -> Response:
+        """A topic's page (ntfy's web app), for a browser: the live page, on
+        that channel. Anyone else gets a 404 that says how to subscribe."""
+        if "text/html" not in request.headers.get("accept", ""):
+            raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {request.path}; to "
+                                f"subscribe to the topic, GET {request.path}/json")
+        return Response(HTTPStatus.FOUND, b"", "text/plain",
+                        (("Location", "/?channel=" + request.names[0]),))
 
     def handle_receive(self, request: Request) -> Take:
         text, lease = request.query.get("lease"), None
@@ -3271,7 +3790,7 @@ class Connection:
 
     __slots__ = ("sock", "address", "state", "deadline", "reader", "request", "output",
                  "queued", "timer", "entry", "linger", "group", "owner", "handed", "decided",
-                 "websocket")
+                 "websocket", "form")
 
     def __init__(self, sock: socket.socket, address: str) -> None:
         self.sock = sock
@@ -3290,6 +3809,7 @@ class Connection:
         self.handed: Message | None = None  # /receive: taken, answer not yet all written
         self.decided: Any = None        # the HTTP layer's last decision, for a re-poll
         self.websocket: WebSocketReader | None = None  # once upgraded: its frames
+        self.form: Form | None = None   # a stream's: how it is written
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} {self.state}>"
@@ -4026,6 +4546,8 @@ class HTTPProtocol:
                 close: bool = False, linger: bool = False) -> None:
         """Write *response* to *request*; keep the connection if both sides may."""
         status = response.status
+        if status >= 400 and request.route.startswith("ntfy_"):
+            response = _ntfy_error(response)
         keep = (request.keep_alive and not close and status < 500
                 and not self.server.closing)
         headers = response.headers + request.cors if request.cors else response.headers
@@ -4102,6 +4624,9 @@ def _sse_events(batch: Batch) -> bytes:
     return b"".join(parts)
 
 
+_SSE_KEEPALIVE = b": keepalive\n\n"
+
+
 # -- WebSocket (RFC 6455): a subscriber's socket, one way ---------------------------
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -4132,6 +4657,122 @@ def _ws_frames(batch: Batch) -> bytes:
 
 _WS_GAP = _ws_frame(b'{"event":"gap"}')
 _WS_PING = _ws_frame(b"", 0x9)
+_ws_ping = (lambda: _WS_PING)  # noqa: E731 (a WebSocket's keepalive)
+#: Server-Sent Events (GET /channels/{names}/events).
+_SSE = Form("text/event-stream; charset=utf-8", b": connected\n\n", _sse_events,
+            lambda: _SSE_KEEPALIVE)
+
+
+# -- ntfy's API: its paths, names and event objects over the same channels ---------
+
+NTFY_TOPIC_RE = re.compile(r"[-_A-Za-z0-9]{1,64}\Z")
+#: Names that cannot be topics: this server's own paths, and ntfy's.
+NTFY_RESERVED = frozenset({"channels", "health", "metrics", "send", "receive", "v1",
+                           "docs", "static", "file", "app", "account", "settings",
+                           "signup", "login"})
+_NTFY_CONTENT_TYPES = {"json": "application/x-ndjson; charset=utf-8",
+                       "sse": "text/event-stream; charset=utf-8",
+                       "raw": "text/plain; charset=utf-8", "ws": None}
+
+
+def _ntfy_topics(text: str) -> tuple[str, ...]:
+    """The topics of an ntfy path (``a`` or ``a,b``), checked."""
+    names = urllib.parse.unquote(text).split(",")
+    for name in names:
+        if not NTFY_TOPIC_RE.match(name):
+            raise _bad_request(f"invalid topic {name[:80]!r}: use 1-64 of A-Z a-z 0-9 _ -")
+        if name in NTFY_RESERVED:
+            raise _bad_request(f"{name} is a reserved name, not a topic (reserved: "
+                               f"{', '.join(sorted(NTFY_RESERVED))})")
+    return _check_channels(names)
+
+
+def _ntfy_event(msg: Message, gap: bool = False) -> bytes:
+    """*msg* as ntfy's message event: its id (our cursor), a Unix time in
+    whole seconds, the topic, the message as text, and the fields it has."""
+    value = json.loads(msg.payload)
+    event: dict[str, Any] = {
+        "id": msg.id, "time": int(msg.time), "event": "message", "topic": msg.channel,
+        "message": value if isinstance(value, str) else msg.payload.decode()}
+    if msg.title is not None:
+        event["title"] = msg.title
+    if msg.priority is not None:
+        event["priority"] = msg.priority
+    extra = msg.extra or {}
+    for name in ("tags", "click", "icon"):
+        if name in extra:
+            event[name] = extra[name]
+    if "actions" in extra:
+        event["actions"] = [{"id": f"{msg.id}-{index}", "clear": False, **action}
+                            for index, action in enumerate(extra["actions"], 1)]
+    if extra.get("markdown"):
+        event["content_type"] = "text/markdown"
+    if gap:  # (not ntfy's: it has no way to say messages were lost)
+        event["gap"] = True
+    return _encode(event).encode()
+
+
+def _ntfy_other(event: str, topics: str) -> bytes:
+    """ntfy's open and keepalive events."""
+    return _encode({"id": secrets.token_hex(6), "time": int(time.time()), "event": event,
+                    "topic": topics}).encode()
+
+
+def _ntfy_events(batch: Batch) -> list[bytes]:
+    return [_ntfy_event(m, batch.gap and not index) for index, m in enumerate(batch.messages)]
+
+
+def _ntfy_json(batch: Batch) -> bytes:
+    """A batch as ntfy's JSON stream: one event object a line."""
+    return b"".join(event + b"\n" for event in _ntfy_events(batch))
+
+
+def _ntfy_sse(batch: Batch) -> bytes:
+    """A batch as ntfy's event stream (with ``id:``, so a browser resumes)."""
+    return b"".join(b"id: " + m.id.encode() + b"\ndata: " + event + b"\n\n"
+                    for m, event in zip(batch.messages, _ntfy_events(batch)))
+
+
+def _ntfy_raw(batch: Batch) -> bytes:
+    """A batch as ntfy's raw stream: each message's text on a line."""
+    lines = []
+    for m in batch.messages:
+        value = json.loads(m.payload)
+        text = value if isinstance(value, str) else m.payload.decode()
+        lines.append(text.replace("\r", " ").replace("\n", " ").encode() + b"\n")
+    return b"".join(lines)
+
+
+def _ntfy_ws(batch: Batch) -> bytes:
+    """A batch as ntfy's WebSocket messages: one event object a frame."""
+    return b"".join(_ws_frame(event) for event in _ntfy_events(batch))
+
+
+def _ntfy_form(kind: str, topics: str) -> Form:
+    """How an ntfy subscription of *kind* (json, sse, raw, ws) is written."""
+    if kind == "json":
+        return Form(_NTFY_CONTENT_TYPES[kind], _ntfy_other("open", topics) + b"\n", _ntfy_json,
+                    lambda: _ntfy_other("keepalive", topics) + b"\n")
+    if kind == "sse":
+        return Form(_NTFY_CONTENT_TYPES[kind],
+                    b"event: open\ndata: " + _ntfy_other("open", topics) + b"\n\n", _ntfy_sse,
+                    lambda: b"event: keepalive\ndata: " + _ntfy_other("keepalive", topics)
+                    + b"\n\n")
+    if kind == "raw":
+        return Form(_NTFY_CONTENT_TYPES[kind], b"\n", _ntfy_raw, lambda: b"\n")
+    return Form(None, _ws_frame(_ntfy_other("open", topics)), _ntfy_ws, _ws_ping)
+
+
+_GO_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?(?:ns|us|µs|ms|s|m|h))+\Z")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _go_duration(text: str) -> float | None:
+    """Seconds in a duration as ntfy (Go) writes one: 10m, 1h30m, 90s."""
+    if not _GO_DURATION.match(text):
+        return None
+    return sum(float(number) * _GO_UNITS[unit]
+               for number, unit in re.findall(r"([0-9.]+)(ns|us|µs|ms|s|m|h)", text))
 _WS_GOING_AWAY = _ws_close(1001, "the server is closing")
 #: Close codes (RFC 6455 7.4.1) a client may send; others are a protocol error.
 _WS_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
@@ -4346,7 +4987,7 @@ class Waiters:
     def stream(self, conn: Connection, request: Request, stream: Stream) -> None:
         """Start an event stream: what is there after the position, then
         every message as it comes, until the client goes (or we close)."""
-        names, position, accept = stream
+        names, position, form, accept = stream
         self.admit(conn, request)
         live = not self.stopping()
         if accept is not None and not live:
@@ -4354,20 +4995,25 @@ class Waiters:
                                 {"Retry-After": "5"})
         if live:  # joined before the head is written: it may refuse (503)
             group = self._join(conn, (names, position, MAX_LIMIT))
+        conn.form = form
         if accept is not None:
-            head, first = self._upgrade(accept, position)
+            head = (f"HTTP/1.1 101 Switching Protocols\r\nServer: longpoll/{__version__}\r\n"
+                    f"Date: {self.protocol.date()}\r\nUpgrade: websocket\r\n"
+                    f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").encode()
             conn.websocket = WebSocketReader(self.server.max_body)
             self.protocol.log(request, 101, 0)
         else:
-            head = _response(HTTPStatus.OK, b"", "text/event-stream; charset=utf-8",
-                             self.protocol.date(), (("X-Accel-Buffering", "no"), *request.cors),
-                             "close", head_only=True)
+            head = _response(HTTPStatus.OK, b"", form.content_type, self.protocol.date(),
+                             (("X-Accel-Buffering", "no"), *request.cors), "close",
+                             head_only=True)
             head = head.replace(b"Content-Length: 0\r\n", b"")  # the body ends at the close
-            first = b": connected\n\n"
             self.protocol.log(request, 200, 0)
+        first = form.opening
         if not live:
             self.protocol.reply(conn, head + first, keep=False)
             return
+        if not self.streams:  # the first keepalive comes a whole interval after it opens
+            self._next_keepalive = time.monotonic() + self.server.keepalive
         self.streams[conn] = None
         self.park(conn, request, State.STREAMING,
                    self.hub.store.lag if self.hub.ahead(position) else None)
@@ -4375,20 +5021,6 @@ class Waiters:
         self.loop.send(conn, head + first)
         if conn.websocket is not None and conn.reader.buffer:
             self.socket_input(conn)  # frames that came with the handshake
-
-    def _upgrade(self, accept: str, position: Position) -> tuple[bytes, bytes]:
-        """A WebSocket's 101 answer, and its first frame: ``{"event": "open"}``
-        with the cursor it starts from (where a client that loses the
-        socket before any message resumes)."""
-        head = (f"HTTP/1.1 101 Switching Protocols\r\nServer: longpoll/{__version__}\r\n"
-                f"Date: {self.protocol.date()}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").encode()
-        opened: dict[str, Any] = {"event": "open"}
-        if position.everything:
-            opened["cursor"] = "0"
-        elif not position.unplaceable:
-            opened["cursor"] = self.hub.cursor_for(position.after)
-        return head, _ws_frame(_encode(opened).encode())
 
     def socket_input(self, conn: Connection) -> None:
         """A WebSocket's frames from its client: pong its pings, echo its
@@ -4544,7 +5176,7 @@ class Waiters:
         if self.streams and now >= self._next_keepalive:
             self._next_keepalive = now + self.server.keepalive
             for conn in list(self.streams):
-                self.loop.send(conn, b": keepalive\n\n" if conn.websocket is None else _WS_PING)
+                self.loop.send(conn, conn.form.keepalive())
 
     def _adapt(self, now: float) -> None:
         """Size the batching window by how busy the loop was since the last
@@ -4579,8 +5211,7 @@ class Waiters:
         self.parked -= len(conns)
         server.metrics.delivered += len(batch.messages) * len(conns)
         body, date, responses = batch.to_json(), self.protocol.date(), {}
-        events: bytes | None = None  # (encoded once for all the group's streams)
-        frames: bytes | None = None
+        encoded: dict[Callable, bytes] = {}  # per form: once for all the group's streams
         after: tuple | None = None
         stopping, polls = self.stopping(), 0
         protocol, log = self.protocol, logger.isEnabledFor(logging.INFO)
@@ -4595,14 +5226,11 @@ class Waiters:
             if conn.state is State.STREAMING:  # send the events, wait at the next position
                 if after is None:
                     after = (names, hub.locate(batch.cursor), limit)
-                if conn.websocket is None:
-                    if events is None:
-                        events = _sse_events(batch)
-                    loop.send(conn, events)
-                else:
-                    if frames is None:
-                        frames = _ws_frames(batch)
-                    loop.send(conn, frames)
+                encode = conn.form.encode
+                data = encoded.get(encode)
+                if data is None:
+                    data = encoded[encode] = encode(batch)
+                loop.send(conn, data)
                 if stopping:
                     self.streams.pop(conn, None)
                     protocol.reply(conn, b"" if conn.websocket is None else _WS_GOING_AWAY,
@@ -4914,7 +5542,8 @@ class Server:
     def __init__(self, address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
                  hub: Hub | None = None, *, auth: Auth | None = None, ssl_context: Any = None,
                  cors_origins: Iterable[str] = (), trust_proxy: bool = False,
-                 handler_class: type[Handler] = Handler, **options: Any) -> None:
+                 ntfy: bool = True, handler_class: type[Handler] = Handler,
+                 **options: Any) -> None:
         settings = _settings("server", options)
         for name, value in settings.items():
             setattr(self, name, value)
@@ -4924,6 +5553,8 @@ class Server:
         self.cors_origins = frozenset(cors_origins)
         #: Read the client's address from X-Forwarded-For (set by your proxy).
         self.trust_proxy = trust_proxy
+        #: Speak ntfy's API too (its paths: /<topic>, /<topic>/json, ...).
+        self.ntfy = ntfy
         self._auth = auth
         #: Token buckets per client (None: no limit); loopback is exempt.
         self.publish_limit = (RateLimit(self.publish_rate, self.publish_burst)
@@ -5335,8 +5966,10 @@ class Client:
     # -- the requests ---------------------------------------------------------
 
     def publish(self, channel: str, message: Any, *, title: str | None = None,
-                priority: int | None = None) -> dict[str, Any]:
+                priority: int | None = None, **extra: Any) -> dict[str, Any]:
         """Publish *message* (any JSON value); return ``{"id", "channel", "time"}``.
+        *extra*: the message's other fields (``tags``, ``click``, ``icon``,
+        ``actions``, ``markdown``: see ``EXTRA_FIELDS``).
 
         Each publish carries an ``Idempotency-Key`` of its own, the same on
         every retry, so a retry after a lost answer (a cut connection, a
@@ -5349,6 +5982,10 @@ class Client:
             body["title"] = title
         if priority is not None:
             body["priority"] = priority
+        unknown = set(extra) - set(EXTRA_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown message fields: {', '.join(sorted(unknown))}")
+        body.update((name, value) for name, value in extra.items() if value is not None)
         return self._call("POST", f"/channels/{channel}", _json_body(body),
                           self._socket_timeout(0), safe=False,
                           headers={"Idempotency-Key": secrets.token_hex(16)})
@@ -5863,6 +6500,7 @@ def _serve(args: Any) -> int:
     try:
         server = make_server(args.host, args.port, hub, auth=auth,
                              cors_origins=args.cors_origin, trust_proxy=args.trust_proxy,
+                             ntfy=args.ntfy,
                              certfile=args.certfile, keyfile=args.keyfile,
                              **{option.name: getattr(args, option.name)
                                 for option in OPTIONS if option.part == "server"})
@@ -5929,7 +6567,10 @@ def _publish(args: Any) -> int:
     else:
         message = text.rstrip("\n") if args.message is None else text
     client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
-    result = client.publish(args.channel, message, title=args.title, priority=args.priority)
+    extra = {"tags": args.tags.split(",") if args.tags else None, "click": args.click,
+             "markdown": True if args.markdown else None}
+    result = client.publish(args.channel, message, title=args.title, priority=args.priority,
+                            **extra)
     print(result["id"], flush=True)
     return 0
 
@@ -5988,6 +6629,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--trust-proxy", action="store_true",
                        help="take the client address from X-Forwarded-For (only behind "
                             "your own proxy)")
+    serve.add_argument("--no-ntfy", dest="ntfy", action="store_false",
+                       help="do not speak ntfy's API (/<topic>, /<topic>/json, ...): only "
+                            "this server's own paths")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="let pages from ORIGIN (e.g. https://example.com) publish and "
                             "subscribe; repeatable; * for any")
@@ -6008,6 +6652,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="1-5 or min, low, default, high, urgent")
     publish.add_argument("--json", action="store_true",
                          help="MESSAGE is JSON, published as that value")
+    publish.add_argument("--tags", metavar="TAG,TAG", help="tags (ntfy's: emoji names too)")
+    publish.add_argument("--click", metavar="URL", help="a URL a click on it opens")
+    publish.add_argument("--markdown", action="store_true", help="the text is Markdown")
     add_client(publish)
 
     subscribe = commands.add_parser(

@@ -325,3 +325,27 @@ def test_batch_json_matches_as_dict():
     batch = hub.read("ch", cursor)
     assert json.loads(batch.to_json()) == batch.as_dict()
     assert batch.as_dict()["gap"] is True
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"tags": "warning"}, "tags must be"),
+    ({"tags": ["x" * 65]}, "tags must be"),
+    ({"tags": ["t"] * 17}, "tags must be"),
+    ({"click": "javascript:alert(1)"}, "click must be"),
+    ({"icon": "ftp://x/y.png"}, "icon must be an http"),
+    ({"actions": [{"action": "view", "label": "x"}]}, "url must be"),
+    ({"actions": [{"action": "launch", "label": "x"}]}, "view, broadcast or http"),
+    ({"actions": [{"action": "broadcast", "label": "x"}] * 4}, "at most 3"),
+    ({"markdown": "yes"}, "markdown must be true"),
+])
+def test_a_messages_other_fields_are_checked(fields, words):
+    hub = Hub()
+    with pytest.raises(LongpollError, match=words) as caught:
+        hub.publish("x", "m", **fields)
+    assert caught.value.status == 400
+    assert hub.read("x", "0").messages == []
+
+
+def test_an_unknown_field_is_a_programming_error():
+    with pytest.raises(TypeError, match="unknown message fields: colour"):
+        Hub().publish("x", "m", colour="red")

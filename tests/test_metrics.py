@@ -33,7 +33,7 @@ def test_metrics_count_what_happened(server):
     for t in parked:
         t.join(10)
     assert request(server, "GET", "/channels/m?since=0&timeout=0").status == 200
-    assert request(server, "GET", "/nowhere").status == 404
+    assert request(server, "GET", "/no/where/at/all").status == 404
     assert request(server, "POST", "/channels/m", b"\xff", {}).status == 400
     m = scrape(server)
     assert m[("longpoll_messages_published_total", ())] == 5

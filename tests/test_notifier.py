@@ -11,7 +11,7 @@ import pytest
 
 import longpoll
 import notifier
-from conftest import wait_until
+from conftest import request, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,3 +271,15 @@ def test_a_failure_midway_keeps_the_cursor_before_the_first_unshown(tmp_path):
                                 msg(channel="x", message="c", id="h-3"), cursor="h-3")])
     # "a" and "c" (channel x) came first; "b" failed: resume after h-1, not h-3.
     assert json.load(open(path))["cursors"] == {"x": "h-1", "y": "h-1"}
+
+
+def test_an_alert_published_through_ntfys_api_is_shown(server):
+    """What Grafana or Uptime Kuma send, pointed at this server as at ntfy."""
+    run = Running(server, channels=("grafana",))
+    wait_until(lambda: server.waiting == 1)
+    answer = request(server, "POST", "/grafana", "CPU at 97% on db-1",
+                     {"Title": "[FIRING] High CPU", "Priority": "urgent", "Tags": "warning"})
+    assert answer.status == 200
+    wait_until(lambda: run.shown)
+    assert run.shown == [("[FIRING] High CPU", "CPU at 97% on db-1", "critical")]
+    run.stop()

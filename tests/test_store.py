@@ -151,6 +151,34 @@ def test_published_on_a_received_on_b(pair):
     assert got[0]["cursor"] == sent["id"]
 
 
+EXTRA = {"tags": ["warning"], "click": "https://x.example/",
+         "actions": [{"action": "view", "label": "Open", "url": "https://x.example/o"}],
+         "markdown": True}
+
+
+def test_a_messages_other_fields_survive_a_restart_and_cross_redis(tmp_path, pair, redis_url):
+    """Tags, click, actions, markdown: kept by every store, as published."""
+    path = tmp_path / "extra.db"
+    hub = longpoll.Hub(store=f"sqlite:{path}")
+    hub.publish("x", "kept", title="T", **EXTRA)
+    hub.close()
+    hub = longpoll.Hub(store=f"sqlite:{path}")
+    try:
+        [msg] = hub.read("x", "0").messages
+        assert (msg.title, msg.extra) == ("T", EXTRA)
+    finally:
+        hub.close()
+    a, b = pair
+    sent = a.hub.publish("x", "shared", **EXTRA)
+    wait_until(lambda: b.hub.head >= sent.seq, what="B to follow the feed")
+    assert b.hub.read("x", "0").messages[-1].as_dict() == sent.as_dict()
+    late = longpoll.Hub(store=redis_url)  # read back from the stream, not the feed
+    try:
+        assert late.read("x", "0").messages[-1].extra == EXTRA
+    finally:
+        late.close()
+
+
 def test_100_subscribers_over_two_servers_get_200_messages_in_one_order(pair):
     servers = pair
     clients = [longpoll.Client(servers[i % 2].url, timeout=20) for i in range(100)]
