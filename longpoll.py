@@ -324,6 +324,10 @@ def _check_extra(extra: dict[str, Any] | None) -> dict[str, Any] | None:
         if extra["markdown"] is not True:
             raise _bad_request("markdown must be true or absent")
         checked["markdown"] = True
+    try:
+        _encode(checked).encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") from a JSON body
+        raise _bad_request("a message's fields must be valid Unicode text") from None
     return checked or None
 
 

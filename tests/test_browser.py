@@ -140,10 +140,15 @@ def test_the_browsers_own_websocket_gets_a_publish_within_1_s(browser, server):
         const ws = new WebSocket(url);
         ws.onmessage = event => window.got.push(JSON.parse(event.data));
     }""", server.url.replace("http://", "ws://") + "/channels/browser/ws")
-    page.page.wait_for_function("window.got.length === 1")  # the open frame
+    page.page.wait_for_function("window.got.length === 1", timeout=10_000)  # the open frame
     assert page.page.evaluate("window.got[0].event") == "open"
+    wait_until(lambda: parked_on(server, "browser") == 1)
     publish(server, "browser", "to the socket", title="WS")
-    page.page.wait_for_function("window.got.length === 2", timeout=1000)
+    try:
+        page.page.wait_for_function("window.got.length === 2", timeout=1000)
+    except Exception:
+        raise AssertionError(f"not within 1 s: {page.page.evaluate('window.got')}, "
+                             f"page errors {page.errors}") from None
     message = page.page.evaluate("window.got[1]")
     assert (message["message"], message["title"]) == ("to the socket", "WS")
     assert not page.errors

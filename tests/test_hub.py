@@ -349,3 +349,11 @@ def test_a_messages_other_fields_are_checked(fields, words):
 def test_an_unknown_field_is_a_programming_error():
     with pytest.raises(TypeError, match="unknown message fields: colour"):
         Hub().publish("x", "m", colour="red")
+
+
+def test_a_lone_surrogate_in_a_field_is_refused_before_anything_is_kept():
+    hub = Hub()
+    with pytest.raises(LongpollError, match="valid Unicode"):
+        hub.publish("x", "m", tags=["\ud800"])
+    hub.publish("x", "after")
+    assert texts(hub.read("x", "0")) == ["after"]
