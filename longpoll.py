@@ -3108,16 +3108,19 @@ class Handler:
 
         Returns what was decided. Given back as *previous* for the next
         request on the connection, it is reused when that one has the same
-        method, path, header lines (the same parsed headers) and token, and
-        the auth rules are the same: a re-poll, whose cursor alone changed,
-        or the next publish to the same channel. Only the rate limits are
-        taken again."""
-        server = self.server
+        method, path, token and headers that decide (``Origin``,
+        ``X-Forwarded-For``, ``Accept``, ``Upgrade``), and the auth rules
+        are the same: a re-poll, whose cursor alone changed, or the next
+        publish to the same channel, whatever its length. Only the rate
+        limits are taken again."""
+        server, headers = self.server, request.headers
         token = self.token(request)
-        if (previous is not None and previous[0] is request.headers
-                and previous[1:5] == (request.method, request.path, token, server.auth)):
+        signature = (request.method, request.path, token, server.auth, headers.get("origin"),
+                     headers.get("x-forwarded-for"), headers.get("accept"),
+                     headers.get("upgrade"))
+        if previous is not None and previous[0] == signature:
             (request.client, request.cors, request.route, request.names, request.rules,
-             request.key, action) = previous[5]
+             request.key, action) = previous[1]
             request.token = token
             if request.route not in self.unlimited:
                 self.limit(request, server.request_limit, "requests")
@@ -3160,9 +3163,8 @@ class Handler:
                 server.auth.permit(request.rules, action, names)
             if action == "write":
                 self.limit(request, server.publish_limit, "publishes")
-        return (request.headers, request.method, request.path, token, server.auth,
-                (request.client, request.cors, route, names, request.rules, request.key,
-                 action))
+        return (signature, (request.client, request.cors, route, names, request.rules,
+                            request.key, action))
 
     def route(self, path: str) -> tuple[dict[str, str], tuple[str, ...]]:
         """Map *path* to {method: route} and the channel names it holds."""
@@ -3416,10 +3418,10 @@ class Handler:
         """A publish's parameters from its headers and query, by ntfy's
         names (``publish_names``): title, priority, tags, click, icon,
         actions, markdown, message; 400 for one this server does not have."""
-        headers = request.headers
+        headers, names = request.headers, self._param_names
         query = request.query if request.query_string else {}
         params: dict[str, Any] = {}
-        if not (headers.keys() & self._param_names or query.keys() & self._param_names):
+        if names.isdisjoint(headers) and (not query or names.isdisjoint(query)):
             if headers.get("content-type", "").lower().startswith("text/markdown"):
                 params["markdown"] = True
             return params  # (the usual publish: none of them, nothing to look up)
@@ -4557,8 +4559,8 @@ class HTTPProtocol:
         headers = response.headers + request.cors if request.cors else response.headers
         data = _response(status, response.body, response.content_type, self.date(), headers,
                          self.connection_header(request, keep), request.method == "HEAD")
-        self.log(request, status, len(response.body))
         self.reply(conn, data, keep, linger)
+        self.log(request, status, len(response.body))  # (once the answer is on its way)
 
     @staticmethod
     def connection_header(request: Request, keep: bool) -> str | None:

@@ -306,7 +306,14 @@ async def park(server, run, count, timeout=180):
             for _ in range(start, min(count, start + 250))))
         subscribers += [protocol for _, protocol in results]
     deadline = time.monotonic() + timeout
-    while (await health(server.host, server.port))["waiting"] < count:
+
+    async def waiting():
+        try:  # (a server drowning in its clients may not answer at all)
+            return (await asyncio.wait_for(health(server.host, server.port), 10))["waiting"]
+        except (asyncio.TimeoutError, OSError):
+            return 0
+
+    while await waiting() < count:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{server.name}: not all {count} subscribers parked")
         await asyncio.sleep(0.1)
@@ -424,6 +431,17 @@ async def throughput(name, subscribers_count, publishes, drain):
         server.stop()
 
 
+def _median_row(rows):
+    """Rounds of one throughput row as one: the median run by publishes/s,
+    with the range, and every round's deliveries counted."""
+    ordered = sorted(rows, key=lambda r: r["publishes_per_s"])
+    row = dict(ordered[len(ordered) // 2])
+    row["range"] = (ordered[0]["publishes_per_s"], ordered[-1]["publishes_per_s"])
+    for name in ("delivered", "expected", "repeats", "gaps"):
+        row[name] = sum(r[name] for r in rows)
+    return row
+
+
 # -- the report ----------------------------------------------------------------------
 
 def ms(seconds):
@@ -454,17 +472,23 @@ def fanout_table(rows):
 
 
 def throughput_table(rows):
-    out = ["| server | K subscribers | publishes/s | vs longpoll | vs tornado | deliveries/s "
-           "| vs tornado | delivered |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| server | K subscribers | publishes/s (median, range) | vs floor | vs longpoll "
+           "| vs tornado | deliveries/s | vs tornado | delivered |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         peer = next((r for r in rows if r["server"] == "tornado"
                      and r["subscribers"] == row["subscribers"]), None)
         memory = next((r for r in rows if r["server"] == "longpoll"
                        and r["subscribers"] == row["subscribers"]), None)
+        floor = next((r for r in rows if r["server"] == "floor"
+                      and r["subscribers"] == row["subscribers"]), None)
         pub_ratio = f"{row['publishes_per_s'] / peer['publishes_per_s']:.1f}×" if peer else "–"
         mem_ratio = (f"{row['publishes_per_s'] / memory['publishes_per_s']:.2f}×"
                      if memory else "–")
+        floor_ratio = (f"{row['publishes_per_s'] / floor['publishes_per_s']:.2f}×"
+                       if floor else "–")
+        low, high = row.get("range", (row["publishes_per_s"],) * 2)
+        spread = f" ({low:,.0f}–{high:,.0f})" if high > low else ""
         if row["deliveries_per_s"] is None:
             deliveries, del_ratio, delivered = "–", "–", "–"
         else:
@@ -476,8 +500,9 @@ def throughput_table(rows):
                 delivered += f" ({row['repeats']} repeated)"
             if row["gaps"]:
                 delivered += f" ({row['gaps']} gaps)"
-        out.append(f"| {row['server']} | {row['subscribers']} | {row['publishes_per_s']:,.0f} | "
-                   f"{mem_ratio} | {pub_ratio} | {deliveries} | {del_ratio} | {delivered} |")
+        out.append(f"| {row['server']} | {row['subscribers']} | {row['publishes_per_s']:,.0f}"
+                   f"{spread} | {floor_ratio} | {mem_ratio} | {pub_ratio} | {deliveries} | "
+                   f"{del_ratio} | {delivered} |")
     return "\n".join(out)
 
 
@@ -509,13 +534,21 @@ async def main_async(args):
                     failed.append(f"{name} at N={clients}: {exc!r}")
     if not args.fanout_only:
         for count in (int(k) for k in args.subscribers.split(",")):
-            for name in servers:
-                print(f"throughput: {name}, K={count} ...", file=sys.stderr, flush=True)
-                try:
-                    throughput_rows.append(await throughput(name, count, args.publishes, args.drain))
-                except Exception as exc:
-                    print(f"  {name} failed at K={count}: {exc!r}", file=sys.stderr)
-                    failed.append(f"{name} at K={count}: {exc!r}")
+            # A ping-pong between two processes swings with where the
+            # scheduler puts them: rounds of every server in turn, and the
+            # median of each, so that drift over minutes hits all alike.
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
+            for round_ in range(args.repeat):
+                for name in servers:
+                    print(f"throughput: {name}, K={count} ({round_ + 1}/{args.repeat}) ...",
+                          file=sys.stderr, flush=True)
+                    try:
+                        runs[name].append(await throughput(name, count, args.publishes,
+                                                           args.drain))
+                    except Exception as exc:
+                        print(f"  {name} failed at K={count}: {exc!r}", file=sys.stderr)
+                        failed.append(f"{name} at K={count}: {exc!r}")
+            throughput_rows += [_median_row(rows) for rows in runs.values() if rows]
     command = "python3 bench/run.py " + " ".join(sys.argv[1:])
     report = [f"`{command.strip()}` — {os.cpu_count()} cores, Python "
               f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}\n"]
@@ -525,7 +558,8 @@ async def main_async(args):
         report.append(fanout_table(fanout_rows) + "\n")
     if throughput_rows:
         report.append(f"Throughput: {args.publishes} publishes back-to-back over one "
-                      "keep-alive connection, K subscribers parked.\n")
+                      "keep-alive connection, K subscribers parked; the median of "
+                      f"{args.repeat} rounds, each server in turn (the range in brackets).\n")
         report.append(throughput_table(throughput_rows) + "\n")
     print("\n".join(report))
     if args.output:
@@ -615,7 +649,10 @@ def main():
     parser.add_argument("--drain", type=float, default=60.0,
                         help="seconds to wait for the last deliveries")
     parser.add_argument("--subscribers", default="0,100", help="K for the throughput rows")
-    parser.add_argument("--publishes", type=int, default=2000)
+    parser.add_argument("--publishes", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of the throughput rows (each server in turn); the "
+                             "median is reported, with the range")
     parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                         help="skip the untimed fan-out row that runs first")
     parser.add_argument("--fanout-only", action="store_true")
