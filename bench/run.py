@@ -626,9 +626,11 @@ cost per message; latency grows once the one core the loop runs on is full
 every store, since reads come from memory; a publish costs one committed
 insert with sqlite, and one script call to Redis (on a worker thread, so
 the loop never waits). Run-to-run noise on a small machine is about ±20 %
-for fan-out and K=0 rows; the K=100 throughput rows, where the server, 100
-subscribers and the publisher share two cores, have varied several-fold
-between runs of the same code.
+for fan-out rows. A throughput row is a ping-pong between two processes,
+which swings by ±40 % between identical runs with where the scheduler puts
+them: it runs in rounds, every server in turn, and the median is shown
+with the range. The first row of a run measures slower than the same
+server later in it, so an untimed warm-up row comes first.
 `python3 bench/memory.py` measures what slow readers cost in memory, and
 `python3 bench/tls.py` what TLS costs; `--baseline DIR` runs an older
 checkout's `longpoll.py` beside this one.
