@@ -3090,6 +3090,7 @@ class Handler:
     unlimited = frozenset({"health", "metrics", "ntfy_health"})
     #: Routes that publish (``publish_arguments`` reads them; ``later``).
     publishing = frozenset({"publish", "send", "ntfy_publish", "ntfy_post"})
+    ntfy_publishing = frozenset({"ntfy_publish", "ntfy_post"})  # (answered as ntfy does)
     #: ntfy's paths (``ntfy_route``), with ``--ntfy`` (the default).
     ntfy_topic_routes = {"POST": "ntfy_publish", "PUT": "ntfy_publish", "GET": "ntfy_page"}
     ntfy_root_routes = {"GET": "index", "HEAD": "index", "POST": "ntfy_post", "PUT": "ntfy_post"}
@@ -3419,41 +3420,24 @@ class Handler:
         names (``publish_names``): title, priority, tags, click, icon,
         actions, markdown, message; 400 for one this server does not have."""
         headers, names = request.headers, self._param_names
-        query = request.query if request.query_string else {}
         params: dict[str, Any] = {}
-        if names.isdisjoint(headers) and (not query or names.isdisjoint(query)):
-            if headers.get("content-type", "").lower().startswith("text/markdown"):
-                params["markdown"] = True
-            return params  # (the usual publish: none of them, nothing to look up)
-
-        def param(names: tuple[str, ...]) -> str | None:
-            for name in names:
-                value = headers.get(name)
-                if name == "priority" and value and _HTTP_PRIORITY.match(value):
-                    value = None  # RFC 9218's "Priority: u=1, i", which browsers send
-                if value:
-                    return _decode_header(value, name).strip()
-            for name in names:
-                value = query.get(name)
-                if value:
-                    return value.strip()
-            return None
-
-        for what, names in self.unsupported.items():
-            if param(names) is not None:
-                raise _bad_request(f"{what} are not supported by this server")
-        cache = param(("x-cache", "cache"))
-        if cache is not None and cache.lower() in ("no", "0", "false"):
-            raise _bad_request("Cache: no is not supported by this server: every "
-                               "message is kept (see --retention and --max-age)")
-        for name, names in self.publish_names.items():
-            value = param(names)
-            if value is not None:
-                params[name] = value
-        if "tags" in params:
-            params["tags"] = [t.strip() for t in params["tags"].split(",") if t.strip()]
-        if "actions" in params:
-            params["actions"] = _parse_actions(params["actions"])
+        if not names.isdisjoint(headers) or request.query_string and not names.isdisjoint(
+                request.query):  # (the usual publish names none of them: nothing to look up)
+            for what, names in self.unsupported.items():
+                if self.param(request, names) is not None:
+                    raise _bad_request(f"{what} are not supported by this server")
+            cache = self.param(request, ("x-cache", "cache"))
+            if cache is not None and cache.lower() in ("no", "0", "false"):
+                raise _bad_request("Cache: no is not supported by this server: every "
+                                   "message is kept (see --retention and --max-age)")
+            for name, names in self.publish_names.items():
+                value = self.param(request, names)
+                if value is not None:
+                    params[name] = value
+            if "tags" in params:
+                params["tags"] = [t.strip() for t in params["tags"].split(",") if t.strip()]
+            if "actions" in params:
+                params["actions"] = _parse_actions(params["actions"])
         markdown = params.pop("markdown", "").lower()
         if markdown in ("1", "yes", "true") or headers.get("content-type", "").split(
                 ";")[0].strip().lower() == "text/markdown":
@@ -3461,6 +3445,25 @@ class Handler:
         elif markdown not in ("", "0", "no", "false"):
             raise _bad_request("markdown is yes or no")
         return params
+
+    @staticmethod
+    def param(request: Request, names: tuple[str, ...]) -> str | None:
+        """The first of *names* a header gives (decoded), else the query (as
+        ntfy reads its parameters); None if none does."""
+        headers = request.headers
+        for name in names:
+            value = headers.get(name)
+            if name == "priority" and value and _HTTP_PRIORITY.match(value):
+                value = None  # RFC 9218's "Priority: u=1, i", which browsers send
+            if value:
+                return _decode_header(value, name).strip()
+        if request.query_string:
+            query = request.query
+            for name in names:
+                value = query.get(name)
+                if value:
+                    return value.strip()
+        return None
 
     def handle_preflight(self, request: Request) -> Response:
         """A CORS preflight from an allowed origin: 204 with what may follow."""
@@ -3492,7 +3495,7 @@ class Handler:
             then(_error_response(error))
 
     def publish_arguments(self, request: Request) -> tuple[str, Any, dict[str, Any]]:
-        if request.route in ("ntfy_publish", "ntfy_post"):
+        if request.route in self.ntfy_publishing:
             return self.ntfy_arguments(request)
         message, title, priority, extra = self.publish_body(request)
         return (request.names[0] if request.route == "publish" else DEFAULT_CHANNEL, message,
@@ -3502,7 +3505,7 @@ class Handler:
     def published(self, request: Request, msg: Message) -> Response:
         if request.route == "send":  # (the Flask tutorial's answer)
             return self.json(HTTPStatus.OK, {"status": "Message sent."})
-        if request.route in ("ntfy_publish", "ntfy_post"):  # (ntfy's: the message event)
+        if request.route in self.ntfy_publishing:  # (ntfy's: the message event)
             return Response(HTTPStatus.OK, _ntfy_event(msg) + b"\n")
         return Response(HTTPStatus.OK if msg.replayed else HTTPStatus.CREATED, msg.summary())
 
@@ -3538,7 +3541,10 @@ class Handler:
 
     def handshake(self, request: Request) -> str:
         """Check a WebSocket handshake (RFC 6455 4.2.1); its
-        ``Sec-WebSocket-Accept``."""
+        ``Sec-WebSocket-Accept``. A browser applies CORS to every other
+        request but not to a WebSocket, so the server checks ``Origin``
+        itself: its own origin (as ``Host`` names it), or one that
+        ``--cors-origin`` allows."""
         headers = request.headers
         if "websocket" not in headers.get("upgrade", "").lower():
             raise LongpollError(HTTPStatus.UPGRADE_REQUIRED,
@@ -3554,21 +3560,13 @@ class Handler:
         if not _WS_KEY.fullmatch(key):
             raise _bad_request("Sec-WebSocket-Key must be 16 bytes in base64")
         origin = headers.get("origin")
-        if origin is not None and not self.origin_allowed(origin, headers.get("host", "")):
+        if origin is not None and not (  # (decide() has set cors for an allowed origin)
+                request.cors or urllib.parse.urlsplit(origin).netloc.lower()
+                == headers.get("host", "").lower()):
             raise LongpollError(HTTPStatus.FORBIDDEN, f"WebSockets from {_printable(origin[:100])}"
                                 " are not allowed here: start the server with --cors-origin "
                                 "for that origin")
         return base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
-
-    def origin_allowed(self, origin: str, host: str) -> bool:
-        """Whether a browser page from *origin* may open a WebSocket here:
-        the server's own origin (as the Host header names it), or one that
-        ``--cors-origin`` allows. (A browser applies CORS to every other
-        request; to a WebSocket the server must apply it itself.)"""
-        allowed = self.server.cors_origins
-        if "*" in allowed or origin in allowed:
-            return True
-        return urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
 
     handle_send = handle_publish  # (to DEFAULT_CHANNEL, answered as the Flask tutorial's)
 
@@ -3634,21 +3632,13 @@ class Handler:
         ``since`` (``all``, ``latest``, ``none``, a message id, a Unix time
         or a duration such as ``10m``) and ``poll=1``; ntfy's filters are
         not supported (400)."""
-        headers, query = request.headers, request.query
-
-        def param(*names: str) -> str:
-            for name in names:
-                value = headers.get(name) or query.get(name)
-                if value:
-                    return value.strip()
-            return ""
-
-        poll = param("x-poll", "poll", "po").lower() in ("1", "yes", "true")
+        poll = (self.param(request, ("x-poll", "poll", "po")) or "").lower() in (
+            "1", "yes", "true")
         for names in (("x-id", "id"), ("x-message", "message", "m"), ("x-title", "title", "t"),
                       ("x-priority", "priority", "prio", "p"), ("x-tags", "tags", "tag", "ta")):
-            if param(*names):
+            if self.param(request, names):
                 raise _bad_request(f"filters ({names[1]}=) are not supported by this server")
-        since, hub = param("x-since", "since", "si"), self.server.hub
+        since, hub = self.param(request, ("x-since", "since", "si")), self.server.hub
         if not since:
             return hub.locate("0" if poll else None), poll
         if since == "all":
@@ -3700,8 +3690,7 @@ class Handler:
         return self.ntfy_stream(request, "ws")
 
     def handle_ntfy_reserved(self, request: Request) -> Response:
-        _ntfy_topics(request.path[1:])  # (raises: a reserved name)
-        raise _bad_request("not a topic")
+        raise _reserved(urllib.parse.unquote(request.path[1:]))
 
     def handle_invalid(self, request: Request) -> Response:
         raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {_printable(request.path)}")
@@ -4688,18 +4677,21 @@ def _ntfy_topics(text: str) -> tuple[str, ...]:
         if not NTFY_TOPIC_RE.match(name):
             raise _bad_request(f"invalid topic {name[:80]!r}: use 1-64 of A-Z a-z 0-9 _ -")
         if name in NTFY_RESERVED:
-            raise _bad_request(f"{name} is a reserved name, not a topic (reserved: "
-                               f"{', '.join(sorted(NTFY_RESERVED))})")
+            raise _reserved(name)
     return _check_channels(names)
+
+
+def _reserved(name: str) -> LongpollError:
+    return _bad_request(f"{name} is a reserved name, not a topic (reserved: "
+                        f"{', '.join(sorted(NTFY_RESERVED))})")
 
 
 def _ntfy_event(msg: Message, gap: bool = False) -> bytes:
     """*msg* as ntfy's message event: its id (our cursor), a Unix time in
     whole seconds, the topic, the message as text, and the fields it has."""
-    value = json.loads(msg.payload)
     event: dict[str, Any] = {
         "id": msg.id, "time": int(msg.time), "event": "message", "topic": msg.channel,
-        "message": value if isinstance(value, str) else msg.payload.decode()}
+        "message": _ntfy_text(msg)}
     if msg.title is not None:
         event["title"] = msg.title
     if msg.priority is not None:
@@ -4716,6 +4708,12 @@ def _ntfy_event(msg: Message, gap: bool = False) -> bytes:
     if gap:  # (not ntfy's: it has no way to say messages were lost)
         event["gap"] = True
     return _encode(event).encode()
+
+
+def _ntfy_text(msg: Message) -> str:
+    """A message as ntfy's text: a string as it is, any other value as its JSON."""
+    value = json.loads(msg.payload)
+    return value if isinstance(value, str) else msg.payload.decode()
 
 
 def _ntfy_other(event: str, topics: str) -> bytes:
@@ -4741,12 +4739,8 @@ def _ntfy_sse(batch: Batch) -> bytes:
 
 def _ntfy_raw(batch: Batch) -> bytes:
     """A batch as ntfy's raw stream: each message's text on a line."""
-    lines = []
-    for m in batch.messages:
-        value = json.loads(m.payload)
-        text = value if isinstance(value, str) else m.payload.decode()
-        lines.append(text.replace("\r", " ").replace("\n", " ").encode() + b"\n")
-    return b"".join(lines)
+    return b"".join(_ntfy_text(m).replace("\r", " ").replace("\n", " ").encode() + b"\n"
+                    for m in batch.messages)
 
 
 def _ntfy_ws(batch: Batch) -> bytes:
@@ -6072,12 +6066,7 @@ class Client:
             sock = None  # (the socket is conn's now)
             return conn
         except (OSError, ValueError) as exc:
-            untrusted = ssl is not None and isinstance(exc, ssl.SSLCertVerificationError)
-            error = LongpollError(None, f"{url}: {exc}" + (
-                " (give the server's CA certificate: --cafile)" if untrusted else ""))
-            error.refused = isinstance(exc, ConnectionRefusedError)
-            error.untrusted = untrusted
-            raise error from None
+            raise _unreachable(url, exc) from None
         finally:
             if sock is not None:
                 sock.close()
@@ -6113,26 +6102,24 @@ class Client:
             raise LongpollError(exc.code, str(detail), dict(exc.headers)) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException,
                 ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            untrusted = ssl is not None and isinstance(reason, ssl.SSLCertVerificationError)
-            error = LongpollError(None, f"{url}: {reason}" + (
-                " (give the server's CA certificate: --cafile)" if untrusted else ""))
-            error.refused = isinstance(reason, ConnectionRefusedError)
-            error.untrusted = untrusted  # retrying cannot help
-            raise error from None
+            raise _unreachable(url, getattr(exc, "reason", exc)) from None
 
     def _call(self, method: str, path: str, body: bytes | None, socket_timeout: float,
               safe: bool = True, *, retries: float | None = None, cutoff: _Cutoff | None = None,
               stop: threading.Event | None = None,
               on_retry: Callable[[LongpollError], None] | None = None,
-              headers: dict[str, str] | None = None) -> dict[str, Any] | None:
-        """``_request`` with retries (*retries*, default ``self.retries``),
-        backoff and failover: the one retry loop of the client. With *stop*,
-        waits end early when it is set, and then None is returned."""
+              headers: dict[str, str] | None = None,
+              attempt: Callable[[], Any] | None = None) -> Any:
+        """``_request`` (or *attempt*, which raises as it does) with retries
+        (*retries*, default ``self.retries``), backoff and failover: the one
+        retry loop of the client. With *stop*, waits end early when it is
+        set, and then None is returned."""
         failures, retries = 0, self.retries if retries is None else retries
         since = time.monotonic()  # (when this outage began, once one has)
         while True:
             try:
+                if attempt is not None:
+                    return attempt()
                 return self._request(method, path, body, socket_timeout, cutoff, headers)
             except LongpollError as error:
                 if stop is not None and stop.is_set():
@@ -6177,6 +6164,16 @@ class Client:
                    f" on {self.urls[self._current]}" if len(self.urls) > 1 else "")
 
 
+def _unreachable(url: str, reason: Any) -> LongpollError:
+    """The error for a server that did not answer (status None)."""
+    untrusted = ssl is not None and isinstance(reason, ssl.SSLCertVerificationError)
+    error = LongpollError(None, f"{url}: {reason}" + (
+        " (give the server's CA certificate: --cafile)" if untrusted else ""))
+    error.refused = isinstance(reason, ConnectionRefusedError)
+    error.untrusted = untrusted  # retrying cannot help
+    return error
+
+
 def _retry_after(error: LongpollError) -> float | None:
     value = {k.lower(): v for k, v in error.headers.items()}.get("retry-after")
     try:
@@ -6215,6 +6212,8 @@ class Subscription:
         self.on_connection = on_connection
         self._stop = threading.Event()
         self._cutoff = _Cutoff()
+        self._lost = False          # (see _retrying and _back)
+        self._gap_pending = False   # a gap told, not yet marked on a message
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Each server answer that says something, as received:
@@ -6227,94 +6226,94 @@ class Subscription:
             yield from self._poll_batches()
 
     def _poll_batches(self) -> Iterator[dict[str, Any]]:
-        client, gap_pending, lost = self.client, False, False
-
-        def on_retry(error: LongpollError) -> None:
-            nonlocal lost
-            if not lost and self.on_connection is not None:
-                self.on_connection(False, error)
-            lost = True
-
+        client = self.client
         while not self._stop.is_set():
             path = client._poll_path(self.channels, self.cursor, self.timeout, None)
             answer = client._call("GET", path, None, client._socket_timeout(self.timeout),
                                   retries=math.inf, cutoff=self._cutoff, stop=self._stop,
-                                  on_retry=on_retry)
+                                  on_retry=self._retrying)
             if answer is None:
                 break
-            if lost and self.on_connection is not None:
-                self.on_connection(True, None)
-            lost = False
+            self._back()
             messages = answer.setdefault("messages", [])
             if answer.get("gap"):
-                self.gaps += 1
-                gap_pending = True
-                logger.warning("messages on %s were lost before they could be read",
-                               ",".join(self.channels))
+                self._gap()
             if messages or answer.get("gap"):
-                if gap_pending and messages:
-                    messages[0]["gap"], gap_pending = True, False
+                if self._gap_pending and messages:
+                    messages[0]["gap"], self._gap_pending = True, False
                 yield answer
             self.cursor = answer["cursor"]
 
     def _socket_batches(self) -> Iterator[dict[str, Any]]:
         """``batches`` over WebSockets, one after another: on a lost socket
-        the next resumes from the cursor, after the same backoff and
-        failover as a poll; where the upgrade is refused (404, 405, 426, or
-        a 400 from a proxy or an older server) it sets ``transport`` to
-        "poll" and returns, and ``batches`` goes on by long-poll."""
-        client, gap_pending, lost, failures = self.client, False, False, 0
-        outage = time.monotonic()
-        names = ",".join(self.channels)
+        the next resumes from the cursor, with the same retries, backoff
+        and failover as a poll (``Client._call``); where the upgrade is
+        refused (404, 405, 426, or a 400 from a proxy or an older server)
+        it sets ``transport`` to "poll" and returns, and ``batches`` goes
+        on by long-poll."""
+        client, names = self.client, ",".join(self.channels)
+        timeout = client._socket_timeout(self.timeout)
         while not self._stop.is_set():
             query = "" if self.cursor is None else "?" + urllib.parse.urlencode(
                 {"since": self.cursor})
+            path = f"/channels/{names}/ws{query}"
             try:
-                conn = client._socket(f"/channels/{names}/ws{query}",
-                                      client._socket_timeout(self.timeout), self._cutoff)
-                try:
-                    if lost and self.on_connection is not None:
-                        self.on_connection(True, None)
-                    lost, failures = False, 0
-                    for event in conn.events():
-                        kind = event.get("event")
-                        if kind == "open":
-                            if self.cursor is None and "cursor" in event:
-                                self.cursor = event["cursor"]
-                        elif kind == "gap":
-                            self.gaps += 1
-                            gap_pending = True
-                            logger.warning("messages on %s were lost before they could be "
-                                           "read", names)
-                        elif kind is None:
-                            if gap_pending:
-                                event["gap"], gap_pending = True, False
-                            yield {"messages": [event], "cursor": event["id"]}
-                            self.cursor = event["id"]
-                        if self._stop.is_set():
-                            return
-                finally:
-                    conn.close()
+                conn = client._call("GET", path, None, timeout, retries=math.inf,
+                                    cutoff=self._cutoff, stop=self._stop,
+                                    on_retry=self._retrying,
+                                    attempt=lambda: client._socket(path, timeout, self._cutoff))
             except LongpollError as error:
+                if error.status not in (400, 404, 405, 426):
+                    raise
+                logger.info("no WebSocket (%s); long-polling instead", error)
+                self.transport = "poll"
+                return
+            if conn is None:
+                return
+            self._cutoff.register(conn.sock)  # (_call let go of it: close() must cut it)
+            self._back()
+            try:
+                for event in conn.events():
+                    kind = event.get("event")
+                    if kind == "open":
+                        if self.cursor is None and "cursor" in event:
+                            self.cursor = event["cursor"]
+                    elif kind == "gap":
+                        self._gap()
+                    elif kind is None:
+                        if self._gap_pending:
+                            event["gap"], self._gap_pending = True, False
+                        yield {"messages": [event], "cursor": event["id"]}
+                        self.cursor = event["id"]
+                    if self._stop.is_set():
+                        return
+            except LongpollError as error:
+                if error.status is not None:
+                    raise  # (closed for good: 1008, as a 403 would)
                 if self._stop.is_set():
                     return
-                if error.status in (400, 404, 405, 426):
-                    logger.info("no WebSocket (%s); long-polling instead", error)
-                    self.transport = "poll"
-                    return
-                if not client._retryable(error, True):
-                    raise
-                if not failures:
-                    outage = time.monotonic()
-                failures += 1
-                client._failover(error, time.monotonic() - outage)
-                if not lost and self.on_connection is not None:
-                    self.on_connection(False, error)
-                lost = True
-                if self._stop.wait(client._delay(failures, _retry_after(error))):
-                    return
+                self._retrying(error)  # and open the next one at once
             finally:
+                conn.close()
                 self._cutoff.sockets.clear()
+
+    def _retrying(self, error: LongpollError) -> None:
+        """The connection is lost: tell *on_connection* once."""
+        if not self._lost and self.on_connection is not None:
+            self.on_connection(False, error)
+        self._lost = True
+
+    def _back(self) -> None:
+        """A server answered: tell *on_connection* if it had been lost."""
+        if self._lost and self.on_connection is not None:
+            self.on_connection(True, None)
+        self._lost = False
+
+    def _gap(self) -> None:
+        self.gaps += 1
+        self._gap_pending = True
+        logger.warning("messages on %s were lost before they could be read",
+                       ",".join(self.channels))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for answer in self.batches():
