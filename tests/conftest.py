@@ -2,10 +2,13 @@
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -415,3 +418,119 @@ class WsReader:
             if opcode == 0x1:
                 return json.loads(payload)
             assert opcode in (0x9, 0xA), (opcode, payload)
+
+
+# -- a real browser: the system's Chromium, driven by Playwright ---------------------
+
+CHROMIUM = os.environ.get("CHROMIUM") or next(
+    (found for name in ("chromium", "chromium-browser", "google-chrome")
+     if (found := shutil.which(name))), "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 "--no-proxy-server"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's package; $CHROMIUM names another). No
+    browser is downloaded."""
+    problem = None
+    if not shutil.which(CHROMIUM):
+        problem = f"{CHROMIUM} is missing (apt-get install chromium, or set $CHROMIUM)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            problem = "playwright is missing (pip install playwright)"
+    if problem:
+        if E2E:
+            pytest.fail(problem)
+        pytest.skip(problem)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                    headless=True, timeout=60_000)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A browser tab at *url* (in a context of its own unless *context* is
+    given), with its script errors and dialogs recorded."""
+
+    def __init__(self, browser, url, context=None):
+        self.page = (context or browser).new_page()
+        self.page.set_viewport_size({"width": 900, "height": 520})
+        self.errors, self.dialogs = [], []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error"
+                     and "Content Security Policy" in m.text else None)
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        if url:
+            self.page.goto(url)
+
+    def texts(self):
+        return self.page.locator("#log li .body").all_inner_texts()
+
+    def wait_text(self, text, timeout=5000):
+        self.page.locator("#log li .body", has_text=text).first.wait_for(timeout=timeout)
+
+    def state(self):
+        node = self.page.locator("#state")
+        return node.get_attribute("class"), node.get_attribute("data-transport")
+
+
+def publish_text(url, channel, text, title=None):
+    """POST *text* to *channel* of the server at *url*."""
+    headers = {"Title": title} if title else {}
+    req = urllib.request.Request(f"{url}/channels/{channel}", data=text.encode(),
+                                 headers=headers, method="POST")
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+# -- a real nginx in front of a server ----------------------------------------------
+
+NGINX = shutil.which("nginx") or next(
+    (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(path)),
+    None)
+
+
+def start_nginx(folder, server_block):
+    """nginx on a free port, configured with *server_block* (its ``listen``
+    line is added); returns (base URL, process). Skips (fails with E2E)
+    without nginx."""
+    if NGINX is None:
+        problem = "nginx is missing (apt-get install nginx-light)"
+        if E2E:
+            pytest.fail(problem)
+        pytest.skip(problem)
+    port = free_port()
+    block = server_block.replace("    # ...\n", f"    listen 127.0.0.1:{port};\n")
+    assert f"listen 127.0.0.1:{port};" in block, "the server block needs a '    # ...' line"
+    (folder / "nginx.conf").write_text(f"""
+daemon off;
+master_process off;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+{block}
+}}
+""")
+    proc = subprocess.Popen([NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+                            stderr=subprocess.PIPE)
+
+    def listening():
+        if proc.poll() is not None:
+            raise AssertionError(f"nginx ended: {proc.stderr.read().decode()}")
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, what="nginx to listen")
+    return f"http://127.0.0.1:{port}", proc

@@ -2,63 +2,13 @@
 package; $CHROMIUM names another) driven by Playwright, headless, against
 real servers. No browser is downloaded."""
 import os
-import shutil
-import urllib.request
-
-import pytest
 
 import longpoll
-from conftest import E2E, parked_on, wait_until
-
-CHROMIUM = os.environ.get("CHROMIUM") or next(
-    (found for name in ("chromium", "chromium-browser", "google-chrome")
-     if (found := shutil.which(name))), "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--no-proxy-server"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    problem = None
-    if not shutil.which(CHROMIUM):
-        problem = f"{CHROMIUM} is missing (apt-get install chromium, or set $CHROMIUM)"
-    else:
-        try:
-            from playwright.sync_api import sync_playwright
-        except ImportError:
-            problem = "playwright is missing (pip install playwright)"
-    if problem:
-        if E2E:
-            pytest.fail(problem)
-        pytest.skip(problem)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True,
-                                    timeout=60_000)
-        yield browser
-        browser.close()
-
-
-class Page:
-    def __init__(self, browser, url):
-        self.page = browser.new_page(viewport={"width": 900, "height": 520})
-        self.errors, self.dialogs = [], []
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
-        self.page.goto(url)
-
-    def texts(self):
-        return self.page.locator("#log li .body").all_inner_texts()
-
-    def wait_text(self, text, timeout=5000):
-        self.page.locator("#log li .body", has_text=text).first.wait_for(timeout=timeout)
+from conftest import Page, parked_on, publish_text, wait_until
 
 
 def publish(server, channel, text, title=None):
-    headers = {"Title": title} if title else {}
-    req = urllib.request.Request(f"{server.url}/channels/{channel}", data=text.encode(),
-                                 headers=headers, method="POST")
-    urllib.request.urlopen(req, timeout=10).close()
+    publish_text(server.url, channel, text, title)
 
 
 def test_a_message_published_with_curl_appears_within_1_s(browser, server):

@@ -3,20 +3,14 @@ event streams and WebSockets all get through, events unbuffered."""
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
 import urllib.request
 
 import pytest
 from websockets.sync.client import connect
 
-from conftest import E2E, free_port, parked_on, request, wait_until
+from conftest import parked_on, request, start_nginx, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NGINX = shutil.which("nginx") or next(
-    (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(path)),
-    None)
 
 
 def documented_config():
@@ -28,41 +22,9 @@ def documented_config():
 @pytest.fixture
 def nginx(server, tmp_path):
     """nginx on a free port in front of *server*, with the documented config."""
-    if NGINX is None:
-        problem = "nginx is missing (apt-get install nginx)"
-        if E2E:
-            pytest.fail(problem)
-        pytest.skip(problem)
-    port = free_port()
-    config = documented_config().replace("127.0.0.1:5000", "127.0.0.1:%d" % server.server_address[1])
-    config = config.replace("    # ...\n", f"    listen 127.0.0.1:{port};\n")
-    (tmp_path / "nginx.conf").write_text(f"""
-daemon off;
-master_process off;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log;
-events {{}}
-http {{
-    access_log off;
-    client_body_temp_path {tmp_path}/body;
-    proxy_temp_path {tmp_path}/proxy;
-    fastcgi_temp_path {tmp_path}/fastcgi;
-    uwsgi_temp_path {tmp_path}/uwsgi;
-    scgi_temp_path {tmp_path}/scgi;
-{config}
-}}
-""")
-    proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                            stderr=subprocess.PIPE)
-
-    def listening():
-        if proc.poll() is not None:
-            raise AssertionError(f"nginx ended: {proc.stderr.read().decode()}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, what="nginx to listen")
-    yield f"http://127.0.0.1:{port}"
+    url, proc = start_nginx(tmp_path, documented_config().replace(
+        "127.0.0.1:5000", "127.0.0.1:%d" % server.server_address[1]))
+    yield url
     proc.terminate()
     proc.wait(10)
 
