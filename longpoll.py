@@ -3075,6 +3075,9 @@ class Handler:
         "/send": {"POST": "send"},
         "/receive": {"GET": "receive"},
         "/receive/ack": {"POST": "ack"},
+        "/longpoll.js": {"GET": "script", "HEAD": "script"},
+        "/longpoll.mjs": {"GET": "script", "HEAD": "script"},
+        "/page.js": {"GET": "script", "HEAD": "script"},
     }
     #: Methods of /channels/{names}, /channels/{names}/events and .../ws.
     channel_routes = {"GET": "poll", "POST": "publish", "PUT": "publish"}
@@ -3754,10 +3757,24 @@ class Handler:
         """The live page for browsers; a short help text for curl and friends."""
         if "text/html" in request.headers.get("accept", ""):
             return Response(HTTPStatus.OK, INDEX_HTML.encode(), "text/html; charset=utf-8", (
-                ("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
-                                            "style-src 'unsafe-inline'"),))
+                ("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; "
+                                            "object-src 'none'; base-uri 'none'"),))
         return Response(HTTPStatus.OK, INDEX_TEXT.format(version=__version__).encode(),
                         "text/plain; charset=utf-8")
+
+    def handle_script(self, request: Request) -> Response:
+        """longpoll.js, its ES module, and the live page's script: cached by
+        browsers and revalidated by their ETag (a 304 when unchanged). Any
+        origin may load them (public code: a module from another origin is
+        fetched with CORS)."""
+        body, etag = _SCRIPT_FILES[request.path]
+        headers: tuple[tuple[str, str], ...] = (("ETag", etag), ("Cache-Control", "no-cache"))
+        if not request.cors:
+            headers += (("Access-Control-Allow-Origin", "*"),)
+        asked = request.headers.get("if-none-match", "")
+        status = HTTPStatus.NOT_MODIFIED if asked == "*" or etag in (
+            tag.strip().removeprefix("W/") for tag in asked.split(",")) else HTTPStatus.OK
+        return Response(status, body, "text/javascript; charset=utf-8", headers)
 
 
 # ---------------------------------------------------------------------------
@@ -4362,7 +4379,9 @@ def _response(status: int, body: bytes, content_type: str, date: str,
                  f"Date: {date}",
                  f"Content-Type: {content_type}",
                  "Content-Length: "]
-        after = ["", "Cache-Control: no-store", *[f"{k}: {v}" for k, v in headers]]
+        after = ["", *[f"{k}: {v}" for k, v in headers]]
+        if not any(k == "Cache-Control" for k, _ in headers):
+            after.insert(1, "Cache-Control: no-store")
         if connection:
             after.append(f"Connection: {connection}")
         parts = ("\r\n".join(lines).encode("latin-1"),
@@ -4547,7 +4566,8 @@ class HTTPProtocol:
                 and not self.server.closing)
         headers = response.headers + request.cors if request.cors else response.headers
         data = _response(status, response.body, response.content_type, self.date(), headers,
-                         self.connection_header(request, keep), request.method == "HEAD")
+                         self.connection_header(request, keep),
+                         request.method == "HEAD" or status == HTTPStatus.NOT_MODIFIED)
         self.reply(conn, data, keep, linger)
         self.log(request, status, len(response.body))  # (once the answer is on its way)
 
@@ -6351,10 +6371,12 @@ Several:   curl HOST/channels/NAME,OTHER                (one cursor for all)
 Queue:     curl HOST/receive                            (each message to one taker)
 Health:    curl HOST/health
 Watch:     open HOST/?channel=NAME in a browser
+Script:    <script src="HOST/longpoll.js">                (the browser client)
 """
 
-# The live page: watch a channel, publish to it. No build step, no outside
-# asset; every message is shown with textContent, never parsed as HTML.
+# The live page: watch a channel, publish to it, through longpoll.js (its
+# script is PAGE_JS). No build step, no outside asset, no inline script;
+# every message is shown with textContent, never parsed as HTML.
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -6384,23 +6406,353 @@ time { color: #888; font-size: .85rem; margin-right: .6rem; }
   <input id="message" placeholder="message" required autocomplete="off">
   <button>Publish</button></form>
 <ol id="log"></ol>
-<script>
+<script src="/longpoll.js"></script>
+<script src="/page.js"></script>
+</body></html>
+"""
+
+# The browser client (docs/browser.md), served at /longpoll.js as a classic
+# script and at /longpoll.mjs as an ES module.
+LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, served by it at
+ * /longpoll.js (a classic script: it defines `longpoll`) and /longpoll.mjs
+ * (the same as an ES module). No dependency, no build step.
+ *
+ *   const sub = longpoll.subscribe("https://push.example", ["news"], {
+ *     onmessage: (m) => console.log(m.message), ongap: () => reload(),
+ *     onstate: ({state, error}) => show(state, error)});
+ *   await longpoll.publish("https://push.example", "news", "hello", {title: "Hi"});
+ *
+ * It reads over a WebSocket, else Server-Sent Events, else long-polls, with
+ * one cursor, so switching loses and repeats nothing. Every stream starts
+ * with an event at once; one that stays silent past `firstEventTimeout` is
+ * held back by a buffering proxy, and the next transport is taken (and the
+ * choice remembered for that server for `remember` ms). The cursor is kept
+ * in sessionStorage (`storage: "local"`, or null), so a reload resumes.
+ * With `share: true` the tabs of one origin on the same channels hold one
+ * connection (a Web Lock elects it; a BroadcastChannel carries its events).
+ * The protocol: docs/protocol.md; this API: docs/browser.md. */
+(function (root) {
+  "use strict";
+  const DEFAULTS = {transports: ["ws", "sse", "poll"], token: null, storage: "session",
+                    share: false, timeout: 30, firstEventTimeout: 3000, remember: 600000};
+
+  function base(url) { return String(url || root.location.origin).replace(/\/+$/, ""); }
+  function query(params) {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(params)) if (v !== null && v !== undefined) q.set(k, v);
+    const text = q.toString();
+    return text ? "?" + text : "";
+  }
+  function storageOf(kind) {
+    try { return kind === "local" ? root.localStorage : kind ? root.sessionStorage : null; }
+    catch (e) { return null; }  // (storage blocked)
+  }
+  function seqOf(cursor) {  // "<history>-<seq>": the order of one server's cursors
+    const at = typeof cursor === "string" ? cursor.lastIndexOf("-") : -1;
+    return at < 0 ? null : [cursor.slice(0, at), Number(cursor.slice(at + 1))];
+  }
+  async function answerOf(response) {  // {status, body, retryAfter} of a fetch
+    let body = null;
+    try { body = await response.json(); } catch (e) { /* not JSON */ }
+    return {status: response.status, body,
+            retryAfter: Number(response.headers.get("Retry-After")) || 0};
+  }
+  function refusal(answer) {  // an answer that ends the subscription (4xx but 408, 429)
+    const s = answer.status;
+    return s >= 400 && s < 500 && s !== 408 && s !== 429;
+  }
+
+  class Subscription extends EventTarget {
+    constructor(url, channels, options = {}) {
+      super();
+      this.url = base(url);
+      this.channels = typeof channels === "string" ? channels.split(",") : Array.from(channels);
+      this.options = Object.assign({}, DEFAULTS, options);
+      this.path = "/channels/" + this.channels.map(encodeURIComponent).join(",");
+      this.key = "longpoll:" + this.url + this.path;
+      this.storage = storageOf(this.options.storage);
+      this.cursor = options.since || this.load() || null;
+      this.state = "connecting";
+      this.transport = null;
+      this.closed = false;
+      this.leader = false;
+      this.stop = () => {};
+      for (const type of ["message", "gap", "state"]) {
+        const listener = this.options["on" + type];
+        if (listener) this.addEventListener(type, (event) => listener(event.detail));
+      }
+      if (this.options.share && root.BroadcastChannel && root.navigator.locks) this.share();
+      else { this.leader = true; this.run(); }
+    }
+
+    close() {  // for good: its connection (or its place in the tabs' queue) ends
+      this.closed = true;
+      this.state = "closed";
+      this.stop();
+      if (this.bus) this.bus.close();
+      if (this.waiting) this.waiting.abort();
+    }
+
+    // -- what the subscriber sees ---------------------------------------------------
+    emit(type, detail) {
+      if (this.closed) return;
+      this.dispatchEvent(new CustomEvent(type, {detail}));
+      if (this.leader && this.bus) this.bus.postMessage({type, detail});
+    }
+    setState(state, error) {
+      this.state = state;
+      this.emit("state", {state, transport: this.transport, error: error || null});
+    }
+    deliver(message) {
+      const now = seqOf(this.cursor), next = seqOf(message.id);
+      if (now && next && now[0] === next[0] && next[1] <= now[1]) return;  // had it already
+      this.at(message.id, true);
+      this.emit("message", message);
+    }
+    at(cursor, quiet) {  // where the next read starts: kept, and told to the other tabs
+      if (!cursor || cursor === this.cursor) return;
+      this.cursor = cursor;
+      try { if (this.storage) this.storage.setItem(this.key, cursor); } catch (e) { /* full */ }
+      if (this.leader && this.bus && !quiet) this.bus.postMessage({type: "cursor", cursor});
+    }
+    load() {
+      try { return this.storage && this.storage.getItem(this.key); } catch (e) { return null; }
+    }
+    connected(transport) {  // (the transports that failed before it: avoided a while)
+      if (this.failed && this.failed.length) this.avoid(this.failed.splice(0));
+      this.transport = transport;
+      this.failures = 0;
+      this.setState("connected");
+    }
+
+    // -- transports: which to use, remembered per server -------------------------------
+    avoided() {
+      try { return JSON.parse(root.localStorage.getItem("longpoll-avoid:" + this.url)) || {}; }
+      catch (e) { return {}; }
+    }
+    avoid(transports) {
+      const avoided = this.avoided(), until = Date.now() + this.options.remember;
+      for (const t of transports) avoided[t] = until;
+      try { root.localStorage.setItem("longpoll-avoid:" + this.url, JSON.stringify(avoided)); }
+      catch (e) { /* not kept */ }
+    }
+    order() {
+      const avoided = this.avoided(), now = Date.now();
+      const all = this.options.transports.filter((t) => TRANSPORTS[t]);
+      const usable = all.filter((t) => !(avoided[t] > now));
+      return usable.length ? usable : all.slice(-1);
+    }
+
+    async run() {
+      this.failures = 0;
+      while (!this.closed) {
+        let outcome = null;
+        this.failed = [];
+        for (const transport of this.order()) {  // the first that works; a silent or refused
+          outcome = await TRANSPORTS[transport](this);  // one: the next
+          if (this.closed) return;
+          if (!outcome.unusable) break;
+          this.failed.push(transport);
+        }
+        const answer = outcome.answer;
+        if (answer && refusal(answer)) {
+          this.setState("error", (answer.body && answer.body.error) || "HTTP " + answer.status);
+          return;
+        }
+        this.failures = (this.failures || 0) + 1;
+        this.setState(root.navigator.onLine === false ? "offline" : "reconnecting",
+                      answer && answer.body && answer.body.error);
+        await this.backoff(answer ? answer.retryAfter : 0);
+      }
+    }
+    backoff(retryAfter) {  // 0.5 s doubling to 30 s, jittered; at least Retry-After
+      const ceiling = Math.min(30000, 500 * 2 ** Math.min(this.failures - 1, 6));
+      const delay = Math.max(ceiling / 2 + Math.random() * ceiling / 2, retryAfter * 1000);
+      return new Promise((done) => {
+        const timer = setTimeout(end, delay);
+        function end() { clearTimeout(timer); root.removeEventListener("online", end); done(); }
+        root.addEventListener("online", end);  // back online: at once
+        this.stop = end;
+      });
+    }
+    headers(extra) {
+      const token = this.options.token;
+      return Object.assign(token ? {Authorization: "Bearer " + token} : {}, extra);
+    }
+    async get(path, params, signal) {  // the parsed answer, or null if nothing answered
+      try {
+        return await answerOf(await fetch(this.url + path + query(params), {
+          headers: this.headers(), cache: "no-store", signal}));
+      } catch (e) { return null; }
+    }
+    async head() {  // with no cursor yet: where "from now on" is, so a drop loses nothing
+      if (this.cursor) return null;
+      const answer = await this.get(this.path, {timeout: 0});
+      if (!answer || answer.status !== 200) return answer || {status: 0};
+      this.at(answer.body.cursor);
+      return null;
+    }
+
+    // -- tabs sharing one connection ----------------------------------------------------
+    share() {
+      this.bus = new BroadcastChannel(this.key);
+      this.bus.onmessage = ({data}) => {
+        if (this.leader) {
+          if (data.type === "hello") this.bus.postMessage({type: "state", cursor: this.cursor,
+            detail: {state: this.state, transport: this.transport, error: null}});
+          return;
+        }
+        if (data.type === "cursor" || data.type === "state") this.at(data.cursor);
+        if (data.type === "message") this.deliver(data.detail);
+        else if (data.type === "state") {
+          this.state = data.detail.state;
+          this.transport = data.detail.transport;
+          this.dispatchEvent(new CustomEvent("state", {detail: data.detail}));
+        } else if (data.type === "gap") this.dispatchEvent(new CustomEvent("gap", {detail: {}}));
+      };
+      this.waiting = new AbortController();
+      root.navigator.locks.request(this.key, {signal: this.waiting.signal}, () => {
+        if (this.closed) return null;
+        this.leader = true;  // the tab that held the connection went: this one takes it on
+        return this.run();
+      }).catch(() => { /* closed while waiting */ });
+      this.bus.postMessage({type: "hello"});
+    }
+  }
+
+  // Each transport reads until its connection ends and says how:
+  // {established} once it delivered its first event, {unusable} if it never
+  // did (refused, or held back by a buffering proxy), {answer} for an HTTP
+  // error answer, {} for a connection that failed.
+  const TRANSPORTS = {
+    ws(sub) {
+      return new Promise((resolve) => {
+        const url = sub.url.replace(/^http/, "ws") + sub.path + "/ws" +
+                    query({since: sub.cursor, token: sub.options.token});
+        let socket, established = false;
+        try { socket = new WebSocket(url); } catch (e) { resolve({unusable: true}); return; }
+        const timer = setTimeout(() => end({unusable: true}), sub.options.firstEventTimeout);
+        const end = (outcome) => {
+          clearTimeout(timer);
+          socket.onmessage = socket.onclose = null;
+          if (socket.readyState < 2) socket.close(1000);
+          resolve(outcome);
+        };
+        sub.stop = () => end({});
+        socket.onmessage = (event) => {
+          const frame = JSON.parse(event.data);
+          if (!established) { established = true; clearTimeout(timer); sub.connected("ws"); }
+          if (frame.event === "open") sub.at(frame.cursor);
+          else if (frame.event === "gap") sub.emit("gap", {});
+          else sub.deliver(frame);
+        };
+        socket.onclose = (event) => {
+          if (event.code === 1008) {  // the server's auth no longer lets this token read
+            end({answer: {status: 403, body: {error: event.reason || "not allowed"}}});
+          } else end(established ? {established} : {unusable: true});
+        };
+      });
+    },
+
+    async sse(sub) {
+      const problem = await sub.head();
+      if (problem) return problem.status ? {answer: problem} : {};
+      if (sub.closed) return {};
+      const control = new AbortController();
+      let established = false, silent = false;
+      const timer = setTimeout(() => { silent = true; control.abort(); },
+                               sub.options.firstEventTimeout);
+      sub.stop = () => control.abort();
+      let response = null;
+      try {
+        response = await fetch(sub.url + sub.path + "/events" + query({since: sub.cursor}), {
+          headers: sub.headers({Accept: "text/event-stream"}), cache: "no-store",
+          signal: control.signal});
+      } catch (e) { /* refused, or silent past the deadline */ }
+      if (!response || !response.ok) {
+        clearTimeout(timer);
+        return response ? {answer: await answerOf(response)} : silent ? {unusable: true} : {};
+      }
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let text = "";
+      try {
+        for (;;) {
+          const {value, done} = await reader.read();
+          if (done) break;
+          if (!established) { established = true; clearTimeout(timer); sub.connected("sse"); }
+          text += value;
+          let end;
+          while ((end = text.indexOf("\n\n")) >= 0) {  // an event (the server ends lines in LF)
+            const lines = text.slice(0, end).split("\n");
+            text = text.slice(end + 2);
+            const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6));
+            if (lines.includes("event: gap")) sub.emit("gap", {});
+            else if (data.length) sub.deliver(JSON.parse(data.join("\n")));
+          }
+        }
+      } catch (e) { /* aborted, or the connection broke */ }
+      clearTimeout(timer);
+      return established ? {established} : silent ? {unusable: true} : {};
+    },
+
+    async poll(sub) {
+      let established = false;
+      const problem = await sub.head();
+      if (problem) return problem.status ? {answer: problem} : {};
+      for (let wait = 0; !sub.closed; wait = sub.options.timeout) {  // the first answers at once
+        const control = new AbortController();
+        sub.stop = () => control.abort();
+        const answer = await sub.get(sub.path, {since: sub.cursor, timeout: wait},
+                                     control.signal);
+        if (!answer) return established ? {established} : {};
+        if (answer.status !== 200) return {answer, established};
+        if (!established) { established = true; sub.connected("poll"); }
+        if (answer.body.gap) sub.emit("gap", {});
+        answer.body.messages.forEach((m) => sub.deliver(m));
+        sub.at(answer.body.cursor);
+      }
+      return {established};
+    },
+  };
+
+  async function publish(url, channel, message, options = {}) {
+    const {token, key, ...fields} = options;
+    const headers = {"Content-Type": "application/json"};
+    if (token) headers.Authorization = "Bearer " + token;
+    if (key) headers["Idempotency-Key"] = key;
+    const response = await fetch(base(url) + "/channels/" + encodeURIComponent(channel), {
+      method: "POST", headers, body: JSON.stringify(Object.assign({message}, fields))});
+    const answer = await answerOf(response);
+    if (!response.ok) {
+      const error = new Error((answer.body && answer.body.error) || "HTTP " + response.status);
+      error.status = response.status;
+      throw error;
+    }
+    return answer.body;
+  }
+
+  root.longpoll = {
+    subscribe: (url, channels, options) => new Subscription(url, channels, options),
+    publish, Subscription, version: "1",
+  };
+})(globalThis);
+"""
+
+PAGE_JS = r"""// The live page at / (served at /page.js): watch a channel, publish to it,
+// through longpoll.js. Every message is shown with textContent, never as HTML.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
+const token = params.get("token");
 let channel = params.get("channel") || "news";
-const auth = params.get("token") ? {Authorization: `Bearer ${params.get("token")}`} : {};
-let cursor = null;      // where the next poll starts: null is "from now on"
-let generation = 0;     // switching channel ends the loop of the old one
+let subscription = null;
 $("channel").value = channel;
 
-function setState(name, text) { $("state").className = name; $("state").textContent = text || name; }
-
-function add(...parts) {            // newest first; text only, never HTML
-  const li = document.createElement("li");
-  li.append(...parts);
-  $("log").prepend(li);
-  return li;
+function setState({state, transport, error}) {
+  $("state").className = state;
+  $("state").textContent = state === "error" ? error : state;
+  $("state").dataset.transport = transport || "";
+  $("state").title = transport ? `over ${transport}` : "";
 }
 
 function span(className, text) {
@@ -6408,6 +6760,12 @@ function span(className, text) {
   if (className !== "time") node.className = className;
   node.textContent = text;
   return node;
+}
+
+function add(...parts) {  // newest first
+  const li = document.createElement("li");
+  li.append(...parts);
+  $("log").prepend(li);
 }
 
 function showMessage(m) {
@@ -6419,61 +6777,45 @@ function showMessage(m) {
 
 function notice(text) { add(span("notice", text)); }
 
-async function poll(mine) {         // the long-poll loop: cursor kept, backoff on errors
-  let failures = 0;
-  while (mine === generation) {
-    const query = new URLSearchParams({timeout: "30"});
-    if (cursor !== null) query.set("since", cursor);
-    if (failures === 0) setState("connected");
-    try {
-      const r = await fetch(`/channels/${encodeURIComponent(channel)}?${query}`,
-                            {cache: "no-store", headers: auth});
-      const answer = await r.json();
-      if (mine !== generation) return;
-      if (r.status >= 400 && r.status < 500 && r.status !== 429) {
-        setState("error", answer.error); return;
-      }
-      if (!r.ok) throw new Error(answer.error);
-      if (answer.gap) notice("Some messages were lost before they could be shown " +
-                             "(they expired, or the server restarted).");
-      answer.messages.forEach(showMessage);
-      cursor = answer.cursor;
-      failures = 0;
-    } catch (error) {
-      failures += 1;
-      setState(navigator.onLine === false ? "offline" : "reconnecting");
-      const ceiling = Math.min(30000, 500 * 2 ** Math.min(failures, 6));
-      await new Promise((done) => setTimeout(done, ceiling / 2 + Math.random() * ceiling / 2));
-    }
-  }
+function subscribe() {
+  if (subscription) subscription.close();
+  const options = {token, share: true, onmessage: showMessage, onstate: setState,
+                   ongap: () => notice("Some messages were lost before they could be shown " +
+                                       "(they expired, or the server restarted).")};
+  if (params.get("transport")) options.transports = [params.get("transport")];
+  subscription = longpoll.subscribe(location.origin, [channel], options);
 }
 
 $("publish").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const body = {message: $("message").value};
-  if ($("title").value) body.title = $("title").value;
+  const fields = {token};
+  if ($("title").value) fields.title = $("title").value;
   try {
-    const r = await fetch(`/channels/${encodeURIComponent(channel)}`, {method: "POST",
-      headers: {"Content-Type": "application/json", ...auth}, body: JSON.stringify(body)});
-    if (!r.ok) throw new Error((await r.json()).error);
+    await longpoll.publish(location.origin, channel, $("message").value, fields);
     $("message").value = "";
   } catch (error) { notice(`Not published: ${error.message}`); }
 });
 
 $("channel").addEventListener("change", () => {
   channel = $("channel").value.trim() || "news";
-  cursor = null;
-  generation += 1;
   $("log").replaceChildren();
   params.set("channel", channel);
   history.replaceState(null, "", `?${params}`);
-  poll(generation);
+  subscribe();
 });
 
-poll(generation);
-</script>
-</body></html>
+subscribe();
 """
+
+#: The scripts the server serves: {path: (text, content type)}.
+SCRIPTS = {
+    "/longpoll.js": LONGPOLL_JS,
+    "/longpoll.mjs": LONGPOLL_JS + "export const {subscribe, publish, Subscription} = "
+                                   "globalThis.longpoll;\nexport default globalThis.longpoll;\n",
+    "/page.js": PAGE_JS,
+}
+_SCRIPT_FILES = {path: (text.encode(), '"%s"' % hashlib.sha256(text.encode()).hexdigest()[:20])
+                 for path, text in SCRIPTS.items()}
 
 
 # ---------------------------------------------------------------------------
