@@ -6434,7 +6434,8 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
 (function (root) {
   "use strict";
   const DEFAULTS = {transports: ["ws", "sse", "poll"], token: null, storage: "session",
-                    share: false, timeout: 30, firstEventTimeout: 3000, remember: 600000};
+                    share: false, timeout: 30, firstEventTimeout: 3000, remember: 600000,
+                    silence: 45000};
 
   function base(url) { return String(url || root.location.origin).replace(/\/+$/, ""); }
   function query(params) {
@@ -6481,6 +6482,8 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
         const listener = this.options["on" + type];
         if (listener) this.addEventListener(type, (event) => listener(event.detail));
       }
+      this.dropped = () => this.stop();  // offline: the connection is gone, whatever it says
+      root.addEventListener("offline", this.dropped);
       if (this.options.share && root.BroadcastChannel && root.navigator.locks) this.share();
       else { this.leader = true; this.run(); }
     }
@@ -6488,6 +6491,7 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
     close() {  // for good: its connection (or its place in the tabs' queue) ends
       this.closed = true;
       this.state = "closed";
+      root.removeEventListener("offline", this.dropped);
       this.stop();
       if (this.bus) this.bus.close();
       if (this.waiting) this.waiting.abort();
@@ -6549,7 +6553,8 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
         let outcome = null;
         this.failed = [];
         for (const transport of this.order()) {  // the first that works; a silent or refused
-          outcome = await TRANSPORTS[transport](this);  // one: the next
+          try { outcome = await TRANSPORTS[transport](this); }  // one: the next
+          catch (e) { outcome = {}; }  // (an answer that is not the protocol's: a proxy's page)
           if (this.closed) return;
           if (!outcome.unusable) break;
           this.failed.push(transport);
@@ -6659,9 +6664,12 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
       if (problem) return problem.status ? {answer: problem} : {};
       if (sub.closed) return {};
       const control = new AbortController();
-      let established = false, silent = false;
-      const timer = setTimeout(() => { silent = true; control.abort(); },
-                               sub.options.firstEventTimeout);
+      let established = false, silent = false, timer = null;
+      const wait = (ms) => {  // abort unless something comes within ms
+        clearTimeout(timer);
+        timer = setTimeout(() => { silent = !established; control.abort(); }, ms);
+      };
+      wait(sub.options.firstEventTimeout);
       sub.stop = () => control.abort();
       let response = null;
       try {
@@ -6679,7 +6687,8 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
         for (;;) {
           const {value, done} = await reader.read();
           if (done) break;
-          if (!established) { established = true; clearTimeout(timer); sub.connected("sse"); }
+          if (!established) { established = true; sub.connected("sse"); }
+          wait(sub.options.silence);  // (keepalives come every 15 s: a dead stream is left)
           text += value;
           let end;
           while ((end = text.indexOf("\n\n")) >= 0) {  // an event (the server ends lines in LF)
@@ -6702,8 +6711,10 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
       for (let wait = 0; !sub.closed; wait = sub.options.timeout) {  // the first answers at once
         const control = new AbortController();
         sub.stop = () => control.abort();
+        const timer = setTimeout(() => control.abort(), (wait + 15) * 1000);  // a dead one
         const answer = await sub.get(sub.path, {since: sub.cursor, timeout: wait},
                                      control.signal);
+        clearTimeout(timer);
         if (!answer) return established ? {established} : {};
         if (answer.status !== 200) return {answer, established};
         if (!established) { established = true; sub.connected("poll"); }

@@ -78,6 +78,23 @@ def test_the_es_module_subscribes_and_publishes(browser, server):
     wait_until(lambda: parked_on(server, "mod") == 0)
 
 
+def test_a_silent_event_stream_is_opened_again_from_its_cursor(browser, make_server):
+    server = make_server(keepalive=300)  # no keepalive comes within the test
+    page = Page(browser, f"{server.url}/?channel=page")
+    page.page.evaluate("""() => {
+        window.got = [];
+        window.states = [];
+        window.sub = longpoll.subscribe(location.origin, "quiet", {
+            transports: ["sse"], silence: 500,
+            onmessage: (m) => window.got.push(m.message),
+            onstate: (s) => window.states.push(s.state)});
+    }""")
+    wait_until(lambda: page.page.evaluate("window.states.join()").startswith(
+        "connected,reconnecting,connected"), what="the silent stream to be opened again")
+    publish_text(server.url, "quiet", "after the silence")
+    wait_until(lambda: page.page.evaluate("window.got") == ["after the silence"])
+
+
 def test_a_restart_under_an_open_page_loses_and_repeats_nothing(browser, make_server,
                                                                   tmp_path):
     store = f"sqlite:{tmp_path / 'longpoll.db'}"
@@ -193,3 +210,20 @@ def test_behind_a_buffering_proxy_the_page_falls_back_to_long_poll(browser, serv
         context.close()
         proc.terminate()
         proc.wait(10)
+
+
+def test_offline_then_online_resumes_at_once_from_the_cursor(browser, server):
+    context = browser.new_context()
+    try:
+        page = Page(browser, f"{server.url}/?channel=trip&transport=poll", context)
+        wait_until(lambda: page.state() == ("connected", "poll"))
+        wait_until(lambda: parked_on(server, "trip") == 1)
+        context.set_offline(True)
+        page.page.locator("#state.offline").wait_for(timeout=10_000)
+        publish_text(server.url, "trip", "while offline")
+        context.set_offline(False)  # back: at once, not at the end of a backoff
+        page.wait_text("while offline", timeout=5000)
+        assert page.state() == ("connected", "poll")
+        assert page.texts() == ["while offline"]
+    finally:
+        context.close()
