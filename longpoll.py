@@ -6469,6 +6469,9 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
       this.url = base(url);
       this.channels = typeof channels === "string" ? channels.split(",") : Array.from(channels);
       this.options = Object.assign({}, DEFAULTS, options);
+      if (!this.options.transports.length || this.options.transports.some((t) => !TRANSPORTS[t])) {
+        throw new TypeError("transports: some of \"ws\", \"sse\" and \"poll\", in order");
+      }
       this.path = "/channels/" + this.channels.map(encodeURIComponent).join(",");
       this.key = "longpoll:" + this.url + this.path;
       this.storage = storageOf(this.options.storage);
@@ -6542,7 +6545,7 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
     }
     order() {
       const avoided = this.avoided(), now = Date.now();
-      const all = this.options.transports.filter((t) => TRANSPORTS[t]);
+      const all = this.options.transports;
       const usable = all.filter((t) => !(avoided[t] > now));
       return usable.length ? usable : all.slice(-1);
     }
@@ -6794,7 +6797,8 @@ function subscribe() {
                    ongap: () => notice("Some messages were lost before they could be shown " +
                                        "(they expired, or the server restarted).")};
   if (params.get("transport")) options.transports = [params.get("transport")];
-  subscription = longpoll.subscribe(location.origin, [channel], options);
+  try { subscription = longpoll.subscribe(location.origin, [channel], options); }
+  catch (error) { subscription = null; setState({state: "error", error: error.message}); }
 }
 
 $("publish").addEventListener("submit", async (event) => {

@@ -227,3 +227,12 @@ def test_offline_then_online_resumes_at_once_from_the_cursor(browser, server):
         assert page.texts() == ["while offline"]
     finally:
         context.close()
+
+
+def test_an_unknown_transport_is_refused_at_once(browser, server):
+    page = Page(browser, f"{server.url}/?channel=page")
+    error = page.page.evaluate("""() => {
+        try { longpoll.subscribe(location.origin, "x", {transports: ["ws", "carrier-pigeon"]}); }
+        catch (e) { return e.name + ": " + e.message; }
+    }""")
+    assert error == 'TypeError: transports: some of "ws", "sse" and "poll", in order'
