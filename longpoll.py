@@ -38,6 +38,7 @@ Limits, stated honestly:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASGIApp",
     "Auth",
     "Batch",
     "Client",
@@ -55,9 +56,12 @@ __all__ = [
     "SqliteStore",
     "Store",
     "Subscription",
+    "WSGIApp",
+    "asgi_app",
     "main",
     "make_server",
     "open_store",
+    "wsgi_app",
 ]
 
 import base64
@@ -93,7 +97,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from http import HTTPStatus
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple
+
+if TYPE_CHECKING:  # (imported where an ASGI server runs the ASGI app: see ASGIApp)
+    import asyncio
 
 try:
     import ssl
@@ -2945,6 +2952,14 @@ def _error_response(error: LongpollError) -> Response:
                     headers=tuple(error.headers.items()))
 
 
+def _shaped(request: Request, response: Response) -> Response:
+    """*response* as *request*'s client reads it: an error to one of ntfy's
+    routes in ntfy's shape."""
+    if response.status >= 400 and request.route.startswith("ntfy_"):
+        return _ntfy_error(response)
+    return response
+
+
 def _ntfy_error(response: Response) -> Response:
     """An error answer as ntfy's clients read one: ``{"code", "http", "error"}``."""
     try:
@@ -3711,8 +3726,8 @@ class Handler:
         if "text/html" not in request.headers.get("accept", ""):
             raise LongpollError(HTTPStatus.NOT_FOUND, f"no such path: {request.path}; to "
                                 f"subscribe to the topic, GET {request.path}/json")
-        return Response(HTTPStatus.FOUND, b"", "text/plain",
-                        (("Location", "/?channel=" + request.names[0]),))
+        return Response(HTTPStatus.FOUND, b"", "text/plain",  # (relative: mounted too)
+                        (("Location", "./?channel=" + request.names[0]),))
 
     def handle_receive(self, request: Request) -> Take:
         text, lease = request.query.get("lease"), None
@@ -4559,9 +4574,8 @@ class HTTPProtocol:
     def respond(self, conn: Connection, request: Request, response: Response, *,
                 close: bool = False, linger: bool = False) -> None:
         """Write *response* to *request*; keep the connection if both sides may."""
+        response = _shaped(request, response)
         status = response.status
-        if status >= 400 and request.route.startswith("ntfy_"):
-            response = _ntfy_error(response)
         keep = (request.keep_alive and not close and status < 500
                 and not self.server.closing)
         headers = response.headers + request.cors if request.cors else response.headers
@@ -4607,16 +4621,31 @@ class HTTPProtocol:
             self.received(conn)
 
     def log(self, request: Request, status: int, size: int) -> None:
-        """Count the answer (for /metrics) and write the access-log line."""
-        self.server.metrics.answered(request.route, status)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info('%s "%s" %d %s %.1fms', request.client, request.loggable(), status,
-                        size, (time.monotonic() - request.started) * 1000)
+        _log_answer(self.server.metrics, request, status, size)
+
+
+def _log_answer(metrics: "Metrics", request: Request, status: int, size: int) -> None:
+    """Count an answer (for /metrics) and write its access-log line."""
+    metrics.answered(request.route, status)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info('%s "%s" %d %s %.1fms', request.client, request.loggable(), status,
+                    size, (time.monotonic() - request.started) * 1000)
 
 
 # ---------------------------------------------------------------------------
 # The waiting layer: parked polls, /receive takers and event streams
 # ---------------------------------------------------------------------------
+
+def _check_room(service: "_Service", parked: int, parked_by: collections.Counter[str],
+                key: str | None) -> None:
+    """503 with Retry-After when *service*, or the client *key*, has as many
+    requests parked as it may (``max_waiting``, ``max_waiting_per_client``)."""
+    if parked >= service.max_waiting or (
+            key is not None and parked_by[key] >= service.max_waiting_per_client):
+        raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
+                            "too many waiting requests: try again shortly",
+                            {"Retry-After": "5"})
+
 
 class _Group:
     """Parked polls (and streams) with the same channels, position and
@@ -5068,13 +5097,8 @@ class Waiters:
     def admit(self, conn: Connection, request: Request) -> None:
         """503 with Retry-After when the server, or this client, has as many
         requests parked as it may."""
-        server, key = self.server, request.key
-        if self.parked >= server.max_waiting or (
-                key is not None and self.parked_by[key] >= server.max_waiting_per_client):
-            raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
-                                "too many waiting requests: try again shortly",
-                                {"Retry-After": "5"})
-        conn.owner = key
+        _check_room(self.server, self.parked, self.parked_by, request.key)
+        conn.owner = request.key
 
     def park(self, conn: Connection, request: Request, state: str,
               timeout: float | None) -> None:
@@ -5314,6 +5338,15 @@ class Waiters:
                                 keep=False)
 
 
+def _taken(msg: Message | None) -> Response:
+    """``/receive``'s answer: ``{"message": X}`` (null on timeout), with the
+    ``receipt`` of a lease."""
+    body = b'{"message":' + (b"null" if msg is None else msg.payload)
+    if msg is not None and msg.receipt is not None:
+        body += b',"receipt":"' + msg.receipt.encode() + b'"'
+    return Response(HTTPStatus.OK, body + b"}\n")
+
+
 class Takers:
     """``/receive``'s takers: each gets the next message no one else got,
     or parks, first come first served, until a publish (or a message given
@@ -5376,11 +5409,8 @@ class Takers:
         """Answer a taker. A message whose answer is not all written yet is
         the connection's (``conn.handed``) until it is: if the connection
         dies first, the message goes back to the queue (``forget``)."""
-        body = b'{"message":' + (b"null" if msg is None else msg.payload)
-        if msg is not None and msg.receipt is not None:
-            body += b',"receipt":"' + msg.receipt.encode() + b'"'
         conn.handed = msg  # (cleared by the HTTP layer once the answer is all written)
-        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body + b"}\n"))
+        self.protocol.respond(conn, request, _taken(msg))
 
     def give_back(self, msg: Message) -> None:
         """*msg*'s taker never got it: back to the head of the queue."""
@@ -5483,10 +5513,12 @@ class Metrics:
             lines.extend(f"longpoll_{name}{labels} {value}" for labels, value in samples)
 
         lines: list[str] = []
-        loop = server.loop
+        loop = server.loop  # (None when mounted in another app: its server has the connections)
         metric("waiting_clients", "gauge", "Requests parked right now (polls and streams).",
                [("", server.waiting)])
-        metric("connections", "gauge", "Open client connections.", [("", len(loop.connections))])
+        if loop is not None:
+            metric("connections", "gauge", "Open client connections.",
+                   [("", len(loop.connections))])
         metric("channels", "gauge", "Channels the hub holds.", [("", server.hub.channel_count)])
         metric("messages_published_total", "counter", "Messages published.",
                [("", server.hub.published)])
@@ -5499,11 +5531,13 @@ class Metrics:
                 for (route, status), count in requests])
         metric("rate_limited_total", "counter", "Requests refused with 429.",
                [("", self.rate_limited)])
-        metric("connections_refused_total", "counter",
-               "Connections refused: the client address held its maximum.",
-               [("", loop.per_address.refused)])
-        metric("slow_clients_cut_total", "counter",
-               "Connections cut because the client left too much unread.", [("", loop.cut)])
+        if loop is not None:
+            metric("connections_refused_total", "counter",
+                   "Connections refused: the client address held its maximum.",
+                   [("", loop.per_address.refused)])
+            metric("slow_clients_cut_total", "counter",
+                   "Connections cut because the client left too much unread.",
+                   [("", loop.cut)])
         metric("store_failures_total", "counter",
                "Times the store (sqlite, Redis) failed a request (answered 503).",
                [("", server.hub.store.failures)])
@@ -5534,7 +5568,71 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-class Server:
+class _Service:
+    """What every way of serving the protocol shares: the settings of
+    ``OPTIONS`` (each an attribute of the same name), the hub, auth, CORS,
+    rate limits, counters, and the ``Handler`` that routes, checks and
+    answers each request. ``Server`` carries the outcomes out on its own
+    loop; ``ASGIApp`` and ``WSGIApp`` on the server of the app they are
+    mounted in."""
+
+    #: Bodies larger than this are decoded by a worker, not the loop.
+    inline_body_limit = 64 * 1024
+    #: The loop that owns the connections (None: the host server's own).
+    loop: Any = None
+
+    def __init__(self, hub: Hub | None, *, auth: Auth | None, cors_origins: Iterable[str],
+                 trust_proxy: bool, ntfy: bool, handler_class: type[Handler],
+                 options: dict[str, Any]) -> None:
+        for name, value in _settings("server", options).items():
+            setattr(self, name, value)
+        #: The hub holding this server's channels.
+        self.hub = hub if hub is not None else Hub()
+        #: Origins whose pages may call this server from a browser ("*": any).
+        self.cors_origins = frozenset(cors_origins)
+        #: Read the client's address from X-Forwarded-For (set by your proxy).
+        self.trust_proxy = trust_proxy
+        #: Speak ntfy's API too (its paths: /<topic>, /<topic>/json, ...).
+        self.ntfy = ntfy
+        self._auth = auth
+        #: Token buckets per client (None: no limit); loopback is exempt.
+        self.publish_limit = (RateLimit(self.publish_rate, self.publish_burst)
+                              if self.publish_rate else None)
+        self.request_limit = (RateLimit(self.request_rate, self.request_burst)
+                              if self.request_rate else None)
+        self.metrics = Metrics()
+        self.started = time.monotonic()
+        self.closing = False
+        self.handler = handler_class(self)
+
+    @property
+    def auth(self) -> Auth | None:
+        """Who may read and write which channels (None: everyone, everything)."""
+        return self._auth
+
+    @auth.setter
+    def auth(self, auth: Auth | None) -> None:
+        self._auth = auth
+
+    @property
+    def requests(self) -> collections.Counter[tuple[str, int]]:
+        """Requests answered, by (route, status)."""
+        return self.metrics.requests
+
+    @property
+    def delivered(self) -> int:
+        return self.metrics.delivered
+
+    @property
+    def rate_limited(self) -> int:
+        return self.metrics.rate_limited
+
+    def metrics_text(self) -> str:
+        """The counters in Prometheus text format."""
+        return self.metrics.text(self)
+
+
+class Server(_Service):
     """A longpoll HTTP server around a ``Hub`` (``self.hub``).
 
     Wires four parts, each of which knows only its neighbours: the ``Loop``
@@ -5556,37 +5654,16 @@ class Server:
 
     #: Largest request head (request line and headers) in bytes; more is 431.
     max_head = MAX_HEAD
-    #: Bodies larger than this are decoded by a worker, not the loop.
-    inline_body_limit = 64 * 1024
 
     def __init__(self, address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
                  hub: Hub | None = None, *, auth: Auth | None = None, ssl_context: Any = None,
                  cors_origins: Iterable[str] = (), trust_proxy: bool = False,
                  ntfy: bool = True, handler_class: type[Handler] = Handler,
                  **options: Any) -> None:
-        settings = _settings("server", options)
-        for name, value in settings.items():
-            setattr(self, name, value)
-        #: The hub holding this server's channels.
-        self.hub = hub if hub is not None else Hub()
-        #: Origins whose pages may call this server from a browser ("*": any).
-        self.cors_origins = frozenset(cors_origins)
-        #: Read the client's address from X-Forwarded-For (set by your proxy).
-        self.trust_proxy = trust_proxy
-        #: Speak ntfy's API too (its paths: /<topic>, /<topic>/json, ...).
-        self.ntfy = ntfy
-        self._auth = auth
-        #: Token buckets per client (None: no limit); loopback is exempt.
-        self.publish_limit = (RateLimit(self.publish_rate, self.publish_burst)
-                              if self.publish_rate else None)
-        self.request_limit = (RateLimit(self.request_rate, self.request_burst)
-                              if self.request_rate else None)
-        self.metrics = Metrics()
-        self.started = time.monotonic()
-        self.closing = False
+        super().__init__(hub, auth=auth, cors_origins=cors_origins, trust_proxy=trust_proxy,
+                         ntfy=ntfy, handler_class=handler_class, options=options)
         self._next_prune = 0.0
         self._pruning: concurrent.futures.Future | None = None
-        self.handler = handler_class(self)
         self.protocol = HTTPProtocol(self)
         # Behind a trusted proxy every client shares the proxy's address:
         # there, connections are not capped per address.
@@ -5646,29 +5723,12 @@ class Server:
         self.loop.ssl_context = context
 
     @property
-    def requests(self) -> collections.Counter[tuple[str, int]]:
-        """Requests answered, by (route, status)."""
-        return self.metrics.requests
-
-    @property
-    def delivered(self) -> int:
-        return self.metrics.delivered
-
-    @property
-    def rate_limited(self) -> int:
-        return self.metrics.rate_limited
-
-    @property
     def _connections(self) -> set[Connection]:
         return self.loop.connections
 
     @property
     def _parked_by(self) -> collections.Counter[str]:
         return self.waiters.parked_by
-
-    def metrics_text(self) -> str:
-        """The server's counters in Prometheus text format."""
-        return self.metrics.text(self)
 
     def start(self) -> "Server":
         """Serve from a daemon thread; return self (so ``make_server().start()``)."""
@@ -5751,15 +5811,21 @@ def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     ``max_age``, ``max_channels``, ``store``) make a new ``Hub`` when none is
     given; the others go to ``Server`` (see ``OPTIONS``).
     """
-    hub_options = {name: options.pop(name) for name in list(options)
-                   if name in _OPTION_PARTS and _OPTION_PARTS[name] == "hub"}
-    if hub_options:
-        if hub is not None:
-            raise TypeError(f"give {', '.join(hub_options)} to the Hub, or give no hub")
-        hub = Hub(**_settings("hub", hub_options))
+    hub = _hub_of(hub, options)
     if certfile:
         options["ssl_context"] = _tls_context(certfile, keyfile)
     return Server((host, port), hub, **options)
+
+
+def _hub_of(hub: Hub | None, options: dict[str, Any]) -> Hub | None:
+    """*hub*, or a new one made of the hub's options in *options* (taken out)."""
+    hub_options = {name: options.pop(name) for name in list(options)
+                   if _OPTION_PARTS.get(name) == "hub"}
+    if not hub_options:
+        return hub
+    if hub is not None:
+        raise TypeError(f"give {', '.join(hub_options)} to the Hub, or give no hub")
+    return Hub(**_settings("hub", hub_options))
 
 
 def _tls_context(certfile: str, keyfile: str | None = None) -> Any:
@@ -5777,6 +5843,590 @@ def _tls_context(certfile: str, keyfile: str | None = None) -> Any:
                             f"{' and key ' + keyfile if keyfile else ''}: "
                             f"{getattr(exc, 'strerror', None) or exc}") from None
     return context
+
+
+# ---------------------------------------------------------------------------
+# Mounted in another app: ASGI (FastAPI, Starlette, Django) and WSGI (Flask)
+# ---------------------------------------------------------------------------
+
+class _Mounted(_Service):
+    """What the ASGI and WSGI apps share: a server's settings, checks and
+    counters, without its loop. The ``Handler`` routes, checks and answers
+    each request exactly as for ``serve``; the app carries its outcome out
+    on the server of the app it is mounted in."""
+
+    def __init__(self, hub: Hub | None = None, *, auth: Auth | None = None,
+                 cors_origins: Iterable[str] = (), trust_proxy: bool = False,
+                 ntfy: bool = True, handler_class: type[Handler] = Handler,
+                 **options: Any) -> None:
+        made = _hub_of(hub, options)
+        #: Whether the app made its hub (then ``close`` closes it too).
+        self.owns_hub = made is None or made is not hub
+        super().__init__(made, auth=auth, cors_origins=cors_origins, trust_proxy=trust_proxy,
+                         ntfy=ntfy, handler_class=handler_class, options=options)
+        #: Requests waiting now (polls, streams, takers), in all and per client.
+        self.waiting = 0
+        self.parked_by: collections.Counter[str] = collections.Counter()
+
+    def _request(self, method: str, path: str, query: str, version: str,
+                 headers: dict[str, str], client: str) -> Request:
+        target = urllib.parse.quote(path, safe="/,:@!$&'()*+;=~") + ("?" + query if query else "")
+        request = Request(method, target, version, headers)
+        request.client = client
+        return request
+
+    def _decide(self, request: Request, body: bytes | None) -> Response | None:
+        """Route and check *request* (its *body* read, None if too large); an
+        error answer if it may not go on."""
+        try:
+            if body is None:
+                raise LongpollError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                    f"body too large: the limit is {self.max_body} bytes")
+            request.body = body
+            self.handler.decide(request)
+        except LongpollError as error:
+            return _error_response(error)
+        return None
+
+    def _admit(self, request: Request) -> None:
+        """Count a request that will wait (503 if there is no room for it)."""
+        _check_room(self, self.waiting, self.parked_by, request.key)
+        self.waiting += 1
+        if request.key is not None:
+            self.parked_by[request.key] += 1
+
+    def _leave(self, request: Request) -> None:
+        self.waiting -= 1
+        if request.key is not None:
+            self.parked_by[request.key] -= 1
+            if not self.parked_by[request.key]:
+                del self.parked_by[request.key]
+
+    def _headers(self, request: Request, response: Response) -> list[tuple[str, str]]:
+        """An answer's headers: its type and length, the route's own, CORS."""
+        headers = [("Content-Type", response.content_type),
+                   ("Content-Length", str(len(response.body)))]
+        if not any(name == "Cache-Control" for name, _ in response.headers):
+            headers.append(("Cache-Control", "no-store"))
+        return headers + list(response.headers) + list(request.cors)
+
+    def _stream_headers(self, request: Request, form: Form) -> list[tuple[str, str]]:
+        return [("Content-Type", form.content_type or ""), ("Cache-Control", "no-store"),
+                ("X-Accel-Buffering", "no"), *request.cors]
+
+    def _redirect(self, root: str, query: str) -> Response:
+        """The app's own root asked without its slash: the page's links are
+        relative to it, so go there."""
+        return Response(HTTPStatus.PERMANENT_REDIRECT, b"", "text/plain", (
+            ("Location", root + "/" + ("?" + query if query else "")),))
+
+
+def _ws_texts(data: bytes) -> list[str]:
+    """The text payloads of whole server frames (as ``_ws_frame`` writes
+    them), for a host that does its own framing (ASGI)."""
+    texts, pos = [], 0
+    while pos < len(data):
+        opcode, size = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if size >= 126:
+            width = 2 if size == 126 else 8
+            size, pos = int.from_bytes(data[pos:pos + width], "big"), pos + width
+        if opcode == 0x1:
+            texts.append(data[pos:pos + size].decode())
+        pos += size
+    return texts
+
+
+class _Watch:
+    """The requests of an ASGI app waiting at one (channels, position): one
+    watch on the hub, one event set by a publish, for them all."""
+
+    __slots__ = ("event", "cancel", "count")
+
+    def __init__(self, event: "asyncio.Event") -> None:
+        self.event = event
+        self.cancel: Callable[[], None] = lambda: None
+        self.count = 0
+
+
+class ASGIApp(_Mounted):
+    """longpoll's protocol as an ASGI 3 application, for FastAPI, Starlette,
+    Django and any ASGI server (uvicorn, hypercorn, daphne): every route
+    of docs/protocol.md (the WebSocket ones on ASGI's websocket scope),
+    with ``serve``'s settings, auth, limits and CORS, checked and answered
+    by the same ``Handler``. A waiting request is held on the host's event
+    loop as a task, never on a thread. ``hub.publish()`` from anywhere (a
+    sync or async route of the host app, another thread) wakes it.
+
+    Mount it under a prefix as the framework does (``root_path``), e.g.
+    ``app.mount("/push", longpoll.asgi_app(hub))``. ``close()`` (or the
+    lifespan's shutdown, where the host passes it on) answers every
+    waiting request and ends every stream. A store across the network
+    (Redis) is asked from the default executor, never on the event loop.
+    """
+
+    def __init__(self, hub: Hub | None = None, **options: Any) -> None:
+        super().__init__(hub, **options)
+        self._watches: dict[tuple, _Watch] = {}
+        self._loop: "asyncio.AbstractEventLoop | None" = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any],
+                       send: Callable[[dict[str, Any]], Any]) -> None:
+        import asyncio  # (here: the module imports it only where an ASGI server runs it)
+        self._loop = asyncio.get_running_loop()
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    self.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    def close(self) -> None:
+        """Answer every waiting request as at the end of its hold, end every
+        stream and WebSocket (1001), and answer the next ones at once; a
+        hub the app made is closed too. Safe from any thread."""
+        self.closing = True
+        if self._loop is not None:
+            for watch in list(self._watches.values()):
+                self._loop.call_soon_threadsafe(watch.event.set)
+        if self.owns_hub:
+            self.hub.close()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _request_of(self, scope: dict[str, Any], method: str,
+                    defaults: tuple[tuple[str, str], ...] = ()) -> Request | str:
+        """The ``Request`` of an ASGI scope, or the app's root (a string)
+        when it was asked without its slash."""
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope.get("headers", ()):
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            headers[name] = headers[name] + ", " + value if name in headers else value
+        for name, value in defaults:
+            headers.setdefault(name, value)
+        path, root = scope.get("path") or "/", scope.get("root_path", "")
+        if root and path.startswith(root):  # (a mount leaves the whole path there)
+            path = path[len(root):]
+            if not path:
+                return root
+        version = "HTTP/1.1" if defaults else f"HTTP/{scope.get('http_version', '1.1')}"
+        client = scope.get("client")
+        return self._request(method, path, scope.get("query_string", b"").decode("latin-1"),
+                             version, headers, client[0] if client else "")
+
+    async def _http(self, scope: dict[str, Any], receive: Callable[[], Any],
+                    send: Callable[[dict[str, Any]], Any]) -> None:
+        request = self._request_of(scope, scope["method"])
+        if isinstance(request, str):
+            query = scope.get("query_string", b"").decode("latin-1")
+            bare = self._request(scope["method"], "/", "", "HTTP/1.1", {}, "")
+            await self._respond(send, bare, self._redirect(request, query))
+            return
+        body, size = bytearray(), 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size <= self.max_body:
+                body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        refused = self._decide(request, bytes(body) if size <= self.max_body else None)
+        if refused is not None:
+            await self._respond(send, request, refused)
+            return
+        handler = self.handler
+        if handler.on_worker(request):  # a large body, or a store across the network
+            outcome = await self._loop.run_in_executor(None, handler.handle, request)
+        else:
+            outcome = handler.handle(request)
+        try:
+            if isinstance(outcome, Response):
+                await self._respond(send, request, outcome)
+            elif isinstance(outcome, Poll):
+                await self._poll(request, outcome, receive, send)
+            elif isinstance(outcome, Stream):
+                await self._stream(request, outcome, receive, send)
+            else:
+                await self._take(request, outcome, receive, send)
+        except LongpollError as error:  # no room to wait (503), or the store failed
+            await self._respond(send, request, _error_response(error))
+
+    async def _respond(self, send: Callable[[dict[str, Any]], Any], request: Request,
+                       response: Response) -> None:
+        response = _shaped(request, response)
+        status = response.status
+        await send({"type": "http.response.start", "status": int(status), "headers": [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in self._headers(request, response)]})
+        empty = request.method == "HEAD" or status == HTTPStatus.NOT_MODIFIED
+        await send({"type": "http.response.body", "body": b"" if empty else response.body})
+        _log_answer(self.metrics, request, status, len(response.body))
+
+    # -- waiting ----------------------------------------------------------------------
+
+    async def _changed(self, names: tuple[str, ...], position: Position,
+                       timeout: float | None, gone: "asyncio.Future") -> bool:
+        """Wait for a publish to *names* after *position* (True), or until
+        *timeout* passes, the client goes (*gone*) or the app closes."""
+        import asyncio
+        key = (names, position)
+        watch = self._watches.get(key)
+        if watch is None or watch.event.is_set():
+            watch = _Watch(asyncio.Event())
+            watch.cancel = self.hub.watch(names, functools.partial(
+                self._loop.call_soon_threadsafe, watch.event.set), since=position)
+            self._watches[key] = watch
+        watch.count += 1
+        waiter = asyncio.ensure_future(watch.event.wait())
+        try:
+            await asyncio.wait((waiter, gone), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            return watch.event.is_set()
+        finally:
+            waiter.cancel()
+            watch.count -= 1
+            if not watch.count:
+                if self._watches.get(key) is watch:
+                    del self._watches[key]
+                watch.cancel()
+
+    @staticmethod
+    def _gone(receive: Callable[[], Any]) -> "asyncio.Future":
+        """Done when the client disconnects (what else it sends is dropped)."""
+        import asyncio
+        async def listen() -> None:
+            while (await receive())["type"] not in ("http.disconnect", "websocket.disconnect"):
+                pass
+        return asyncio.ensure_future(listen())
+
+    async def _store(self, call: Callable[[], Any]) -> Any:
+        """*call*, which may ask the store: off the loop if it is remote."""
+        if self.hub.store.remote:
+            return await self._loop.run_in_executor(None, call)
+        return call()
+
+    async def _poll(self, request: Request, poll: Poll, receive: Callable[[], Any],
+                    send: Callable[[dict[str, Any]], Any]) -> None:
+        names, position, timeout, limit = poll
+        hub = self.hub
+        if hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
+            timeout = max(timeout, hub.store.lag)
+        batch = hub.read_checked(names, position, limit, self.max_answer)
+        if not (batch.messages or batch.gap or timeout <= 0 or self.closing):
+            self._admit(request)
+            gone, deadline = self._gone(receive), time.monotonic() + timeout
+            try:
+                while True:
+                    woken = await self._changed(names, position, deadline - time.monotonic(),
+                                                gone)
+                    if gone.done():
+                        return
+                    if not woken:
+                        position = hub.settle(position)
+                    batch = hub.read_checked(names, position, limit, self.max_answer)
+                    if batch.messages or batch.gap or not woken or self.closing:
+                        break
+            finally:
+                gone.cancel()
+                self._leave(request)
+        self.metrics.delivered += len(batch.messages)
+        await self._respond(send, request, Response(HTTPStatus.OK, batch.to_json()))
+
+    async def _take(self, request: Request, take: Take, receive: Callable[[], Any],
+                    send: Callable[[dict[str, Any]], Any]) -> None:
+        hub, (channel, timeout, lease) = self.hub, take
+        attempt = functools.partial(hub.take, channel, timeout=0, lease=lease)
+        head = hub.locate(None)
+        msg = await self._store(attempt)
+        if msg is None and timeout > 0 and not self.closing:
+            self._admit(request)
+            gone, deadline = self._gone(receive), time.monotonic() + timeout
+            try:
+                while msg is None and not self.closing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    # (a lease that ends gives a message back with no publish: look each second)
+                    await self._changed((channel,), head, min(remaining, 1.0), gone)
+                    if gone.done():
+                        return
+                    head = hub.locate(None)
+                    msg = await self._store(attempt)
+            finally:
+                gone.cancel()
+                self._leave(request)
+        try:
+            await self._respond(send, request, _taken(msg))
+        except BaseException:
+            if msg is not None:  # its taker never got it: back to the queue
+                await self._store(functools.partial(hub.give_back, msg))
+            raise
+
+    async def _stream(self, request: Request, stream: Stream, receive: Callable[[], Any],
+                      send: Callable[[dict[str, Any]], Any]) -> None:
+        """An event stream (ours, or one of ntfy's): what is there after its
+        position, then every message as it comes, with keepalives."""
+        names, position, form, _ = stream
+        self._admit(request)
+        gone = self._gone(receive)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in self._stream_headers(request, form)]})
+            _log_answer(self.metrics, request, 200, 0)
+            more = {"type": "http.response.body", "more_body": True}
+            await send({**more, "body": form.opening})
+            async for data in self._batches(names, position, form, gone):
+                await send({**more, "body": data})
+            if not gone.done():
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            gone.cancel()
+            self._leave(request)
+
+    async def _batches(self, names: tuple[str, ...], position: Position, form: Form,
+                       gone: "asyncio.Future") -> Any:
+        """A stream's writes in *form*: batches as they come, a keepalive
+        after each quiet ``keepalive`` seconds; until the client goes or
+        the app closes."""
+        hub = self.hub
+        while not self.closing:
+            batch = hub.read_checked(names, position, MAX_LIMIT, self.max_answer)
+            if batch.messages or batch.gap:
+                self.metrics.delivered += len(batch.messages)
+                yield form.encode(batch)
+                position = hub.locate(batch.cursor)
+                continue
+            woken = await self._changed(names, position, self.keepalive, gone)
+            if gone.done():
+                return
+            if not woken:
+                position = hub.settle(position)
+                yield form.keepalive()
+
+    async def _websocket(self, scope: dict[str, Any], receive: Callable[[], Any],
+                         send: Callable[[dict[str, Any]], Any]) -> None:
+        """A WebSocket (the host did the handshake): the same checks and
+        frames as ``serve``'s, each frame a text message."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        request = self._request_of(scope, "GET", (  # (what the host's handshake checked)
+            ("upgrade", "websocket"), ("connection", "upgrade"),
+            ("sec-websocket-version", "13"), ("sec-websocket-key", "AAAAAAAAAAAAAAAAAAAAAA==")))
+        if isinstance(request, str):
+            request = self._request("GET", "/", "", "HTTP/1.1", {}, "")
+        outcome = self._decide(request, b"") or self.handler.handle(request)
+        if isinstance(outcome, Stream) and outcome.websocket is not None:
+            try:
+                self._admit(request)
+            except LongpollError as error:
+                outcome = _error_response(error)
+        if not isinstance(outcome, Stream):
+            if outcome.status < 400:
+                outcome = _error_response(LongpollError(
+                    HTTPStatus.NOT_FOUND, f"no WebSocket at {_printable(request.path[:200])}"))
+            await self._refuse_socket(scope, send, request, _shaped(request, outcome))
+            return
+        names, position, form, _ = outcome
+        await send({"type": "websocket.accept"})
+        _log_answer(self.metrics, request, 101, 0)
+        gone = self._gone(receive)
+        try:
+            for text in _ws_texts(form.opening):
+                await send({"type": "websocket.send", "text": text})
+            async for data in self._batches(names, position, form, gone):
+                for text in _ws_texts(data):  # (a keepalive is a ping: the host sends its own)
+                    await send({"type": "websocket.send", "text": text})
+            if not gone.done():
+                await send({"type": "websocket.close", "code": 1001})
+        finally:
+            gone.cancel()
+            self._leave(request)
+
+    async def _refuse_socket(self, scope: dict[str, Any], send: Callable[[dict[str, Any]], Any],
+                             request: Request, response: Response) -> None:
+        """Refuse a WebSocket with its HTTP answer where the host can send
+        one (ASGI's websocket.http.response), else with a close (403)."""
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await send({"type": "websocket.http.response.start", "status": int(response.status),
+                        "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                                    for name, value in self._headers(request, response)]})
+            await send({"type": "websocket.http.response.body", "body": response.body})
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+        _log_answer(self.metrics, request, response.status, len(response.body))
+
+
+class WSGIApp(_Mounted):
+    """longpoll's protocol as a WSGI application, for Flask, Django and any
+    WSGI server: publish, reads, long-polls, event streams, ``/send`` and
+    ``/receive``, ``/health``, ``/metrics``, the page and ``/longpoll.js``,
+    with ``serve``'s settings and checks (the same ``Handler``).
+    WebSockets need an ASGI server (``501``).
+
+    WSGI gives each request a thread (or greenlet) until it is answered: a
+    long-poll holds one for its hold, an event stream for its whole life.
+    Fine for a few dozen waiting clients under a threaded server; for
+    more, mount ``ASGIApp``, or run ``serve`` beside the app. Mount it
+    under a prefix as WSGI does (``SCRIPT_NAME``; Werkzeug's
+    ``DispatcherMiddleware``)."""
+
+    def __call__(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        request = self._request_of(environ)
+        if isinstance(request, str):
+            return self._answer(start_response, self._request("GET", "/", "", "HTTP/1.1", {}, ""),
+                                self._redirect(request, environ.get("QUERY_STRING", "")))
+        refused = self._decide(request, self._body(environ))
+        if refused is None and request.route in ("ws", "ntfy_ws"):
+            refused = _error_response(LongpollError(
+                HTTPStatus.NOT_IMPLEMENTED, "WebSockets need an ASGI server: mount "
+                "longpoll.asgi_app, or run longpoll serve"))
+        if refused is not None:
+            return self._answer(start_response, request, refused)
+        outcome = self.handler.handle(request)
+        try:
+            if isinstance(outcome, Poll):
+                outcome = self._poll(request, outcome)
+            elif isinstance(outcome, Take):
+                outcome = self._take(request, outcome)
+            elif isinstance(outcome, Stream):
+                return self._stream(start_response, request, outcome)
+        except LongpollError as error:
+            outcome = _error_response(error)
+        return self._answer(start_response, request, outcome)
+
+    def close(self) -> None:
+        """Answer the next requests at once; close a hub the app made (which
+        wakes its waiting requests)."""
+        self.closing = True
+        if self.owns_hub:
+            self.hub.close()
+
+    def _request_of(self, environ: dict[str, Any]) -> Request | str:
+        headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items()
+                   if key.startswith("HTTP_")}
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                headers[key.replace("_", "-").lower()] = environ[key]
+        path = environ.get("PATH_INFO", "")
+        if not path:
+            return environ.get("SCRIPT_NAME", "")  # the app's root without its slash
+        version = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+        return self._request(environ.get("REQUEST_METHOD", "GET"), path,
+                             environ.get("QUERY_STRING", ""),
+                             version if version in ("HTTP/1.0", "HTTP/1.1") else "HTTP/1.1",
+                             headers, environ.get("REMOTE_ADDR", ""))
+
+    def _body(self, environ: dict[str, Any]) -> bytes | None:
+        """The body, or None past ``max_body``."""
+        stream = environ.get("wsgi.input")
+        length = environ.get("CONTENT_LENGTH") or ""
+        if stream is None or not (length.isdigit() or environ.get("wsgi.input_terminated")):
+            return b""
+        body = stream.read(min(int(length), self.max_body + 1) if length.isdigit()
+                           else self.max_body + 1)
+        return body if len(body) <= self.max_body else None
+
+    def _answer(self, start_response: Callable[..., Any], request: Request,
+                response: Response) -> list[bytes]:
+        response = _shaped(request, response)
+        status = HTTPStatus(response.status)
+        start_response(f"{status.value} {status.phrase}", self._headers(request, response))
+        _log_answer(self.metrics, request, status, len(response.body))
+        empty = request.method == "HEAD" or status == HTTPStatus.NOT_MODIFIED
+        return [b"" if empty else response.body]
+
+    def _poll(self, request: Request, poll: Poll) -> Response:
+        """A long-poll, held on this thread until a message or its timeout."""
+        names, position, timeout, limit = poll
+        hub = self.hub
+        if hub.ahead(position):
+            timeout = max(timeout, hub.store.lag)
+
+        def attempt() -> tuple[bool, Batch]:
+            batch = hub.read_checked(names, position, limit, self.max_answer)
+            return bool(batch.messages or batch.gap or self.closing), batch
+
+        done, batch = attempt()
+        if not done and timeout > 0:
+            self._admit(request)
+            try:
+                batch = hub._block(names, attempt, timeout)
+            finally:
+                self._leave(request)
+            if not (batch.messages or batch.gap):
+                batch = hub.read_checked(names, hub.settle(position), limit, self.max_answer)
+        self.metrics.delivered += len(batch.messages)
+        return Response(HTTPStatus.OK, batch.to_json())
+
+    def _take(self, request: Request, take: Take) -> Response:
+        channel, timeout, lease = take
+        if timeout <= 0 or self.closing:
+            return _taken(self.hub.take(channel, 0, lease=lease))
+        self._admit(request)
+        try:
+            return _taken(self.hub.take(channel, timeout, lease=lease))
+        finally:
+            self._leave(request)
+
+    def _stream(self, start_response: Callable[..., Any], request: Request,
+                stream: Stream) -> Iterable[bytes]:
+        """An event stream: this thread writes it until the client goes."""
+        names, position, form, _ = stream
+        try:
+            self._admit(request)
+        except LongpollError as error:
+            return self._answer(start_response, request, _error_response(error))
+        start_response("200 OK", self._stream_headers(request, form))
+        _log_answer(self.metrics, request, 200, 0)
+        return self._events(request, names, position, form)
+
+    def _events(self, request: Request, names: tuple[str, ...], position: Position,
+                form: Form) -> Iterable[bytes]:
+        hub = self.hub
+        try:
+            yield form.opening
+            while not self.closing:
+                batch = hub.read_checked(names, position, MAX_LIMIT, self.max_answer)
+                if batch.messages or batch.gap:
+                    self.metrics.delivered += len(batch.messages)
+                    yield form.encode(batch)
+                    position = hub.locate(batch.cursor)
+                    continue
+                woken = threading.Event()
+                cancel = hub.watch(names, woken.set, since=position)
+                try:
+                    if not woken.wait(self.keepalive):
+                        position = hub.settle(position)
+                        yield form.keepalive()
+                finally:
+                    cancel()
+        finally:  # (the client went: the server closes this generator)
+            self._leave(request)
+
+
+def asgi_app(hub: Hub | None = None, **options: Any) -> ASGIApp:
+    """longpoll as an ASGI application over *hub* (a new one if not given:
+    its options, such as ``store`` and ``retention``, may be given here),
+    with ``serve``'s options (``OPTIONS``; ``auth=Auth(...)``,
+    ``cors_origins``, ``trust_proxy``, ``ntfy``). See ``ASGIApp`` and
+    docs/embedding.md."""
+    return ASGIApp(hub, **options)
+
+
+def wsgi_app(hub: Hub | None = None, **options: Any) -> WSGIApp:
+    """longpoll as a WSGI application; as ``asgi_app``. See ``WSGIApp``."""
+    return WSGIApp(hub, **options)
 
 
 # ---------------------------------------------------------------------------
@@ -6406,8 +7056,8 @@ time { color: #888; font-size: .85rem; margin-right: .6rem; }
   <input id="message" placeholder="message" required autocomplete="off">
   <button>Publish</button></form>
 <ol id="log"></ol>
-<script src="/longpoll.js"></script>
-<script src="/page.js"></script>
+<script src="longpoll.js"></script>
+<script src="page.js"></script>
 </body></html>
 """
 
@@ -6758,6 +7408,7 @@ PAGE_JS = r"""// The live page at / (served at /page.js): watch a channel, publi
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const token = params.get("token");
+const server = new URL(".", location.href).href.replace(/\/$/, "");  // (mounted under a path too)
 let channel = params.get("channel") || "news";
 let subscription = null;
 $("channel").value = channel;
@@ -6797,7 +7448,7 @@ function subscribe() {
                    ongap: () => notice("Some messages were lost before they could be shown " +
                                        "(they expired, or the server restarted).")};
   if (params.get("transport")) options.transports = [params.get("transport")];
-  try { subscription = longpoll.subscribe(location.origin, [channel], options); }
+  try { subscription = longpoll.subscribe(server, [channel], options); }
   catch (error) { subscription = null; setState({state: "error", error: error.message}); }
 }
 
@@ -6806,7 +7457,7 @@ $("publish").addEventListener("submit", async (event) => {
   const fields = {token};
   if ($("title").value) fields.title = $("title").value;
   try {
-    await longpoll.publish(location.origin, channel, $("message").value, fields);
+    await longpoll.publish(server, channel, $("message").value, fields);
     $("message").value = "";
   } catch (error) { notice(`Not published: ${error.message}`); }
 });
