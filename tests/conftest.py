@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -42,6 +43,9 @@ def parked_on(server, channel):
     *channel*: a test publishes "from now on" only once its reader waits."""
     while True:
         try:
+            if isinstance(server, AsgiServer):  # (its waiting requests, by their watch)
+                return sum(watch.count for (names, _), watch in list(
+                    server.app._watches.items()) if channel in names)
             groups = list(server.waiters.groups.values())
             return sum(len(g.conns) for g in groups if channel in g.key[0])
         except RuntimeError:  # changed by the loop thread while read: again
@@ -120,8 +124,69 @@ def make_server():
 
 
 @pytest.fixture
-def server(make_server):
-    return make_server()
+def server(request, make_server):
+    """A started server; for a test marked ``asgi_too``, also (a second
+    run) the ASGI app under uvicorn: the two implementations must agree."""
+    if getattr(request, "param", "serve") == "asgi":
+        served = AsgiServer()
+        yield served
+        served.close()
+    else:
+        yield make_server()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "asgi_too: run with the server fixture as serve "
+                            "and as longpoll.asgi_app under uvicorn")
+    config.addinivalue_line("markers", "serve_only: not with asgi_too (a test of serve's "
+                            "own HTTP reader or loop, which a host server replaces)")
+
+
+def pytest_generate_tests(metafunc):
+    marked = metafunc.definition.get_closest_marker
+    if "server" in metafunc.fixturenames and marked("asgi_too") and not marked("serve_only"):
+        metafunc.parametrize("server", ["serve", "asgi"], indirect=True)
+
+
+class AsgiServer:
+    """``longpoll.asgi_app`` served by uvicorn from a thread of this process
+    on a free port: what a test needs of a ``Server`` (``url``, ``hub``,
+    ``waiting``, ``requests``, ``close``)."""
+
+    def __init__(self, hub=None, **options):
+        try:
+            import uvicorn
+        except ImportError:
+            if E2E:
+                pytest.fail("uvicorn is missing (pip install uvicorn)")
+            pytest.skip("uvicorn is missing (pip install uvicorn)")
+        self.app = longpoll.asgi_app(hub, **options)
+        self.hub = self.app.hub
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.server_address = sock.getsockname()
+        self.url = "http://%s:%d" % self.server_address
+        self._uvicorn = uvicorn.Server(uvicorn.Config(
+            self.app, log_level="warning", lifespan="on", ws_max_size=1 << 20,
+            timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]},
+                                        daemon=True)
+        self._thread.start()
+        wait_until(lambda: self._uvicorn.started, what="uvicorn to start")
+
+    @property
+    def waiting(self):
+        return self.app.waiting
+
+    @property
+    def requests(self):
+        return self.app.requests
+
+    def close(self):
+        self.app.close()  # (answers the waiting requests, so uvicorn need not wait for them)
+        self._uvicorn.should_exit = True
+        self._thread.join(10)
+        assert not self._thread.is_alive()
 
 
 def free_port():
@@ -431,10 +496,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-proxy-server"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium (Debian's package; $CHROMIUM names another). No
-    browser is downloaded."""
+    """Headless Chromium (Debian's package; $CHROMIUM names another), for
+    one test module at a time: Playwright's sync API runs an event loop in
+    this thread while it lives, which would stop other modules' own
+    asyncio.run(). No browser is downloaded."""
     problem = None
     if not shutil.which(CHROMIUM):
         problem = f"{CHROMIUM} is missing (apt-get install chromium, or set $CHROMIUM)"

@@ -9,6 +9,9 @@ import pytest
 import longpoll
 from conftest import parse_raw, raw, request, wait_until
 
+# The protocol as served, by serve and by the ASGI app (conftest: asgi_too).
+pytestmark = pytest.mark.asgi_too
+
 
 def publish(server, channel, message, **headers):
     resp = request(server, "POST", f"/channels/{channel}", message, headers)
@@ -318,6 +321,7 @@ def test_oversized_body_is_refused_before_it_is_sent(make_server):
     (b"\x1c\r\n\r\n", 400),  # whitespace to str.split(): found by hypothesis
     (b" \t \r\n\r\n", 400),
 ], ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else None)
+@pytest.mark.serve_only  # (under ASGI the host server reads the HTTP)
 def test_raw_garbage_gets_a_json_error_and_harms_nobody(server, data, status):
     publish(server, "keep", "stored")
     parked, out = in_thread(poll, server, "/channels/keep?since=" + server.hub.cursor)

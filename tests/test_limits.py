@@ -10,6 +10,8 @@ from conftest import request, wait_until
 AUTH = longpoll.Auth({"hammer": {"read": ["*"], "write": ["*"]},
                       "honest": {"read": ["*"], "write": ["*"]}})
 
+pytestmark = pytest.mark.asgi_too
+
 
 def bearer(token, **extra):
     return {"Authorization": f"Bearer {token}", **extra}
@@ -79,6 +81,7 @@ def test_waiting_limits_give_503_and_spare_others(make_server):
     assert not server._parked_by  # every slot given back
 
 
+@pytest.mark.serve_only  # (serve's own loop)
 def test_slow_loris_connections_do_not_stop_honest_clients(server):
     import socket
     import time

@@ -8,6 +8,8 @@ from conftest import request, wait_until
 
 parser = pytest.importorskip("prometheus_client.parser")
 
+pytestmark = pytest.mark.asgi_too
+
 
 def scrape(server):
     resp = request(server, "GET", "/metrics")

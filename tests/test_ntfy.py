@@ -18,6 +18,8 @@ from conftest import E2E, parked_on, request, wait_until
 
 CURL = shutil.which("curl")
 
+pytestmark = pytest.mark.asgi_too
+
 
 def curl(*args, timeout=10):
     if CURL is None:
@@ -133,7 +135,7 @@ def test_reserved_names_cannot_be_topics(server, path):
 
 def test_a_topics_page_is_the_live_page_on_that_channel(server):
     answer = request(server, "GET", "/mytopic", headers={"Accept": "text/html"})
-    assert answer.status == 302 and answer.headers["Location"] == "/?channel=mytopic"
+    assert answer.status == 302 and answer.headers["Location"] == "./?channel=mytopic"
     answer = request(server, "GET", "/mytopic")  # not a browser
     assert answer.status == 404 and "/mytopic/json" in answer.json["error"]
 
@@ -185,6 +187,7 @@ def read_stream(server, path, until):
     return response, got
 
 
+@pytest.mark.serve_only  # (its bytes as serve frames them)
 def test_the_json_stream_opens_then_carries_each_message(server):
     def publish_once_parked():
         wait_until(lambda: parked_on(server, "stream") == 1)

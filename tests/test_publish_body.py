@@ -13,6 +13,8 @@ import longpoll
 from conftest import E2E, free_port, request, wait_until
 from test_cli import Process
 
+pytestmark = pytest.mark.asgi_too
+
 
 def held(server, channel):
     return [m.message for m in server.hub.read(channel, "0").messages]

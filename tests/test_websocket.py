@@ -15,6 +15,8 @@ from websockets.sync.client import connect
 import longpoll
 from conftest import WsReader, parked_on, request, wait_until, ws_frame, ws_open
 
+pytestmark = pytest.mark.asgi_too
+
 
 def ws_url(server, path):
     return server.url.replace("http://", "ws://", 1) + path
@@ -178,6 +180,7 @@ def test_a_plain_get_of_the_ws_path_is_told_to_upgrade(server):
     assert "Upgrade: websocket" in answer.json["error"]
 
 
+@pytest.mark.serve_only  # (under ASGI the host does the handshake)
 @pytest.mark.parametrize("headers, status, words", [
     ({"Sec-WebSocket-Version": "8"}, 426, b"Sec-WebSocket-Version: 13"),
     ({"Sec-WebSocket-Key": "short"}, 400, b"16 bytes in base64"),
