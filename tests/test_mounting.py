@@ -217,10 +217,21 @@ def test_flask_under_werkzeug_mounts_the_wsgi_app(tmp_path):
         reader.join(15)
         assert not reader.is_alive()
         assert got["messages"][0]["message"] == "done"
-        # the tutorial's /send and /receive, and a read at once
-        req = urllib.request.Request(f"{url}/push/send", data=b"message=hello", method="POST")
+        # the tutorial's /send and /receive: its clients, as they were (a form
+        # post as jQuery's $.post sends it; a /receive that waits), and the same on /push
+        taken = {}
+        taker = threading.Thread(target=lambda: taken.update(get("/receive")[1]))
+        taker.start()
+        wait_until(lambda: flask_app.hub.waiting == 1)
+        req = urllib.request.Request(f"{url}/send", data=b"message=hello", method="POST")
+        with urllib.request.urlopen(req, timeout=10) as answer:
+            assert json.loads(answer.read()) == {"status": "Message sent."}
+        taker.join(15)
+        assert not taker.is_alive()
+        assert taken == {"message": "hello"}
+        req = urllib.request.Request(f"{url}/push/send", data=b"message=again", method="POST")
         urllib.request.urlopen(req, timeout=10).close()
-        assert get("/push/receive?timeout=0") == (200, {"message": "hello"})
+        assert get("/push/receive?timeout=0") == (200, {"message": "again"})
         assert get("/push/channels/jobs?since=0&timeout=0")[1]["messages"][0]["message"] == \
             "done"
         # an event stream, on a thread of the WSGI server's
