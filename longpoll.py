@@ -13,11 +13,13 @@ or from Python, in the same process or over HTTP::
     server.hub.publish("ci", {"status": "green"}, title="Build")
     for msg in longpoll.Client(server.url).subscribe("ci", since="0"): print(msg)
 
-The module holds five parts, each usable alone: the ``Hub`` (channels of
+The module holds these parts, each usable alone: the ``Hub`` (channels of
 messages with cursors, no HTTP), its stores (memory, ``sqlite3``, Redis),
 the ``Server`` (the wire protocol: a strict HTTP/1.1 ``RequestReader``, a
-``selectors`` loop, the routes and the waiting layer), the ``Client``
-(``urllib``), and the command line.
+``selectors`` loop, the routes and the waiting layer), the same routes as
+an ASGI or WSGI app to mount in FastAPI, Django or Flask (``asgi_app``,
+``wsgi_app``), the browser client it serves (``/longpoll.js``), the
+``Client`` (``urllib``), and the command line.
 
 Limits, stated honestly:
 
@@ -5867,6 +5869,7 @@ class _Mounted(_Service):
         #: Requests waiting now (polls, streams, takers), in all and per client.
         self.waiting = 0
         self.parked_by: collections.Counter[str] = collections.Counter()
+        self._counting = threading.Lock()  # (a WSGI server's threads count at once)
 
     def _request(self, method: str, path: str, query: str, version: str,
                  headers: dict[str, str], client: str) -> Request:
@@ -5890,17 +5893,19 @@ class _Mounted(_Service):
 
     def _admit(self, request: Request) -> None:
         """Count a request that will wait (503 if there is no room for it)."""
-        _check_room(self, self.waiting, self.parked_by, request.key)
-        self.waiting += 1
-        if request.key is not None:
-            self.parked_by[request.key] += 1
+        with self._counting:
+            _check_room(self, self.waiting, self.parked_by, request.key)
+            self.waiting += 1
+            if request.key is not None:
+                self.parked_by[request.key] += 1
 
     def _leave(self, request: Request) -> None:
-        self.waiting -= 1
-        if request.key is not None:
-            self.parked_by[request.key] -= 1
-            if not self.parked_by[request.key]:
-                del self.parked_by[request.key]
+        with self._counting:
+            self.waiting -= 1
+            if request.key is not None:
+                self.parked_by[request.key] -= 1
+                if not self.parked_by[request.key]:
+                    del self.parked_by[request.key]
 
     def _headers(self, request: Request, response: Response) -> list[tuple[str, str]]:
         """An answer's headers: its type and length, the route's own, CORS."""
@@ -6185,8 +6190,11 @@ class ASGIApp(_Mounted):
             _log_answer(self.metrics, request, 200, 0)
             more = {"type": "http.response.body", "more_body": True}
             await send({**more, "body": form.opening})
-            async for data in self._batches(names, position, form, gone):
-                await send({**more, "body": data})
+            try:
+                async for data in self._batches(names, position, form, gone):
+                    await send({**more, "body": data})
+            except LongpollError as error:  # (no room for its channels: it resumes later)
+                logger.warning("ended a stream of %s: %s", request.client, error.message)
             if not gone.done():
                 await send({"type": "http.response.body", "body": b""})
         finally:
@@ -6243,11 +6251,16 @@ class ASGIApp(_Mounted):
         try:
             for text in _ws_texts(form.opening):
                 await send({"type": "websocket.send", "text": text})
-            async for data in self._batches(names, position, form, gone):
-                for text in _ws_texts(data):  # (a keepalive is a ping: the host sends its own)
-                    await send({"type": "websocket.send", "text": text})
+            code = 1001  # (going away: the app closes)
+            try:
+                async for data in self._batches(names, position, form, gone):
+                    for text in _ws_texts(data):  # (a keepalive is a ping: the host pings)
+                        await send({"type": "websocket.send", "text": text})
+            except LongpollError as error:  # (no room for its channels: try again later)
+                logger.warning("ended a WebSocket of %s: %s", request.client, error.message)
+                code = 1013
             if not gone.done():
-                await send({"type": "websocket.close", "code": 1001})
+                await send({"type": "websocket.close", "code": code})
         finally:
             gone.cancel()
             self._leave(request)

@@ -16,6 +16,7 @@ Servers (each started fresh for every row, as a subprocess of this script):
   threaded   bench/servers/threaded.py: a blocked thread per waiting client
   tornado    bench/servers/tornado_server.py: Tornado 6
   floor      bench/servers/floor.py: writes one pre-encoded answer to every parked socket
+  asgi       bench/servers/asgi_uvicorn.py: longpoll.asgi_app under uvicorn (one worker)
 
 Fan-out rows: park N subscribers (raw HTTP/1.1 keep-alive sockets, asyncio),
 wait until /health reports them all waiting, measure the server's CPU over
@@ -61,6 +62,7 @@ SERVERS = {
     "threaded": [sys.executable, os.path.join(HERE, "servers", "threaded.py"), "--port", "0"],
     "tornado": [sys.executable, os.path.join(HERE, "servers", "tornado_server.py"), "--port", "0"],
     "floor": [sys.executable, os.path.join(HERE, "servers", "floor.py"), "--port", "0"],
+    "asgi": [sys.executable, os.path.join(HERE, "servers", "asgi_uvicorn.py"), "--port", "0"],
 }
 LENGTH = re.compile(rb"[Cc]ontent-[Ll]ength:\s*(\d+)")
 CURSOR = re.compile(rb'"cursor":\s*"([^"]*)"')
