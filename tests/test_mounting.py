@@ -283,3 +283,37 @@ def test_the_page_works_mounted_under_a_path(browser, served):
     assert app.get("/push/channels/mounted?since=0&timeout=0")["messages"][1]["message"] == \
         "from the page"
     assert not page.errors
+
+
+def test_the_asgi_app_applies_serve_s_auth_limits_and_cors():
+    served = AsgiServer(auth=longpoll.Auth({"writer": {"write": ["*"], "read": ["*"]}}),
+                        cors_origins=["https://app.example"], publish_rate=1, publish_burst=1,
+                        trust_proxy=True)  # (so that the test's address is not loopback)
+
+    def call(method, path, body=None, headers=None):
+        req = urllib.request.Request(served.url + path, data=body, method=method,
+                                     headers={"X-Forwarded-For": "203.0.113.9", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as answer:
+                return answer.status, answer.headers, answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers, error.read()
+
+    try:
+        status, _, body = call("POST", "/channels/a", b"x")
+        assert status == 401 and b"error" in body
+        status, _, body = call("POST", "/channels/a", b"x", {"Authorization": "Bearer nope"})
+        assert (status, json.loads(body)) == (401, {"error": "invalid token"})
+        writer = {"Authorization": "Bearer writer"}
+        assert call("POST", "/channels/a", b"one", writer)[0] == 201
+        status, headers, _ = call("POST", "/channels/a", b"two", writer)
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+        status, headers, _ = call("OPTIONS", "/channels/a", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert status == 204
+        assert headers["Access-Control-Allow-Origin"] == "https://app.example"
+        status, headers, _ = call("GET", "/channels/a?since=0&timeout=0",
+                                  headers={"Origin": "https://app.example", **writer})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "https://app.example"
+    finally:
+        served.close()

@@ -1,23 +1,12 @@
 """A FastAPI app with longpoll mounted at /push (docs/embedding.md's
 example): its own routes publish with hub.publish()."""
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 import longpoll
 
 hub = longpoll.Hub()
-push = longpoll.asgi_app(hub)
-
-
-@asynccontextmanager
-async def lifespan(app):
-    yield
-    push.close()  # answers every waiting client (a mount does not get the lifespan)
-
-
-app = FastAPI(lifespan=lifespan)
-app.mount("/push", push)
+app = FastAPI()
+app.mount("/push", longpoll.asgi_app(hub))
 
 
 @app.post("/notify/{channel}")
