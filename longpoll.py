@@ -5944,14 +5944,22 @@ def _ws_texts(data: bytes) -> list[str]:
 
 class _Watch:
     """The requests of an ASGI app waiting at one (channels, position): one
-    watch on the hub, one event set by a publish, for them all."""
+    watch on the hub for them all; a publish resolves every one's future,
+    and the first to read after it keeps its answer for the others."""
 
-    __slots__ = ("event", "cancel", "count")
+    __slots__ = ("key", "waiters", "cancel", "fired", "answers")
 
-    def __init__(self, event: "asyncio.Event") -> None:
-        self.event = event
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self.waiters: set["asyncio.Future"] = set()
         self.cancel: Callable[[], None] = lambda: None
-        self.count = 0
+        self.fired = False
+        self.answers: dict[int, tuple[Batch, bytes]] = {}  # by limit, once fired
+
+
+def _resolve(future: "asyncio.Future", *_: Any) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class ASGIApp(_Mounted):
@@ -6000,7 +6008,7 @@ class ASGIApp(_Mounted):
         self.closing = True
         if self._loop is not None:
             for watch in list(self._watches.values()):
-                self._loop.call_soon_threadsafe(watch.event.set)
+                self._loop.call_soon_threadsafe(self._fire, watch)
         if self.owns_hub:
             self.hub.close()
 
@@ -6079,30 +6087,54 @@ class ASGIApp(_Mounted):
     # -- waiting ----------------------------------------------------------------------
 
     async def _changed(self, names: tuple[str, ...], position: Position,
-                       timeout: float | None, gone: "asyncio.Future") -> bool:
-        """Wait for a publish to *names* after *position* (True), or until
-        *timeout* passes, the client goes (*gone*) or the app closes."""
-        import asyncio
+                       timeout: float | None, gone: "asyncio.Future") -> _Watch | None:
+        """Wait for a publish to *names* after *position* (its watch), or
+        until *timeout* passes or the client goes (*gone*) (None). Closing
+        the app counts as a publish."""
         key = (names, position)
         watch = self._watches.get(key)
-        if watch is None or watch.event.is_set():
-            watch = _Watch(asyncio.Event())
-            watch.cancel = self.hub.watch(names, functools.partial(
-                self._loop.call_soon_threadsafe, watch.event.set), since=position)
+        if watch is None or watch.fired:
+            watch = _Watch(key)
             self._watches[key] = watch
-        watch.count += 1
-        waiter = asyncio.ensure_future(watch.event.wait())
+            watch.cancel = self.hub.watch(names, functools.partial(  # (may refuse: 503)
+                self._loop.call_soon_threadsafe, self._fire, watch), since=position)
+        mine = self._loop.create_future()
+        watch.waiters.add(mine)
+        timer = None if timeout is None else self._loop.call_later(timeout, _resolve, mine)
+        done = functools.partial(_resolve, mine)
+        gone.add_done_callback(done)
         try:
-            await asyncio.wait((waiter, gone), timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-            return watch.event.is_set()
+            await mine
+            return watch if watch.fired else None
         finally:
-            waiter.cancel()
-            watch.count -= 1
-            if not watch.count:
+            if timer is not None:
+                timer.cancel()
+            gone.remove_done_callback(done)
+            watch.waiters.discard(mine)
+            if not watch.waiters and not watch.fired:  # nobody waits there now
                 if self._watches.get(key) is watch:
                     del self._watches[key]
                 watch.cancel()
+
+    def _fire(self, watch: _Watch) -> None:
+        """On the loop: a publish reached *watch*'s channels (or the app closes)."""
+        watch.fired = True
+        if self._watches.get(watch.key) is watch:
+            del self._watches[watch.key]
+        for future in watch.waiters:
+            _resolve(future)
+
+    def _read(self, watch: _Watch | None, names: tuple[str, ...], position: Position,
+              limit: int) -> tuple[Batch, bytes]:
+        """What *names* hold after *position*, and its encoding: read once
+        for all the requests a publish woke at one *watch*."""
+        answer = watch.answers.get(limit) if watch is not None else None
+        if answer is None:
+            batch = self.hub.read_checked(names, position, limit, self.max_answer)
+            answer = (batch, batch.to_json())
+            if watch is not None and (batch.messages or batch.gap):
+                watch.answers[limit] = answer
+        return answer
 
     @staticmethod
     def _gone(receive: Callable[[], Any]) -> "asyncio.Future":
@@ -6125,7 +6157,7 @@ class ASGIApp(_Mounted):
         hub = self.hub
         if hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
             timeout = max(timeout, hub.store.lag)
-        batch = hub.read_checked(names, position, limit, self.max_answer)
+        batch, body = self._read(None, names, position, limit)
         if not (batch.messages or batch.gap or timeout <= 0 or self.closing):
             self._admit(request)
             gone, deadline = self._gone(receive), time.monotonic() + timeout
@@ -6135,16 +6167,16 @@ class ASGIApp(_Mounted):
                                                 gone)
                     if gone.done():
                         return
-                    if not woken:
+                    if woken is None:
                         position = hub.settle(position)
-                    batch = hub.read_checked(names, position, limit, self.max_answer)
-                    if batch.messages or batch.gap or not woken or self.closing:
+                    batch, body = self._read(woken, names, position, limit)
+                    if batch.messages or batch.gap or woken is None or self.closing:
                         break
             finally:
                 gone.cancel()
                 self._leave(request)
         self.metrics.delivered += len(batch.messages)
-        await self._respond(send, request, Response(HTTPStatus.OK, batch.to_json()))
+        await self._respond(send, request, Response(HTTPStatus.OK, body))
 
     async def _take(self, request: Request, take: Take, receive: Callable[[], Any],
                     send: Callable[[dict[str, Any]], Any]) -> None:
@@ -6217,7 +6249,7 @@ class ASGIApp(_Mounted):
             woken = await self._changed(names, position, self.keepalive, gone)
             if gone.done():
                 return
-            if not woken:
+            if woken is None:
                 position = hub.settle(position)
                 yield form.keepalive()
 

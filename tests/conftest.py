@@ -44,7 +44,7 @@ def parked_on(server, channel):
     while True:
         try:
             if isinstance(server, AsgiServer):  # (its waiting requests, by their watch)
-                return sum(watch.count for (names, _), watch in list(
+                return sum(len(watch.waiters) for (names, _), watch in list(
                     server.app._watches.items()) if channel in names)
             groups = list(server.waiters.groups.values())
             return sum(len(g.conns) for g in groups if channel in g.key[0])

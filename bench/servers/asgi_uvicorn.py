@@ -22,6 +22,7 @@ def main():
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
+    sock.listen(4096)  # (before the line below: the bench connects at once)
     app = longpoll.asgi_app(retention=100000, max_timeout=3600, max_waiting=100000)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=4096,
                                            timeout_keep_alive=3600))
