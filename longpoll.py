@@ -5919,6 +5919,16 @@ class _Mounted(_Service):
         return [("Content-Type", form.content_type or ""), ("Cache-Control", "no-store"),
                 ("X-Accel-Buffering", "no"), *request.cors]
 
+    def _next(self, names: tuple[str, ...], position: Position,
+              form: Form) -> tuple[bytes, Position]:
+        """A stream's next write in *form* (empty if nothing came after
+        *position*), and the position after it."""
+        batch = self.hub.read_checked(names, position, MAX_LIMIT, self.max_answer)
+        if not (batch.messages or batch.gap):
+            return b"", position
+        self.metrics.delivered += len(batch.messages)
+        return form.encode(batch), self.hub.locate(batch.cursor)
+
     def _redirect(self, root: str, query: str) -> Response:
         """The app's own root asked without its slash: the page's links are
         relative to it, so go there."""
@@ -6238,19 +6248,16 @@ class ASGIApp(_Mounted):
         """A stream's writes in *form*: batches as they come, a keepalive
         after each quiet ``keepalive`` seconds; until the client goes or
         the app closes."""
-        hub = self.hub
         while not self.closing:
-            batch = hub.read_checked(names, position, MAX_LIMIT, self.max_answer)
-            if batch.messages or batch.gap:
-                self.metrics.delivered += len(batch.messages)
-                yield form.encode(batch)
-                position = hub.locate(batch.cursor)
+            data, position = self._next(names, position, form)
+            if data:
+                yield data
                 continue
             woken = await self._changed(names, position, self.keepalive, gone)
             if gone.done():
                 return
             if woken is None:
-                position = hub.settle(position)
+                position = self.hub.settle(position)
                 yield form.keepalive()
 
     async def _websocket(self, scope: dict[str, Any], receive: Callable[[], Any],
@@ -6442,11 +6449,9 @@ class WSGIApp(_Mounted):
         try:
             yield form.opening
             while not self.closing:
-                batch = hub.read_checked(names, position, MAX_LIMIT, self.max_answer)
-                if batch.messages or batch.gap:
-                    self.metrics.delivered += len(batch.messages)
-                    yield form.encode(batch)
-                    position = hub.locate(batch.cursor)
+                data, position = self._next(names, position, form)
+                if data:
+                    yield data
                     continue
                 woken = threading.Event()
                 cancel = hub.watch(names, woken.set, since=position)
