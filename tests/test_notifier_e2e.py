@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from conftest import E2E, wait_until
+from conftest import E2E, parked_on, wait_until
 from notify_stack import NotifyStack, missing_tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +118,9 @@ def test_stopped_notifier_shows_the_three_it_missed_once(stack, server, notifier
     stack.wait_for(f"{channel} live")
     first.send_signal(signal.SIGINT)
     assert first.wait(10) == 0
+    # (until the server sees its poll go, it still counts as waiting: the next
+    # notifier's start is told by that count going up)
+    wait_until(lambda: parked_on(server, channel) == 0, what="the server to see it go")
     for i in range(3):
         server.hub.publish(channel, f"missed {i}", title=f"{channel} missed {i}")
     notifier_proc(channel, "--state", state)
