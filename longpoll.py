@@ -4585,7 +4585,7 @@ class HTTPProtocol:
                          self.connection_header(request, keep),
                          request.method == "HEAD" or status == HTTPStatus.NOT_MODIFIED)
         self.reply(conn, data, keep, linger)
-        self.log(request, status, len(response.body))  # (once the answer is on its way)
+        _log_answer(self.server.metrics, request, status, len(response.body))  # (sent now)
 
     @staticmethod
     def connection_header(request: Request, keep: bool) -> str | None:
@@ -4621,9 +4621,6 @@ class HTTPProtocol:
         """Go on with what *conn* sent meanwhile (pipelined requests)."""
         if conn.state is State.IDLE and conn.reader.buffer:
             self.received(conn)
-
-    def log(self, request: Request, status: int, size: int) -> None:
-        _log_answer(self.server.metrics, request, status, size)
 
 
 def _log_answer(metrics: "Metrics", request: Request, status: int, size: int) -> None:
@@ -5052,13 +5049,13 @@ class Waiters:
                     f"Date: {self.protocol.date()}\r\nUpgrade: websocket\r\n"
                     f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").encode()
             conn.websocket = WebSocketReader(self.server.max_body)
-            self.protocol.log(request, 101, 0)
+            _log_answer(self.server.metrics, request, 101, 0)
         else:
             head = _response(HTTPStatus.OK, b"", form.content_type, self.protocol.date(),
                              (("X-Accel-Buffering", "no"), *request.cors), "close",
                              head_only=True)
             head = head.replace(b"Content-Length: 0\r\n", b"")  # the body ends at the close
-            self.protocol.log(request, 200, 0)
+            _log_answer(self.server.metrics, request, 200, 0)
         first = form.opening
         if not live:
             self.protocol.reply(conn, head + first, keep=False)
@@ -7267,7 +7264,7 @@ LONGPOLL_JS = r"""/* longpoll.js: the browser client of a longpoll server, serve
           this.setState("error", (answer.body && answer.body.error) || "HTTP " + answer.status);
           return;
         }
-        this.failures = (this.failures || 0) + 1;
+        this.failures += 1;
         this.setState(root.navigator.onLine === false ? "offline" : "reconnecting",
                       answer && answer.body && answer.body.error);
         await this.backoff(answer ? answer.retryAfter : 0);
