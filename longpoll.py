@@ -388,12 +388,14 @@ class Message:
         self.seq = seq
         self.id = id
         self.channel = channel
-        if at is None:  # published now
-            self.time = round(time.time(), 3)
+        if at is None:  # published now, to the millisecond
+            at = time.time_ns() // 1_000_000 / 1000
             self.born = time.monotonic()   # for age-based retention
+            when = "%.3f" % at  # (cheaper than repr(), the same number)
         else:  # published before (a store gives it back)
-            self.time = at
             self.born = time.monotonic() - max(0.0, time.time() - at)
+            when = repr(at)
+        self.time = at
         self.title = title
         self.priority = priority
         #: Its other fields (``EXTRA_FIELDS``: tags, click, icon, actions,
@@ -408,17 +410,20 @@ class Message:
             payload = _encode(message)
         if isinstance(payload, str):
             payload = payload.encode()
-        extra = ""
-        if title is not None:
-            extra += ',"title":' + _encode(title)
-        if priority is not None:
-            extra += f',"priority":{priority}'
-        if self.extra:
-            extra += "".join(f',"{name}":{_encode(value)}' for name, value in self.extra.items())
-        head = (f'{{"id":"{id}","channel":"{channel}","time":{self.time!r},'
-                f'"message":').encode()
-        self.json = b"".join((head, payload, extra.encode(), b"}"))
-        self._start, self._end = len(head), len(head) + len(payload)
+        head = ('{"id":"%s","channel":"%s","time":%s,"message":' % (id, channel, when)).encode()
+        if title is None and priority is None and not extra:  # (most messages)
+            self.json = head + payload + b"}"
+        else:
+            fields = ""
+            if title is not None:
+                fields += ',"title":' + _encode(title)
+            if priority is not None:
+                fields += f',"priority":{priority}'
+            if extra:
+                fields += "".join(f',"{name}":{_encode(value)}' for name, value in extra.items())
+            self.json = b"".join((head, payload, fields.encode(), b"}"))
+        self._start = start = len(head)
+        self._end = start + len(payload)
 
     @property
     def payload(self) -> bytes:
@@ -485,8 +490,29 @@ class Batch(NamedTuple):
 
 _seq_of = lambda m: m.seq  # noqa: E731 (the key for bisect and merge)
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
-                           allow_nan=False).encode
+def _make_encode() -> Callable[[Any], str]:
+    """JSON text of a value, on one line, UTF-8 left as it is; NaN and
+    Infinity refused. ``JSONEncoder.encode`` builds its C encoder afresh on
+    every call; this builds it once (no check for circular values: they end
+    in ``RecursionError``, which callers treat like any value that is not
+    plain JSON). Where the C encoder is missing, or takes other arguments,
+    ``JSONEncoder.encode`` itself."""
+    plain = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    try:
+        chunks = make(None, plain.default, json.encoder.encode_basestring, None, ":", ",",
+                      False, False, False)
+        if "".join(chunks({"a": [1, 2.5, "é"]}, 0)) != '{"a":[1,2.5,"é"]}':
+            raise TypeError
+    except (TypeError, ValueError):
+        return plain.encode
+
+    def encode(obj: Any) -> str:
+        return "".join(chunks(obj, 0))
+    return encode
+
+
+_encode = _make_encode()
 
 
 class Position(NamedTuple):
@@ -551,11 +577,12 @@ class Channel:
     def trim(self, retention: int, max_age: float | None) -> list[Message] | tuple[()]:
         """Drop messages beyond the count limit or older than *max_age*;
         return them."""
-        drop = len(self.messages) - retention
-        if max_age:
+        messages = self.messages
+        drop = len(messages) - retention
+        if max_age and messages and messages[0].born < time.monotonic() - max_age:
             cutoff = time.monotonic() - max_age
             old = 0
-            for m in self.messages:
+            for m in messages:
                 if m.born >= cutoff:
                     break
                 old += 1
@@ -749,10 +776,11 @@ class Log:
                 known = self._keys.get(key, time.time())
                 if known is not None:
                     return self.replayed(*known[1:])
-            self._make_room((channel,))
+            if len(self._channels) >= self.max_channels:
+                self._make_room((channel,))
             seq = self._seq + 1
             msg = Message(seq, f"{self.history}-{seq}", channel, message, title, priority,
-                          payload, extra=extra)
+                          payload, None, extra)
             keep(msg, key)  # kept before it is acknowledged; may raise
             self._seq = seq
             self.published += 1
@@ -778,7 +806,7 @@ class Log:
 
     def _apply(self, msg: Message) -> set[Callable[[], None]]:
         """Under the lock: append *msg* to its channel; return who to wake."""
-        ch = self._channel(msg.channel)
+        ch = self._channels.get(msg.channel) or self._channel(msg.channel)
         ch.messages.append(msg)
         gone = ch.trim(self.retention, self.max_age)
         if gone:
@@ -1115,7 +1143,8 @@ class Hub(Log):
                                "(no lone surrogates)") from None
         except (TypeError, ValueError, RecursionError) as exc:
             raise _bad_request(f"message is not plain JSON: {exc}") from None
-        return Draft(channel, message, title, priority, payload, key, _check_extra(extra))
+        return Draft(channel, message, title, priority, payload, key,
+                     _check_extra(extra) if extra else None)
 
     # -- reading --------------------------------------------------------------------
 
@@ -2515,7 +2544,18 @@ def _reject_constant(name: str) -> None:
 
 
 # One decoder for all requests (json.loads with options builds one per call).
-_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _decode(text: str) -> Any:
+    """``json.loads(text)``, NaN and Infinity refused. A text that is one
+    value with nothing around it (a body, usually) goes to the decoder's
+    scanner directly; anything else, errors included, to ``decode``."""
+    try:
+        value, end = _decoder.scan_once(text, 0)
+    except (StopIteration, ValueError):
+        end = -1
+    return value if end == len(text) else _decoder.decode(text)
 
 # RFC 9112: a request line, a header line, a chunk size; and what a field
 # value may not hold (controls other than tab; RFC 9110 5.5).
@@ -2554,10 +2594,11 @@ class Request:
 
     __slots__ = ("method", "target", "path", "query_string", "version", "headers",
                  "keep_alive", "expect_continue", "has_body", "body", "client", "started",
-                 "route", "names", "token", "key", "rules", "cors", "refusal", "_query")
+                 "route", "names", "token", "key", "rules", "cors", "refusal", "_query", "memo")
 
     def __init__(self, method: str, target: str, version: str,
-                 headers: dict[str, str], known: tuple | None = None) -> None:
+                 headers: dict[str, str], known: tuple | None = None,
+                 memo: dict[str, Any] | None = None) -> None:
         self.method = method
         self.target = target
         self.version = version          # "HTTP/1.1" or "HTTP/1.0"
@@ -2585,6 +2626,10 @@ class Request:
         self.cors: tuple[tuple[str, str], ...] = ()
         self.refusal: LongpollError | None = None  # answer this once the body is in
         self._query: dict[str, str] | None = None
+        #: What routes derive from the head alone, shared by the requests
+        #: whose heads are the same bytes (``RequestReader`` keeps it with the
+        #: parsed head): never anything of one request or one client.
+        self.memo: dict[str, Any] = {} if memo is None else memo
 
     @property
     def query(self) -> dict[str, str]:
@@ -2745,7 +2790,11 @@ class RequestReader:
         known = self.heads.get(head)
         if known is not None:  # the same bytes as a head read before
             request = Request(*known)  # (a request's headers are never changed: shared)
-            self._frame(request)
+            chunked, self._length = request.memo["framing"]  # (checked when it was read)
+            if chunked:
+                self._chunked = True
+                self._chunk, self._trailers, self._size = 0, False, 0
+            request.has_body = chunked or self._length > 0
             return request
         eol = head.find(b"\r\n") + 2
         line, block = head[:eol], head[eol:]
@@ -2760,9 +2809,10 @@ class RequestReader:
             raise _bad_request("an HTTP/1.1 request needs a Host header")
         request = Request(method, target, version, headers)
         self._frame(request)
+        request.memo["framing"] = (self._chunked, self._length)
         _keep(self.heads, head, (method, target, version, headers, (
-            request.path, request.query_string, request.keep_alive, request.expect_continue)),
-            2048)
+            request.path, request.query_string, request.keep_alive, request.expect_continue),
+            request.memo), 2048)
         return request
 
     def _parse_whole(self, head: bytes) -> tuple[str, str, str, dict[str, str]]:
@@ -3135,18 +3185,21 @@ class Handler:
         publish to the same channel, whatever its length. Only the rate
         limits are taken again."""
         server, headers = self.server, request.headers
-        token = self.token(request)
-        signature = (request.method, request.path, token, server.auth, headers.get("origin"),
-                     headers.get("x-forwarded-for"), headers.get("accept"),
-                     headers.get("upgrade"))
-        if previous is not None and previous[0] == signature:
+        signature = request.memo.get("decide")  # (what of the head decides: per head)
+        if signature is None:
+            signature = request.memo["decide"] = (
+                request.method, request.path, self.token(request), headers.get("origin"),
+                headers.get("x-forwarded-for"), headers.get("accept"), headers.get("upgrade"))
+        token = signature[2]
+        if previous is not None and previous[1] is server._auth and previous[0] == signature:
             (request.client, request.cors, request.route, request.names, request.rules,
-             request.key, action) = previous[1]
+             request.key, action) = previous[2]
             request.token = token
-            if request.route not in self.unlimited:
-                self.limit(request, server.request_limit, "requests")
-            if action == "write":
-                self.limit(request, server.publish_limit, "publishes")
+            if request.key is not None:  # (loopback is exempt from the limits)
+                if request.route not in self.unlimited:
+                    self.limit(request, server.request_limit, "requests")
+                if action == "write":
+                    self.limit(request, server.publish_limit, "publishes")
             return previous
         request.client = self.client_address(request)
         if server.cors_origins:
@@ -3184,8 +3237,8 @@ class Handler:
                 server.auth.permit(request.rules, action, names)
             if action == "write":
                 self.limit(request, server.publish_limit, "publishes")
-        return (signature, (request.client, request.cors, route, names, request.rules,
-                            request.key, action))
+        return (signature, server._auth, (request.client, request.cors, route, names,
+                                          request.rules, request.key, action))
 
     def route(self, path: str) -> tuple[dict[str, str], tuple[str, ...]]:
         """Map *path* to {method: route} and the channel names it holds."""
@@ -3232,20 +3285,23 @@ class Handler:
             return {"GET": "ntfy_publish", "POST": "ntfy_publish", "PUT": "ntfy_publish"}, topics
         return None
 
-    def later(self, request: Request) -> bool:
-        """Whether *request* is a publish the loop sends to a store across
-        the network and answers when the store does (``publish_later``)."""
-        return (request.route in self.publishing
-                and self.server.hub.store.loop is self.server.loop
-                and len(request.body) <= self.server.inline_body_limit)
-
-    def on_worker(self, request: Request) -> bool:
-        """Whether *request* is handled on a worker thread: a publish with a
-        large body to decode, or through a store across the network."""
-        remote = self.server.hub.store.remote
-        return (request.route in self.publishing
-                and (len(request.body) > self.server.inline_body_limit or remote)
-                or request.route == "ack" and remote)
+    def where(self, request: Request) -> str | None:
+        """Where *request* is handled: None for at once, on the calling
+        thread; ``"later"`` for a publish the loop sends to a store across
+        the network and answers when the store does (``publish_later``);
+        ``"worker"`` for a worker thread: a publish with a large body to
+        decode, or through a store across the network that the loop does
+        not drive."""
+        route = request.route
+        if route in self.publishing:
+            server = self.server
+            store = server.hub.store
+            if len(request.body) > server.inline_body_limit:
+                return "worker"
+            if store.loop is not None and store.loop is getattr(server, "loop", None):
+                return "later"
+            return "worker" if store.remote else None
+        return "worker" if route == "ack" and self.server.hub.store.remote else None
 
     def token(self, request: Request) -> str | None:
         """The credentials sent: ``Authorization: Bearer <token>``, or
@@ -3254,6 +3310,8 @@ class Handler:
         header's value, in base64url)."""
         header = request.headers.get("authorization", "")
         query = request.query_string
+        if not header and not ("token" in query or "auth" in query or "%" in query):
+            return None  # (the usual request: no credentials, decided at once)
         if not header and "auth" in query:
             try:
                 header = base64.urlsafe_b64decode(
@@ -3367,21 +3425,24 @@ class Handler:
         ntfy's names (``publish_params``). An empty body is refused: there
         is nothing to publish.
         """
-        body, headers = request.body, request.headers
+        body = request.body
         if not body:
             raise _bad_request("the body is empty: send the message as the body")
-        ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        title = priority = None
-        given: dict[str, Any] = {}
+        ctype, title, priority, extra = self.publish_head(request)
+        given = None
         if ctype == "application/json":
             try:
                 message = _decode(body.decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too
                 raise _bad_request(f"body is not valid JSON: {exc}") from None
             if isinstance(message, dict) and "message" in message:  # the envelope
-                given = {name: message[name] for name in EXTRA_FIELDS if name in message}
-                message, title, priority = (message["message"], message.get("title"),
-                                            message.get("priority"))
+                if len(message) > 1:
+                    given = {name: message[name] for name in EXTRA_FIELDS if name in message}
+                if message.get("title") is not None:
+                    title = message["title"]
+                if message.get("priority") is not None:
+                    priority = message["priority"]
+                message = message["message"]
         else:
             try:
                 message = body.decode("utf-8")
@@ -3395,18 +3456,27 @@ class Handler:
                     raise _bad_request("malformed form body") from None
                 if "message" in form:
                     message = form["message"][0]
-                    title = form.get("title", [None])[0]
-                    priority = form.get("priority", [None])[0]
-        params = self.publish_params(request)
-        if title is None:
-            title = params.pop("title", None)
-        if priority is None:
-            priority = params.pop("priority", None)
+                    title = form["title"][0] if "title" in form else title
+                    priority = form["priority"][0] if "priority" in form else priority
         if isinstance(priority, str):  # a header, a form field, or a name in JSON
             priority = _parse_priority(priority)
-        extra = {name: params[name] for name in EXTRA_FIELDS if name in params}
-        extra.update(given)  # (the body's own fields win)
+        if given:  # (the body's own fields win)
+            extra = {**extra, **given}
         return message, title, priority, extra
+
+    def publish_head(self, request: Request) -> tuple[str, str | None, str | None,
+                                                      dict[str, Any]]:
+        """What a publish's head says, the same for every request with the
+        same head bytes (kept in ``request.memo``): the body's content type,
+        and the title, priority and extra fields its headers and query give."""
+        head = request.memo.get("publish")
+        if head is None:
+            params = self.publish_params(request)
+            head = (request.headers.get("content-type", "").split(";", 1)[0].strip().lower(),
+                    params.get("title"), params.get("priority"),
+                    {name: params[name] for name in EXTRA_FIELDS if name in params})
+            request.memo["publish"] = head
+        return head
 
     #: ntfy's names for a publish's parameters, as headers (any case) and
     #: query parameters, first found wins: the same on both APIs.
@@ -3527,7 +3597,7 @@ class Handler:
             return self.json(HTTPStatus.OK, {"status": "Message sent."})
         if request.route in self.ntfy_publishing:  # (ntfy's: the message event)
             return Response(HTTPStatus.OK, _ntfy_event(msg) + b"\n")
-        return Response(HTTPStatus.OK if msg.replayed else HTTPStatus.CREATED, msg.summary())
+        return Response(_OK if msg.replayed else _CREATED, msg.summary())
 
     def handle_poll(self, request: Request) -> Poll:
         query = request.query_string
@@ -3892,7 +3962,9 @@ class HoldTimers:
     heap."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Connection]] = []
+        #: (time due, tie-breaker, connection), soonest first; the loop
+        #: skips the timers while it is empty.
+        self.heap: list[tuple[float, int, Connection]] = []
         self._ids = itertools.count()
         self._stale = 0  # entries whose connection holds nothing, or has a newer entry
 
@@ -3911,13 +3983,13 @@ class HoldTimers:
             if entry is not None:
                 self._stale += 1
             conn.entry = entry = (due, next(self._ids), conn)
-            heapq.heappush(self._heap, entry)
-            if self._stale > 1024 and self._stale > len(self._heap) // 2:
+            heapq.heappush(self.heap, entry)
+            if self._stale > 1024 and self._stale > len(self.heap) // 2:
                 self._sweep()
 
     def _sweep(self) -> None:
         kept = []
-        for entry in self._heap:
+        for entry in self.heap:
             conn = entry[2]
             if conn.entry is entry:
                 if conn.timer is not None:
@@ -3925,12 +3997,12 @@ class HoldTimers:
                     continue
                 conn.entry = None
         heapq.heapify(kept)
-        self._heap, self._stale = kept, 0
+        self.heap, self._stale = kept, 0
 
     def _settle(self, now: float | None) -> Connection | None:
         """Bring the heap's first entry up to date; its connection, if it is
         due by *now* (with no *now*: the first entry is then live)."""
-        heap = self._heap
+        heap = self.heap
         while heap:
             at, _, conn = entry = heap[0]
             if conn.entry is not entry:
@@ -3953,7 +4025,7 @@ class HoldTimers:
 
     def next_due(self) -> float | None:
         self._settle(None)
-        return self._heap[0][0] if self._heap else None
+        return self.heap[0][0] if self.heap else None
 
     def expired(self, now: float) -> list[Connection]:
         """The connections whose holds are due by *now* (their timers ended)."""
@@ -4010,6 +4082,9 @@ class Loop:
         #: Seconds the loop has spent waiting in select (the rest is work):
         #: read by the waiting layer to tell a saturated loop from an idle one.
         self.idle = 0.0
+        #: When the last select() returned: the clock of the loop's turn, for
+        #: deadlines that need no finer time than that.
+        self.now = time.monotonic()
         self.socket = _listen(address, self.request_queue_size)
         self.server_address = self.socket.getsockname()
         self.connections: set[Connection] = set()
@@ -4050,11 +4125,12 @@ class Loop:
         if self._accepting:
             selector.register(self.socket, selectors.EVENT_READ, self._accept)
         try:
-            monotonic = time.monotonic
+            monotonic, pending = time.monotonic, self._pending
             while not self._shutdown_request:
                 waited = monotonic()
                 events = selector.select(self._select_timeout(poll_interval))
-                self.idle += monotonic() - waited
+                self.now = now = monotonic()
+                self.idle += now - waited
                 for count, (key, mask) in enumerate(events, 1):
                     self._on_event(key.data, mask)
                     if not count & 255:
@@ -4062,7 +4138,8 @@ class Loop:
                         # publish made meanwhile reach its subscribers now.
                         self._run_pending()
                         self.after_io()
-                self._run_pending()
+                if pending:
+                    self._run_pending()
                 self.after_io()
                 self._run_timers()
                 if self.emptied is not None and not self.connections:
@@ -4141,13 +4218,14 @@ class Loop:
             return 0.0
         now = time.monotonic()
         timeout = self.wake_at(min(poll_interval, max(0.0, self._next_sweep - now)))
-        due = self.timers.next_due()
+        due = self.timers.next_due() if self.timers.heap else None
         return timeout if due is None else min(timeout, max(0.0, due - now))
 
     def _run_timers(self) -> None:
         now = time.monotonic()
-        for conn in self.timers.expired(now):
-            self.protocol.expired(conn)
+        if self.timers.heap:  # (no hold: most turns of a loop that only answers)
+            for conn in self.timers.expired(now):
+                self.protocol.expired(conn)
         if now >= self._next_sweep:
             self._next_sweep = now + self.sweep_interval
             for conn in [c for c in self.connections
@@ -4278,9 +4356,9 @@ class Loop:
             return
         if conn.state is State.LINGERING:
             return  # read and dropped
-        reader = conn.reader
-        reader.feed(data)
-        if reader.buffered > self.max_input:
+        buffer = conn.reader.buffer
+        buffer += data  # (RequestReader.feed, without the call)
+        if len(buffer) > self.max_input:
             logger.debug("closing %s: it sends far ahead of the answers", conn.address)
             self.close(conn)
             return
@@ -4411,6 +4489,9 @@ def _response(status: int, body: bytes, content_type: str, date: str,
 
 
 _HEADS: dict[tuple, tuple[bytes, bytes]] = {}  # (see _response)
+# (An HTTPStatus member read from its class costs a descriptor call on
+# Python 3.10-3.12: the answers of the hot paths use these.)
+_OK, _CREATED, _NOT_MODIFIED = HTTPStatus.OK, HTTPStatus.CREATED, HTTPStatus.NOT_MODIFIED
 
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -4458,7 +4539,7 @@ class HTTPProtocol:
                 # A request begins. Its deadline runs from its first byte: a
                 # client trickling bytes (slow loris) cannot push it back.
                 conn.state = State.READING
-                conn.deadline = time.monotonic() + self.loop.read_timeout
+                conn.deadline = self.loop.now + self.loop.read_timeout
             request = conn.request
             try:
                 if request is None:
@@ -4531,16 +4612,17 @@ class HTTPProtocol:
     def _dispatch(self, conn: Connection, request: Request) -> None:
         if request.refusal is not None:
             self.respond(conn, request, _error_response(request.refusal))
-        elif self.handler.later(request):  # answered when the store answers
-            conn.state = State.BUSY
-            conn.deadline = None
-            self.handler.publish_later(request, functools.partial(self._later, conn, request))
-        elif self.handler.on_worker(request):
-            conn.state = State.BUSY
-            conn.deadline = None
-            self.server.pool.submit(self._work, conn, request)
         else:
-            self.apply(conn, request, self.handler.handle(request))
+            where = self.handler.where(request)
+            if where is None:
+                self.apply(conn, request, self.handler.handle(request))
+                return
+            conn.state = State.BUSY
+            conn.deadline = None
+            if where == "later":  # answered when the store answers
+                self.handler.publish_later(request, functools.partial(self._later, conn, request))
+            else:
+                self.server.pool.submit(self._work, conn, request)
 
     def _work(self, conn: Connection, request: Request) -> None:
         """On a worker thread: the outcome, handed back to the loop."""
@@ -4576,14 +4658,16 @@ class HTTPProtocol:
     def respond(self, conn: Connection, request: Request, response: Response, *,
                 close: bool = False, linger: bool = False) -> None:
         """Write *response* to *request*; keep the connection if both sides may."""
-        response = _shaped(request, response)
         status = response.status
+        if status >= 400 and request.route.startswith("ntfy_"):
+            response = _ntfy_error(response)  # (see _shaped)
         keep = (request.keep_alive and not close and status < 500
                 and not self.server.closing)
         headers = response.headers + request.cors if request.cors else response.headers
         data = _response(status, response.body, response.content_type, self.date(), headers,
-                         self.connection_header(request, keep),
-                         request.method == "HEAD" or status == HTTPStatus.NOT_MODIFIED)
+                         None if keep and request.version == "HTTP/1.1"
+                         else self.connection_header(request, keep),
+                         status == _NOT_MODIFIED or request.method == "HEAD")
         self.reply(conn, data, keep, linger)
         _log_answer(self.server.metrics, request, status, len(response.body))  # (sent now)
 
@@ -4615,7 +4699,7 @@ class HTTPProtocol:
 
     def idle(self, conn: Connection) -> None:
         conn.state = State.IDLE
-        conn.deadline = time.monotonic() + self.loop.read_timeout
+        conn.deadline = self.loop.now + self.loop.read_timeout
 
     def resume(self, conn: Connection) -> None:
         """Go on with what *conn* sent meanwhile (pipelined requests)."""
@@ -6064,7 +6148,7 @@ class ASGIApp(_Mounted):
             await self._respond(send, request, refused)
             return
         handler = self.handler
-        if handler.on_worker(request):  # a large body, or a store across the network
+        if handler.where(request):  # a large body, or a store across the network
             outcome = await self._loop.run_in_executor(None, handler.handle, request)
         else:
             outcome = handler.handle(request)

@@ -205,5 +205,5 @@ def test_hold_timers_end_each_hold_once_on_time_and_stay_small():
             for c in due:
                 del model[c]
                 assert c.timer is None
-            assert len(timers._heap) <= 2 * 1024 + 2 * len(conns)
+            assert len(timers.heap) <= 2 * 1024 + 2 * len(conns)
     assert abs(timers.next_due() - min(model.values())) < 1
