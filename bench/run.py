@@ -636,8 +636,11 @@ which swings by ±40 % between identical runs with where the scheduler puts
 them: it runs in rounds, every server in turn, and the median is shown
 with the range. The first row of a run measures slower than the same
 server later in it, so an untimed warm-up row comes first.
-`python3 bench/memory.py` measures what slow readers cost in memory, and
-`python3 bench/tls.py` what TLS costs; `--baseline DIR` runs an older
+`python3 bench/memory.py` measures what slow readers cost in memory,
+`python3 bench/tls.py` what TLS costs, and `python3 bench/instructions.py`
+what a publish costs each server in instructions, counted under valgrind:
+the K=0 row without its noise (under 1 % between runs), for telling a
+change to the publish path apart. `--baseline DIR` runs an older
 checkout's `longpoll.py` beside this one.
 
 {report}"""
