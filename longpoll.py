@@ -144,6 +144,7 @@ MAX_IDEMPOTENCY_KEYS = 100_000  # keys a hub remembers at once (the oldest go fi
 IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+PATTERN_RE = re.compile(r"[A-Za-z0-9_.\-*?\[\]!]{1,64}\Z")  # (see check_pattern)
 # A cursor names the hub's history and a position in it: "<history>-<seq>".
 CURSOR_RE = re.compile(r"([A-Za-z0-9]{1,32})-([0-9]{1,19})\Z")
 PRIORITY_NAMES = {"min": 1, "low": 2, "default": 3, "high": 4, "max": 5, "urgent": 5}
@@ -251,9 +252,38 @@ def _bad_request(message: str) -> LongpollError:
 def check_channel(name: str) -> str:
     """Return *name* if it is a valid channel name, else raise a 400 error."""
     if not isinstance(name, str) or not CHANNEL_RE.match(name):
+        if isinstance(name, str) and is_pattern(name):
+            raise _bad_request(f"{name[:64]!r} is a pattern, which only subscribers may "
+                               "use: name one channel")
         raise _bad_request(
             f"invalid channel name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     return name
+
+
+def is_pattern(name: str) -> bool:
+    """Whether *name*, in a list of channels to read, is a pattern: it holds
+    one of fnmatch's wildcards (``*``, ``?``, ``[``), which no channel
+    name can hold."""
+    return "*" in name or "?" in name or "[" in name
+
+
+def check_pattern(name: str) -> str:
+    """Return *name* if it is a valid channel name or pattern, else raise a
+    400 error. A pattern is an ``fnmatch`` glob over channel names, matched
+    case-sensitively: ``*`` any run of characters, ``?`` one, ``[abc]`` and
+    ``[!abc]`` one of (or none of) a set; 1-64 characters."""
+    if not isinstance(name, str) or not is_pattern(name):
+        return check_channel(name)
+    if not PATTERN_RE.match(name):
+        raise _bad_request(f"invalid pattern {name[:80]!r}: use 1-64 of A-Z a-z 0-9 _ . - "
+                           "and the wildcards * ? [ ] !")
+    return name
+
+
+@functools.lru_cache(maxsize=1024)
+def _pattern_matcher(pattern: str) -> Callable[[str], Any]:
+    """A compiled pattern's ``match`` (case-sensitive, whole names)."""
+    return re.compile(fnmatch.translate(pattern)).match
 
 
 @functools.lru_cache(maxsize=4096)
@@ -271,7 +301,7 @@ def _check_channels(channels: str | Iterable[str]) -> tuple[str, ...]:
         raise _bad_request(
             f"at most {MAX_CHANNELS_PER_REQUEST} channels per request")
     for name in names:
-        check_channel(name)
+        check_pattern(name)
     return tuple(dict.fromkeys(names))  # drop repeats, keep order
 
 
@@ -703,6 +733,14 @@ class Log:
         self.history = secrets.token_hex(4)
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
+        # Pattern subscriptions: who waits on each pattern; which of those
+        # patterns each channel matches (worked out on its first publish
+        # after a pattern comes or goes); and each pattern's channels, worked
+        # out again when a channel comes or goes (``_generation`` counts).
+        self._patterns: dict[str, set[Callable[[], None]]] = {}
+        self._matched: dict[str, tuple[str, ...]] = {}
+        self._expanded: dict[str, tuple[int, list[str]]] = {}
+        self._generation = 0
         self._seq = 0
         self._closed = False
         self._positions: dict[str, Position] = {}  # settled cursors, placed once
@@ -737,7 +775,67 @@ class Log:
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = Channel(name)
+            self._generation += 1
         return channel
+
+    def _matching(self, pattern: str) -> list[str]:
+        """Under the lock: the channels *pattern* matches now."""
+        known = self._expanded.get(pattern)
+        if known is not None and known[0] == self._generation:
+            return known[1]
+        match = _pattern_matcher(pattern)
+        names = [name for name in self._channels if match(name)]
+        if len(self._expanded) >= 1024:
+            self._expanded.clear()
+        self._expanded[pattern] = (self._generation, names)
+        return names
+
+    def _resolve(self, names: tuple[str, ...]) -> tuple[list[Channel], bool]:
+        """Under the lock: the channels *names* stand for now (patterns
+        expanded; each channel once), and whether one of them may have held
+        messages that are gone with it: a named channel not held, or for a
+        pattern any channel forgotten (it may have matched)."""
+        channels, missing, patterns = [], False, False
+        for name in names:
+            ch = self._channels.get(name)
+            if ch is not None:
+                channels.append(ch)
+            elif is_pattern(name):
+                channels.extend(map(self._channels.__getitem__, self._matching(name)))
+                missing = patterns = True
+            else:
+                missing = True
+        if patterns:  # each once, if named and matched, or matched twice
+            channels = list({ch.name: ch for ch in channels}.values())
+        return channels, missing
+
+    def _pattern_waiters(self, channel: str) -> set[Callable[[], None]]:
+        """Under the lock: take the waiters of the patterns *channel* matches
+        (one-shot, like a channel's)."""
+        patterns = self._matched.get(channel)
+        if patterns is None:
+            if len(self._matched) >= 4096:
+                self._matched.clear()
+            patterns = self._matched[channel] = tuple(
+                p for p in self._patterns if _pattern_matcher(p)(channel))
+        woken: set[Callable[[], None]] = set()
+        for pattern in patterns:
+            waiters = self._patterns.get(pattern)
+            if waiters:
+                woken |= waiters
+                waiters.clear()
+        return woken
+
+    def _every_waiter(self) -> set[Callable[[], None]]:
+        """Under the lock: take every waiter, of channels and of patterns."""
+        waiters: set[Callable[[], None]] = set()
+        for ch in self._channels.values():
+            waiters |= ch.waiters
+            ch.waiters = set()
+        for pattern_waiters in self._patterns.values():
+            waiters |= pattern_waiters
+            pattern_waiters.clear()
+        return waiters
 
     def _make_room(self, names: tuple[str, ...]) -> None:
         """Under the lock: refuse (503) channels that would pass max_channels."""
@@ -813,6 +911,8 @@ class Log:
             self.store.dropped(gone)
         # Waiters are one-shot: a woken waiter reads and registers again.
         waiters, ch.waiters = ch.waiters, set()
+        if self._patterns:
+            waiters |= self._pattern_waiters(msg.channel)
         return waiters
 
     def follow(self, messages: Iterable[Message], head: int = 0,
@@ -861,11 +961,9 @@ class Log:
             self.history = history
             self._seq = self._forgotten = self._lost = 0
             self._positions.clear()
-            waiters: set[Callable[[], None]] = set()
             for ch in self._channels.values():
                 ch.messages, ch.dropped, ch.taken, ch.queue = [], 0, 0, None
-                waiters |= ch.waiters
-                ch.waiters = set()
+            waiters = self._every_waiter()
         for wake in waiters:
             wake()
 
@@ -926,12 +1024,10 @@ class Log:
         if self._lost > after and not everything:
             gap = True  # the shared store lost messages after this position
         runs = []
-        for name in names:
-            ch = self._channels.get(name)
-            if ch is None:
-                if self._forgotten > after and not everything:
-                    gap = True  # it may have been one of the channels forgotten
-                continue
+        channels, missing = self._resolve(names)
+        if missing and self._forgotten > after and not everything:
+            gap = True  # it may have been one of the channels forgotten
+        for ch in channels:
             gone = ch.trim(self.retention, self.max_age)
             if gone:
                 self.store.dropped(gone)
@@ -966,9 +1062,8 @@ class Log:
         it make a read from it report ``gap``."""
         with self._lock:
             first = None
-            for name in names:
-                ch = self._channels.get(name)
-                if not ch or not ch.messages:
+            for ch in self._resolve(tuple(names))[0]:
+                if not ch.messages:
                     continue
                 if when is None:
                     seq = ch.messages[-1].seq
@@ -1044,8 +1139,13 @@ class Log:
                 self.store.dropped(gone)
             if not (ch.messages or ch.waiters):
                 del self._channels[name]
+                self._generation += 1
                 self._forgotten = max(self._forgotten, ch.dropped)
                 self._unreported[name] = ch.dropped
+        for pattern, waiters in list(self._patterns.items()):
+            if not waiters:  # nobody waits on it now: forget it
+                del self._patterns[pattern]
+                self._matched.clear()
 
 
 class Hub(Log):
@@ -1262,9 +1362,10 @@ class Hub(Log):
         def cancel() -> None:
             with self._lock:
                 for name in names:
-                    ch = self._channels.get(name)
-                    if ch is not None:
-                        ch.waiters.discard(once)
+                    waiters = self._patterns.get(name) if is_pattern(name) else (
+                        ch.waiters if (ch := self._channels.get(name)) else None)
+                    if waiters is not None:
+                        waiters.discard(once)
 
         def once() -> None:
             if guard.acquire(blocking=False):  # the first call wins
@@ -1276,12 +1377,19 @@ class Hub(Log):
             if since is not None and not ready:
                 position = self.locate(since)
                 ready = self._stale(position) or any(
-                    ch is not None and ch.messages and ch.messages[-1].seq > position.after
-                    for ch in map(self._channels.get, names))
+                    ch.messages and ch.messages[-1].seq > position.after
+                    for ch in self._resolve(names)[0])
             if not ready:
-                self._make_room(names)
-                for name in names:
+                plain = tuple(name for name in names if not is_pattern(name))
+                self._make_room(plain)
+                for name in plain:
                     self._channel(name).waiters.add(once)
+                for name in names:
+                    if name not in plain:
+                        if name not in self._patterns:
+                            self._patterns[name] = set()
+                            self._matched.clear()  # (a channel's patterns are worked out anew)
+                        self._patterns[name].add(once)
                 return cancel
         once()
         return cancel
@@ -1306,10 +1414,7 @@ class Hub(Log):
             if self._closed:
                 return
             self._closed = True
-            waiters = set()
-            for ch in self._channels.values():
-                waiters |= ch.waiters
-                ch.waiters = set()
+            waiters = self._every_waiter()
         for wake in waiters:
             wake()
         self.store.close()
@@ -2468,7 +2573,17 @@ class Auth:
 
     @staticmethod
     def _allows(rules: dict[str, list[str]], action: str, channel: str) -> bool:
-        return any(fnmatch.fnmatchcase(channel, p) for p in rules.get(action, ()))
+        """Whether *rules* let one *action* *channel*, a name or, to read, a
+        pattern. A pattern is allowed by a rule that is the same pattern, or
+        by a rule whose only wildcard is ``*`` and that matches the pattern
+        as text: ``ci-*`` allows ``ci-*``, ``ci-main-*`` and ``ci-?``, which
+        match only channels that ``ci-*`` matches, and not ``*`` or ``c*``.
+        (A rule with ``?`` or ``[...]`` allows only itself as a pattern.)"""
+        patterns = rules.get(action, ())
+        if not is_pattern(channel):
+            return any(fnmatch.fnmatchcase(channel, p) for p in patterns)
+        return any(p == channel or "?" not in p and "[" not in p
+                   and fnmatch.fnmatchcase(channel, p) for p in patterns)
 
     def identify(self, token: str | None) -> dict[str, list[str]] | None:
         """The rules of *token* (None for no token); a 401 ``LongpollError``
@@ -3223,8 +3338,10 @@ class Handler:
         action = self.actions.get(route)
         if route in ("send", "receive", "ack"):
             names = (DEFAULT_CHANNEL,)
-        elif route == "publish" and len(names) != 1:
-            raise _bad_request("publish to one channel at a time")
+        elif route == "publish":
+            if len(names) != 1:
+                raise _bad_request("publish to one channel at a time")
+            check_channel(names[0])  # (not a pattern)
         request.names = names
         request.token = token
         if action is not None and server.auth is not None:
@@ -6827,7 +6944,7 @@ class Client:
             query["since"] = since
         if limit is not None:
             query["limit"] = str(limit)
-        names = ",".join(_check_channels(channels))
+        names = urllib.parse.quote(",".join(_check_channels(channels)), safe=",*!")
         return f"/channels/{names}?{urllib.parse.urlencode(query)}"
 
     def _socket(self, path: str, socket_timeout: float, cutoff: _Cutoff) -> "_ClientSocket":
@@ -7723,7 +7840,7 @@ def _subscribe(args: Any) -> int:
     client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
     with client.subscribe(args.channels, since=args.since,
                           transport=args.transport) as subscription:
-        several = len(subscription.channels) > 1
+        several = len(subscription.channels) > 1 or is_pattern(subscription.channels[0])
         for count, message in enumerate(subscription, 1):
             _print_message(message, args.json, several)
             if count == args.count:
@@ -7804,7 +7921,9 @@ def main(argv: list[str] | None = None) -> int:
     subscribe = commands.add_parser(
         "subscribe", help="print messages as they arrive",
         description="Print each message of the CHANNELs as it arrives, until Ctrl-C.")
-    subscribe.add_argument("channels", metavar="CHANNEL", nargs="+")
+    subscribe.add_argument("channels", metavar="CHANNEL", nargs="+",
+                           help="a channel, or a pattern of channels such as 'ci-*' "
+                                "(quoted, so the shell leaves it alone)")
     subscribe.add_argument("--since", help="start after this cursor (0: all held)")
     subscribe.add_argument("--json", action="store_true",
                            help="one JSON object per line, with id, time, title, priority")

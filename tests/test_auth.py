@@ -6,7 +6,7 @@ import signal
 import pytest
 
 import longpoll
-from conftest import request, wait_until
+from conftest import Stream, request, wait_until
 
 RULES = {"tokens": {"s3cret": {"read": ["news", "ci-*"], "write": ["ci-*"]},
                     "reader": {"read": ["news", "default"]},
@@ -72,7 +72,6 @@ def test_query_token_for_long_poll_and_events(secured):
     assert call(secured, "GET", "/channels/news?timeout=0", "reader", query_token=True).status == 200
     resp = call(secured, "GET", "/channels/news?timeout=0", "bogus", query_token=True)
     assert resp.status == 401
-    from test_sse import Stream
     stream = Stream(secured, "/channels/news/events?token=reader")
     assert stream.head.startswith(b"HTTP/1.1 200")
     secured.hub.publish("news", "hi")

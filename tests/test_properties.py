@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis): delivery under random interleavings,
 and random malformed requests against a live server."""
+import fnmatch
 import json
 import math
 import threading
@@ -387,3 +388,56 @@ def test_redis_losing_its_data_never_skips_a_message_silently(redis_server, ops,
         for hub in hubs.values():
             hub.close()
         admin.close()
+
+
+# -- pattern subscriptions -----------------------------------------------------------
+
+UNIVERSE = ["ci-a", "ci-b", "cd", "docs", "ci-ab"]
+PATTERNS = ["ci-*", "c*", "*", "ci-[a]*", "?d", "ci-?"]
+# An operation: ("publish", channel, value), ("read", pattern, which cursor),
+# ("prune",) (retention by age, channels forgotten) or ("restart",).
+pattern_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.sampled_from(UNIVERSE), st.integers(0, 99)),
+        st.tuples(st.just("read"), st.sampled_from(PATTERNS), st.integers(0, 60)),
+        st.just(("prune",)),
+        st.just(("restart",)),
+    ),
+    max_size=50,
+)
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+@settings(max_examples=80, deadline=None)
+@given(ops=pattern_operations)
+def test_a_pattern_reads_what_its_channels_read_together(store, ops):
+    """From any cursor, through publishes to channels old and new, retention
+    drops and restarts: a pattern gets exactly the messages (and at least
+    the gaps) of a read of every channel it matches, in global order."""
+    folder = tempfile.TemporaryDirectory()
+    url = f"sqlite:{folder.name}/longpoll.db" if store == "sqlite" else None
+    hub = longpoll.Hub(retention=3, store=url)
+    cursors = ["0", hub.cursor]
+    try:
+        for op in ops:
+            if op[0] == "publish":
+                hub.publish(op[1], op[2])
+                cursors.append(hub.cursor)
+            elif op[0] == "prune":
+                hub.prune()
+            elif op[0] == "restart":
+                hub.close()
+                hub = longpoll.Hub(retention=3, store=url)
+            else:
+                pattern, cursor = op[1], cursors[op[2] % len(cursors)]
+                union = [c for c in UNIVERSE if fnmatch.fnmatchcase(c, pattern)]
+                seen = hub.read(pattern, cursor, limit=1000)
+                expected = hub.read(union, cursor, limit=1000)
+                assert [m.id for m in seen.messages] == [m.id for m in expected.messages]
+                seqs = [m.seq for m in seen.messages]
+                assert seqs == sorted(set(seqs))
+                assert seen.gap or not expected.gap
+                assert seen.cursor == expected.cursor
+    finally:
+        hub.close()
+        folder.cleanup()

@@ -5,50 +5,7 @@ import threading
 import time
 
 import longpoll
-from conftest import wait_until
-
-
-class Stream:
-    """A raw SSE client: reads events as they come."""
-
-    def __init__(self, server, path, headers=""):
-        host, port = server.server_address[:2]
-        self.sock = socket.create_connection((host, port), timeout=10)
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{headers}\r\n".encode())
-        self.buf = b""
-        while b"\r\n\r\n" not in self.buf:
-            self.buf += self.sock.recv(65536)
-        self.head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-
-    def blocks(self, count, timeout=10):
-        """The next *count* blank-line-separated blocks (events or comments)."""
-        deadline = time.monotonic() + timeout
-        out = []
-        while len(out) < count:
-            if b"\n\n" in self.buf:
-                block, _, self.buf = self.buf.partition(b"\n\n")
-                out.append(block.decode())
-                continue
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = self.sock.recv(65536)
-            assert chunk, f"stream closed after {out}"
-            self.buf += chunk
-        return out
-
-    def events(self, count, timeout=10):
-        """The next *count* events, skipping comments: [(id, event, data)]."""
-        out = []
-        while len(out) < count:
-            for block in self.blocks(1, timeout):
-                fields = dict(line.split(": ", 1) for line in block.split("\n")
-                              if not line.startswith(":"))
-                if fields:
-                    out.append((fields.get("id"), fields.get("event"),
-                                json.loads(fields["data"])))
-        return out
-
-    def close(self):
-        self.sock.close()
+from conftest import Stream, wait_until
 
 
 def test_headers_and_events_in_order_with_ids(server):
