@@ -2,10 +2,12 @@
 
     python3 notifier.py news alerts                  # or: python3 -m notifier, longpoll-notify
     python3 notifier.py ci --min-priority 4 --url http://build-host:5000
+    python3 notifier.py 'ci-*'                       # every channel whose name starts ci-
 
 Subscribes with longpoll's client and pops a desktop notification through
 ``plyer`` for each message: its title is the message's ``title`` (else the
-channel), its body the message (shortened), its urgency from ``priority``
+channel; with a pattern such as ``ci-*``, the channel and the title), its
+body the message (shortened), its urgency from ``priority``
 (1-2 low, 3-4 normal, 5 critical; on Linux urgency needs dbus-python). A
 burst (more than ``--burst`` messages within half a second) becomes one
 summary. The last cursor per channel is kept in a small state file, so
@@ -52,12 +54,16 @@ def shorten(text: str, limit: int = MAX_BODY) -> str:
     return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
-def describe(message: dict[str, Any]) -> tuple[str, str, str]:
-    """(title, body, urgency) for one message."""
+def describe(message: dict[str, Any], with_channel: bool = False) -> tuple[str, str, str]:
+    """(title, body, urgency) for one message; *with_channel*: the title
+    names the channel too (``ci-main: Build failed``), for a pattern."""
     value = message.get("message")
     body = value if isinstance(value, str) else json.dumps(
         value, ensure_ascii=False, separators=(",", ":"))
-    title = message.get("title") or message.get("channel", "longpoll")
+    channel = message.get("channel", "longpoll")
+    title = message.get("title") or channel
+    if with_channel and title != channel:
+        title = f"{channel}: {title}"
     return shorten(title, 100), shorten(body), URGENCY[priority_of(message)]
 
 
@@ -82,6 +88,8 @@ class Notifier:
                  state_path: str | None = None, notify_connection: bool = False) -> None:
         self.client = client
         self.channels = tuple(channels)
+        #: A pattern brings several channels: each title names its channel.
+        self.with_channel = any(map(longpoll.is_pattern, self.channels))
         self.notify = notify
         self.min_priority = min_priority
         self.burst = burst
@@ -130,12 +138,13 @@ class Notifier:
             messages = [m for _, m in indexed]
             if len(messages) > self.burst:
                 top = max(priority_of(m) for m in messages)
-                latest = describe(messages[-1])
+                latest = describe(messages[-1], self.with_channel)
                 self._pending.append(_Note(f"{len(messages)} new messages on {channel}",
                                            f"Latest: {latest[0]}: {latest[1]}", URGENCY[top],
                                            indexed[0][0]))
             else:
-                self._pending.extend(_Note(*describe(m), i) for i, m in indexed)
+                self._pending.extend(_Note(*describe(m, self.with_channel), i)
+                                     for i, m in indexed)
         if answers:
             self._end = answers[-1]["cursor"]
         return self.retry()
@@ -418,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, format="longpoll-notify: %(message)s")
     try:
         for channel in args.channels:
-            longpoll.check_channel(channel)
+            longpoll.check_pattern(channel)
         notify = print_notify if args.print else desktop_notify()
         urls = args.url or [os.environ.get("LONGPOLL_URL") or longpoll.DEFAULT_URL]
         notifier = Notifier(longpoll.Client(urls, token=args.token,

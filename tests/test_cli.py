@@ -145,6 +145,14 @@ def test_subscribe_json_lines(server, capsys):
     assert lines[1]["priority"] == 5 and lines[0]["id"]
 
 
+def test_subscribe_to_a_pattern_names_each_messages_channel(server, capsys):
+    server.hub.publish("ci-main", "red", title="Build")
+    server.hub.publish("docs", "not this")
+    server.hub.publish("ci-dev", "green")
+    assert main(["subscribe", "ci-*", "--since", "0", "--count", "2", "--url", server.url]) == 0
+    assert capsys.readouterr().out.splitlines() == ["[ci-main] Build: red", "[ci-dev] green"]
+
+
 def test_subscribe_waits_for_the_next_message(server, capsys):
     out = []
     t = threading.Thread(target=lambda: out.append(

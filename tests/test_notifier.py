@@ -132,6 +132,18 @@ def test_notifies_each_published_message(server):
     run.stop()
 
 
+def test_a_pattern_notifies_for_every_matching_channel_and_names_it(server):
+    run = Running(server, channels=("ci-*",))
+    wait_until(lambda: server.waiting == 1)
+    server.hub.publish("docs", "not this")
+    server.hub.publish("ci-main", "tests failed", title="Build", priority=5)
+    server.hub.publish("ci-dev", "green")
+    wait_until(lambda: len(run.shown) == 2)
+    run.stop()
+    assert run.shown == [("ci-main: Build", "tests failed", "critical"),
+                         ("ci-dev", "green", "normal")]
+
+
 def test_twenty_at_once_make_at_most_two_notifications(server):
     run = Running(server)
     wait_until(lambda: server.waiting == 1)
