@@ -131,6 +131,7 @@ DEFAULT_MAX_AGE = 24 * 3600.0   # seconds a message is kept
 MAX_BODY = 1 << 20              # bytes in a request body
 MAX_HEAD = 64 << 10             # bytes in a request head (request line and headers)
 MAX_TITLE = 256                 # characters in a title
+MAX_TTL = 366 * 86400.0         # seconds: the longest expiry a message may be given
 MAX_CHANNELS_PER_REQUEST = 32
 DEFAULT_CHANNEL = "default"     # where /send publishes and /receive takes
 # Per-client limits: generous enough that no honest client notices.
@@ -398,9 +399,14 @@ def _check_action(action: Any) -> dict[str, Any]:
 
 
 def _extra_of(fields: dict[str, Any]) -> dict[str, Any] | None:
-    """The extra fields of a message as its JSON holds them."""
-    extra = {name: fields[name] for name in EXTRA_FIELDS if name in fields}
+    """The extra fields of a message as its JSON holds them (``expires``
+    too, which the hub sets from a publish's ``ttl``)."""
+    extra = {name: fields[name] for name in _STORED_FIELDS if name in fields}
     return extra or None
+
+
+_STORED_FIELDS = (*EXTRA_FIELDS, "expires")
+_PUBLISH_FIELDS = (*EXTRA_FIELDS, "ttl")  # (what a publish may give besides title, priority)
 
 
 class Message:
@@ -454,6 +460,11 @@ class Message:
             self.json = b"".join((head, payload, fields.encode(), b"}"))
         self._start = start = len(head)
         self._end = start + len(payload)
+
+    @property
+    def expires(self) -> float | None:
+        """When it expires (a Unix time), if it was published with a ``ttl``."""
+        return self.extra.get("expires") if self.extra else None
 
     @property
     def payload(self) -> bytes:
@@ -560,11 +571,12 @@ class Position(NamedTuple):
 class Channel:
     """A bounded log of messages, oldest first, and who waits on it."""
 
-    __slots__ = ("name", "messages", "dropped", "waiters", "taken", "queue")
+    __slots__ = ("name", "messages", "dropped", "waiters", "taken", "queue", "expiring")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.messages: list[Message] = []
+        self.expiring = 0      # messages held that have an expiry (``ttl``)
         self.dropped = 0       # seq of the newest message retention dropped
         self.waiters: set[Callable[[], None]] = set()
         self.taken = 0         # seq of the last message /receive handed out
@@ -622,6 +634,17 @@ class Channel:
         gone = self.messages[:drop]
         self.dropped = gone[-1].seq
         del self.messages[:drop]
+        if self.expiring:
+            self.expiring -= sum(m.expires is not None for m in gone)
+        return gone
+
+    def expire(self, now: float) -> list[Message]:
+        """Drop the messages whose expiry has passed (they leave no ``gap``:
+        gone by design); return them."""
+        gone = [m for m in self.messages if m.expires is not None and m.expires <= now]
+        if gone:
+            self.messages = [m for m in self.messages if m.expires is None or m.expires > now]
+            self.expiring -= len(gone)
         return gone
 
 
@@ -725,6 +748,9 @@ class Log:
         #: Where messages are kept besides memory (see ``Store``, ``open_store``).
         self.store = store
         self._keys = IdempotencyKeys(idempotency_window)
+        #: The wall clock (``time.time``) by which messages expire; tests
+        #: may set another.
+        self.clock: Callable[[], float] = time.time
         self._pruned = 0.0
         self._forgotten = 0  # newest message dropped from a channel since forgotten
         self._unreported: dict[str, int] = {}  # channels forgotten, for the store's next prune
@@ -808,6 +834,12 @@ class Log:
         if patterns:  # each once, if named and matched, or matched twice
             channels = list({ch.name: ch for ch in channels}.values())
         return channels, missing
+
+    def _expire(self, ch: Channel) -> None:
+        """Under the lock: drop *ch*'s expired messages, here and in the store."""
+        gone = ch.expire(self.clock())
+        if gone:
+            self.store.expired(gone)
 
     def _pattern_waiters(self, channel: str) -> set[Callable[[], None]]:
         """Under the lock: take the waiters of the patterns *channel* matches
@@ -906,6 +938,8 @@ class Log:
         """Under the lock: append *msg* to its channel; return who to wake."""
         ch = self._channels.get(msg.channel) or self._channel(msg.channel)
         ch.messages.append(msg)
+        if msg.extra is not None and "expires" in msg.extra:
+            ch.expiring += 1
         gone = ch.trim(self.retention, self.max_age)
         if gone:
             self.store.dropped(gone)
@@ -1028,6 +1062,8 @@ class Log:
         if missing and self._forgotten > after and not everything:
             gap = True  # it may have been one of the channels forgotten
         for ch in channels:
+            if ch.expiring:
+                self._expire(ch)
             gone = ch.trim(self.retention, self.max_age)
             if gone:
                 self.store.dropped(gone)
@@ -1104,6 +1140,8 @@ class Log:
         with self._lock:
             self._make_room((channel,))
             ch = self._channel(channel)
+            if ch.expiring:
+                self._expire(ch)
             msg = ch.hand_out(lease, time.time())
             if msg is not None or ch.queue is not None:
                 keep(channel, ch.taken, ch.queue_json())
@@ -1134,6 +1172,8 @@ class Log:
         self._pruned = time.monotonic()
         self._keys.prune(time.time())
         for name, ch in list(self._channels.items()):
+            if ch.expiring:
+                self._expire(ch)
             gone = ch.trim(self.retention, self.max_age)
             if gone:
                 self.store.dropped(gone)
@@ -1196,7 +1236,11 @@ class Hub(Log):
         """Append *message* (any JSON value) to *channel* and wake its waiters.
 
         *extra*: the message's other fields, as ntfy names them (``tags``,
-        ``click``, ``icon``, ``actions``, ``markdown``; see ``EXTRA_FIELDS``).
+        ``click``, ``icon``, ``actions``, ``markdown``; see ``EXTRA_FIELDS``),
+        and ``ttl``: seconds, or a duration such as ``"10m"``, after which
+        the message expires: it is never delivered after that, and is
+        dropped from history without a ``gap`` (its ``expires`` field says
+        when; see ``Message.expires``).
 
         With *key* (an idempotency key: 1-128 printable ASCII characters),
         a publish repeated with the same key within ``idempotency_window``
@@ -1243,8 +1287,18 @@ class Hub(Log):
                                "(no lone surrogates)") from None
         except (TypeError, ValueError, RecursionError) as exc:
             raise _bad_request(f"message is not plain JSON: {exc}") from None
-        return Draft(channel, message, title, priority, payload, key,
-                     _check_extra(extra) if extra else None)
+        ttl = None
+        if extra and "ttl" in extra:
+            extra = dict(extra)
+            ttl = extra.pop("ttl")
+        checked = _check_extra(extra) if extra else None
+        if ttl is not None:
+            seconds = parse_duration(ttl, "ttl")
+            if not 0 < seconds <= MAX_TTL:
+                raise _bad_request(f"ttl must be more than 0 and at most {MAX_TTL:.0f} seconds "
+                                   "(366 days)")
+            checked = {**(checked or {}), "expires": round(self.clock() + seconds, 3)}
+        return Draft(channel, message, title, priority, payload, key, checked)
 
     # -- reading --------------------------------------------------------------------
 
@@ -1537,6 +1591,12 @@ class Store:
     def dropped(self, messages: list[Message]) -> None:
         pass
 
+    def expired(self, messages: list[Message]) -> None:
+        """*messages* expired (their ``ttl`` passed): delete them if this
+        store can; they leave no mark (a reader past them gets no gap). A
+        hub never delivers an expired message, whether or not it is
+        deleted, so a store may leave them to retention."""
+
     def pruned(self, head: int, watermark: int, forgotten: dict[str, int]) -> None:
         pass
 
@@ -1654,6 +1714,9 @@ class SqliteStore(Store):
     def dropped(self, messages: list[Message]) -> None:
         self._gone.extend((m.seq,) for m in messages)
         self._dropped[messages[-1].channel] = messages[-1].seq
+
+    def expired(self, messages: list[Message]) -> None:
+        self._gone.extend((m.seq,) for m in messages)  # (deleted at the next prune; no mark)
 
     def pruned(self, head: int, watermark: int, forgotten: dict[str, int]) -> None:
         """Delete what retention dropped, in one transaction."""
@@ -3554,7 +3617,7 @@ class Handler:
                 raise _bad_request(f"body is not valid JSON: {exc}") from None
             if isinstance(message, dict) and "message" in message:  # the envelope
                 if len(message) > 1:
-                    given = {name: message[name] for name in EXTRA_FIELDS if name in message}
+                    given = {name: message[name] for name in _PUBLISH_FIELDS if name in message}
                 if message.get("title") is not None:
                     title = message["title"]
                 if message.get("priority") is not None:
@@ -3591,7 +3654,7 @@ class Handler:
             params = self.publish_params(request)
             head = (request.headers.get("content-type", "").split(";", 1)[0].strip().lower(),
                     params.get("title"), params.get("priority"),
-                    {name: params[name] for name in EXTRA_FIELDS if name in params})
+                    {name: params[name] for name in _PUBLISH_FIELDS if name in params})
             request.memo["publish"] = head
         return head
 
@@ -3606,6 +3669,7 @@ class Handler:
         "actions": ("x-actions", "actions", "action"),
         "markdown": ("x-markdown", "markdown", "md"),
         "message": ("x-message", "message", "m"),
+        "ttl": ("x-ttl", "ttl"),
     }
     #: What ntfy has and this server does not: a publish naming one is
     #: refused (400), never published without it.
@@ -5012,16 +5076,38 @@ def _ntfy_form(kind: str, topics: str) -> Form:
     return Form(None, _ws_frame(_ntfy_other("open", topics)), _ntfy_ws, _ws_ping)
 
 
-_GO_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?(?:ns|us|µs|ms|s|m|h))+\Z")
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?(?:ns|us|µs|ms|s|m|h|d))+\Z")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+             "d": 86400.0}
 
 
 def _go_duration(text: str) -> float | None:
-    """Seconds in a duration as ntfy (Go) writes one: 10m, 1h30m, 90s."""
+    """Seconds in a duration as ntfy (Go) writes one: 10m, 1h30m, 90s (and
+    1d, a day); None if *text* is not one."""
     if not _GO_DURATION.match(text):
         return None
     return sum(float(number) * _GO_UNITS[unit]
-               for number, unit in re.findall(r"([0-9.]+)(ns|us|µs|ms|s|m|h)", text))
+               for number, unit in re.findall(r"([0-9.]+)(ns|us|µs|ms|s|m|h|d)", text))
+
+
+def parse_duration(value: Any, what: str = "a duration") -> float:
+    """Seconds in *value*: a number of seconds (a JSON number, or text such
+    as ``"90"``), or a duration such as ``90s``, ``10m``, ``1h30m``, ``2d``;
+    a 400 ``LongpollError`` naming *what* otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds: float | None = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = _go_duration(text)
+    else:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        raise _bad_request(f"{what} is a number of seconds or a duration such as 90s, 10m, "
+                           f"2h or 1d, not {str(value)[:40]!r}")
+    return seconds
 _WS_GOING_AWAY = _ws_close(1001, "the server is closing")
 #: Close codes (RFC 6455 7.4.1) a client may send; others are a protocol error.
 _WS_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
@@ -6887,7 +6973,8 @@ class Client:
                 priority: int | None = None, **extra: Any) -> dict[str, Any]:
         """Publish *message* (any JSON value); return ``{"id", "channel", "time"}``.
         *extra*: the message's other fields (``tags``, ``click``, ``icon``,
-        ``actions``, ``markdown``: see ``EXTRA_FIELDS``).
+        ``actions``, ``markdown``: see ``EXTRA_FIELDS``), and ``ttl``
+        (seconds, or a duration such as ``"10m"``: see ``Hub.publish``).
 
         Each publish carries an ``Idempotency-Key`` of its own, the same on
         every retry, so a retry after a lost answer (a cut connection, a
@@ -6900,7 +6987,7 @@ class Client:
             body["title"] = title
         if priority is not None:
             body["priority"] = priority
-        unknown = set(extra) - set(EXTRA_FIELDS)
+        unknown = set(extra) - set(_PUBLISH_FIELDS)
         if unknown:
             raise TypeError(f"unknown message fields: {', '.join(sorted(unknown))}")
         body.update((name, value) for name, value in extra.items() if value is not None)
@@ -7829,7 +7916,7 @@ def _publish(args: Any) -> int:
         message = text.rstrip("\n") if args.message is None else text
     client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
     extra = {"tags": args.tags.split(",") if args.tags else None, "click": args.click,
-             "markdown": True if args.markdown else None}
+             "markdown": True if args.markdown else None, "ttl": args.ttl}
     result = client.publish(args.channel, message, title=args.title, priority=args.priority,
                             **extra)
     print(result["id"], flush=True)
@@ -7916,6 +8003,9 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--tags", metavar="TAG,TAG", help="tags (ntfy's: emoji names too)")
     publish.add_argument("--click", metavar="URL", help="a URL a click on it opens")
     publish.add_argument("--markdown", action="store_true", help="the text is Markdown")
+    publish.add_argument("--ttl", metavar="DURATION",
+                         help="expire it after this long (90s, 10m, 2h, 1d): never delivered "
+                              "later, and dropped from history")
     add_client(publish)
 
     subscribe = commands.add_parser(
