@@ -70,6 +70,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import datetime
 import email.header
 import email.utils
 import errno
@@ -132,6 +133,9 @@ MAX_BODY = 1 << 20              # bytes in a request body
 MAX_HEAD = 64 << 10             # bytes in a request head (request line and headers)
 MAX_TITLE = 256                 # characters in a title
 MAX_TTL = 366 * 86400.0         # seconds: the longest expiry a message may be given
+DEFAULT_MAX_DELAY = 3 * 86400.0  # seconds ahead a message may be scheduled (ntfy's: 3 days)
+DEFAULT_MAX_SCHEDULED = 10_000  # messages scheduled and not yet published, in all
+DEFAULT_MAX_SCHEDULED_PER_CLIENT = 100  # ... from one client (address or token)
 MAX_CHANNELS_PER_REQUEST = 32
 DEFAULT_CHANNEL = "default"     # where /send publishes and /receive takes
 # Per-client limits: generous enough that no honest client notices.
@@ -177,6 +181,12 @@ OPTIONS = (
     Option("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW, "seconds a publish's "
            "Idempotency-Key is remembered: a repeat within it is answered, not stored",
            "hub", "SECONDS"),
+    Option("max_delay", DEFAULT_MAX_DELAY, "how far ahead a message may be scheduled "
+           "(Delay, At)", "hub", "SECONDS"),
+    Option("max_scheduled", DEFAULT_MAX_SCHEDULED, "messages scheduled and not yet "
+           "published, in all; one more gets 503", "hub"),
+    Option("max_scheduled_per_client", DEFAULT_MAX_SCHEDULED_PER_CLIENT, "messages one "
+           "client (address or token) may have scheduled; one more gets 429", "hub"),
     Option("store", "memory:", "where messages are kept: memory: (lost on restart), "
            "sqlite:PATH (survives restarts) or redis://host:port/db (several servers "
            "share channels)", "hub", "URL"),
@@ -398,6 +408,22 @@ def _check_action(action: Any) -> dict[str, Any]:
     return checked
 
 
+_SCHEDULING = threading.Lock()  # (the memory store's scheduled messages)
+
+
+def _check_schedule_room(hub: "Hub", total: int, client: str | None, of_client: int) -> None:
+    """503 when *hub* has ``max_scheduled`` messages scheduled; 429 when
+    *client* has ``max_scheduled_per_client`` of them."""
+    if total >= hub.max_scheduled:
+        raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
+                            f"{total} messages are scheduled, the most this server keeps: "
+                            "try again later", {"Retry-After": "60"})
+    if client is not None and of_client >= hub.max_scheduled_per_client:
+        raise LongpollError(HTTPStatus.TOO_MANY_REQUESTS,
+                            f"you have {of_client} messages scheduled, the most one client "
+                            "may: wait for some to be published", {"Retry-After": "60"})
+
+
 def _extra_of(fields: dict[str, Any]) -> dict[str, Any] | None:
     """The extra fields of a message as its JSON holds them (``expires``
     too, which the hub sets from a publish's ``ttl``)."""
@@ -406,7 +432,8 @@ def _extra_of(fields: dict[str, Any]) -> dict[str, Any] | None:
 
 
 _STORED_FIELDS = (*EXTRA_FIELDS, "expires")
-_PUBLISH_FIELDS = (*EXTRA_FIELDS, "ttl")  # (what a publish may give besides title, priority)
+# What a publish may give besides title and priority: ttl, and when (see Hub.schedule).
+_PUBLISH_FIELDS = (*EXTRA_FIELDS, "ttl", "delay", "at")
 
 
 class Message:
@@ -1209,11 +1236,22 @@ class Hub(Log):
                  max_age: float | None = DEFAULT_MAX_AGE,
                  max_channels: int = DEFAULT_MAX_CHANNELS,
                  store: "Store | str | None" = None,
-                 idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW) -> None:
+                 idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW,
+                 max_delay: float = DEFAULT_MAX_DELAY,
+                 max_scheduled: int = DEFAULT_MAX_SCHEDULED,
+                 max_scheduled_per_client: int = DEFAULT_MAX_SCHEDULED_PER_CLIENT) -> None:
         if retention < 1:
             raise ValueError("retention must be at least 1 message")
         super().__init__(open_store(store) if isinstance(store, str) else store or Store(),
                          retention, max_age, max_channels, idempotency_window)
+        #: Seconds ahead a message may be scheduled (``schedule``).
+        self.max_delay = max_delay
+        #: Messages scheduled and not yet published, in all and per client.
+        self.max_scheduled, self.max_scheduled_per_client = max_scheduled, \
+            max_scheduled_per_client
+        self._ticking = threading.Lock()  # (one tick at a time)
+        self._ticker: threading.Thread | None = None
+        self._stop_ticking = threading.Event()
         self._waiting = 0
         self.store.open(self)  # gives back what was stored: history, sequence, messages
 
@@ -1299,6 +1337,77 @@ class Hub(Log):
                                    "(366 days)")
             checked = {**(checked or {}), "expires": round(self.clock() + seconds, 3)}
         return Draft(channel, message, title, priority, payload, key, checked)
+
+    # -- scheduling -----------------------------------------------------------------
+
+    def schedule(self, channel: str, message: Any, at: float, *, title: str | None = None,
+                 priority: int | None = None, key: str | None = None,
+                 client: str | None = None, **extra: Any) -> dict[str, Any]:
+        """Publish *message* to *channel* at *at* (a Unix time, by ``clock``),
+        with ``publish``'s arguments, checked now; return what was scheduled:
+        ``{"id", "channel", "at", ...}``. The store keeps it (sqlite and
+        Redis: across restarts; Redis: it is published once, by one of the
+        servers sharing it), and ``tick()`` publishes it when it is due
+        (servers tick every second). A ``ttl`` counts from then.
+
+        *at* must lie ahead, at most ``max_delay`` seconds (400). With *key*
+        (an idempotency key), a repeat schedules nothing and returns the
+        first one's entry. At most ``max_scheduled`` are waiting in all (a
+        503 past it) and ``max_scheduled_per_client`` from one *client* (a
+        429 past it)."""
+        self._draft(channel, message, title, priority, key, extra)  # (a 400 now, not then)
+        now = self.clock()
+        if not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at):
+            raise _bad_request("a scheduled time is a Unix time")
+        if at <= now:
+            raise _bad_request("that time has passed: schedule a message for a time ahead")
+        if at > now + self.max_delay:
+            raise _bad_request(f"a message may be scheduled at most {self.max_delay:.0f} "
+                               f"seconds ahead, not {at - now:.0f}")
+        ident = ("s" + hashlib.sha256(key.encode()).hexdigest()[:20] if key is not None
+                 else "s" + secrets.token_hex(10))
+        entry = {"id": ident, "channel": channel, "at": round(at, 3), "message": message,
+                 "title": title, "priority": priority, "key": key, "extra": extra,
+                 "client": client}
+        return self.store.schedule(self, entry)
+
+    def start_ticking(self, interval: float = 1.0) -> None:
+        """``tick()`` every *interval* seconds on a thread of the hub's own,
+        until it closes (for a hub that no server ticks: one used alone, or
+        mounted in an app). Once; later calls do nothing."""
+        if self._ticker is not None or self._closed:
+            return
+
+        def run() -> None:
+            while not self._stop_ticking.wait(interval):
+                try:
+                    self.tick()
+                except Exception:  # a bug must not end the scheduling
+                    logger.exception("error publishing scheduled messages")
+        self._ticker = threading.Thread(target=run, name="longpoll-tick", daemon=True)
+        self._ticker.start()
+
+    def tick(self) -> list[Message]:
+        """Publish the scheduled messages that are due; return them. Servers
+        call it every second; a program that uses a hub alone and schedules
+        messages calls it itself. Safe from any thread, and from several
+        servers sharing a store: each message is published once."""
+        published = []
+        with self._ticking:
+            try:
+                due = self.store.claim_due(self, self.clock())
+            except LongpollError as error:  # the store is down: the next tick tries again
+                logger.debug("scheduled messages not claimed: %s", error)
+                return published
+            for entry in due:
+                try:
+                    published.append(self.publish(
+                        entry["channel"], entry["message"], title=entry["title"],
+                        priority=entry["priority"], key=entry["key"], **entry["extra"]))
+                except LongpollError as error:
+                    logger.warning("the message scheduled as %s for %s was not published: %s",
+                                   entry["id"], entry["channel"], error)
+        return published
 
     # -- reading --------------------------------------------------------------------
 
@@ -1471,6 +1580,9 @@ class Hub(Log):
             waiters = self._every_waiter()
         for wake in waiters:
             wake()
+        self._stop_ticking.set()
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join(10)
         self.store.close()
 
 
@@ -1524,6 +1636,14 @@ class Store:
     ``pruned(head, watermark, forgotten)`` with the hub's head, its
     forgotten-channel watermark and the channels forgotten since the last
     call ({name: newest dropped seq}).
+
+    Scheduled messages (``Hub.schedule``): ``schedule(hub, entry)`` keeps
+    one until it is due (or returns the entry kept before under the same
+    ``id``), refusing past ``hub.max_scheduled`` (503) or, for its
+    ``client``, ``hub.max_scheduled_per_client`` (429); ``claim_due(hub,
+    now)`` takes out those due by *now* and returns them, each to one
+    caller only, across every server sharing the store. Here they are
+    kept in memory (lost on restart); entries are JSON-safe dicts.
 
     A server makes every call that may wait on the network (``remote``)
     on a worker thread, never on its loop; or, once it has called
@@ -1587,6 +1707,29 @@ class Store:
 
     def took(self, channel: str, taken: int, queue: str | None) -> None:
         pass
+
+    def schedule(self, hub: "Hub", entry: dict[str, Any]) -> dict[str, Any]:
+        with _SCHEDULING:
+            scheduled = self.__dict__.setdefault("_scheduled", {})
+            due = self.__dict__.setdefault("_due", [])
+            known = scheduled.get(entry["id"])
+            if known is not None:
+                return known
+            _check_schedule_room(hub, len(scheduled), entry["client"], sum(
+                e["client"] == entry["client"] for e in scheduled.values()))
+            scheduled[entry["id"]] = entry
+            heapq.heappush(due, (entry["at"], entry["id"]))
+            return entry
+
+    def claim_due(self, hub: "Hub", now: float) -> list[dict[str, Any]]:
+        claimed = []
+        with _SCHEDULING:
+            scheduled, due = self.__dict__.get("_scheduled"), self.__dict__.get("_due")
+            while due and due[0][0] <= now:
+                entry = scheduled.pop(heapq.heappop(due)[1], None)
+                if entry is not None:
+                    claimed.append(entry)
+        return claimed
 
     def dropped(self, messages: list[Message]) -> None:
         pass
@@ -1655,7 +1798,10 @@ class SqliteStore(Store):
                 CREATE TABLE IF NOT EXISTS channels (name TEXT PRIMARY KEY,
                     dropped INTEGER DEFAULT 0, taken INTEGER DEFAULT 0, queue TEXT);
                 CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, at REAL,
-                    seq INTEGER, channel TEXT, time REAL);""")
+                    seq INTEGER, channel TEXT, time REAL);
+                CREATE TABLE IF NOT EXISTS scheduled (id TEXT PRIMARY KEY, at REAL,
+                    client TEXT, entry TEXT);
+                CREATE INDEX IF NOT EXISTS scheduled_at ON scheduled (at);""")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('history', ?)", (hub.history,))
             meta = dict(db.execute("SELECT key, value FROM meta"))
             hub.history = meta["history"]
@@ -1718,6 +1864,37 @@ class SqliteStore(Store):
     def expired(self, messages: list[Message]) -> None:
         self._gone.extend((m.seq,) for m in messages)  # (deleted at the next prune; no mark)
 
+    def schedule(self, hub: "Hub", entry: dict[str, Any]) -> dict[str, Any]:
+        db = self.db
+        try:
+            with self._db_lock:
+                known = db.execute("SELECT entry FROM scheduled WHERE id = ?",
+                                   (entry["id"],)).fetchone()
+                if known is not None:
+                    return json.loads(known[0])  # type: ignore[no-any-return]
+                total, = db.execute("SELECT COUNT(*) FROM scheduled").fetchone()
+                of_client, = db.execute("SELECT COUNT(*) FROM scheduled WHERE client = ?",
+                                        (entry["client"],)).fetchone()
+                _check_schedule_room(hub, total, entry["client"], of_client)
+                db.execute("INSERT INTO scheduled VALUES (?, ?, ?, ?)",
+                           (entry["id"], entry["at"], entry["client"], json.dumps(entry)))
+        except self._error as exc:
+            raise _unavailable(self, "cannot schedule the message", exc) from None
+        return entry
+
+    def claim_due(self, hub: "Hub", now: float) -> list[dict[str, Any]]:
+        db = self.db
+        try:
+            with self._db_lock:
+                rows = db.execute("SELECT id, entry FROM scheduled WHERE at <= ? ORDER BY at "
+                                  "LIMIT 1000", (now,)).fetchall()
+                if rows:
+                    db.executemany("DELETE FROM scheduled WHERE id = ?",
+                                   [(ident,) for ident, _ in rows])
+        except self._error as exc:
+            raise _unavailable(self, "cannot read the scheduled messages", exc) from None
+        return [json.loads(entry) for _, entry in rows]
+
     def pruned(self, head: int, watermark: int, forgotten: dict[str, int]) -> None:
         """Delete what retention dropped, in one transaction."""
         db = self.db
@@ -1758,6 +1935,46 @@ _R_LOST = "longpoll:lost"  # Redis lost its data: messages up to here may be mis
 _R_QUEUE = "longpoll:queue"  # per channel: /receive's messages given back, and leased
 _R_KEY = "longpoll:key:"  # + an idempotency key: the message it published (expires)
 _R_FEED_LENGTH = 10_000  # feed entries kept; a server further behind reads the streams
+# Scheduled messages: ids by when they are due, each entry (JSON), its
+# client, and how many each client has waiting.
+_R_SCHEDULED, _R_SCHEDULED_ENTRY = "longpoll:scheduled", "longpoll:scheduled:entry"
+_R_SCHEDULED_CLIENT, _R_SCHEDULED_COUNT = ("longpoll:scheduled:client",
+                                           "longpoll:scheduled:count")
+_R_SCHEDULED_KEYS = [_R_SCHEDULED, _R_SCHEDULED_ENTRY, _R_SCHEDULED_CLIENT,
+                     _R_SCHEDULED_COUNT]
+# ARGV: id, at, entry, client ("" for none), max in all, max per client.
+# Returns {0} kept, {1, entry} kept before, {2} full, {3, n} the client's full.
+_R_SCHEDULE = """
+local known = redis.call('HGET', KEYS[2], ARGV[1])
+if known then return {1, known} end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return {2} end
+if ARGV[4] ~= '' then
+  local n = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+  if n >= tonumber(ARGV[6]) then return {3, n} end
+  redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return {0}
+"""
+# ARGV: now, how many at most. Takes the due entries out (one caller gets each).
+_R_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  local entry = redis.call('HGET', KEYS[2], id)
+  local client = redis.call('HGET', KEYS[3], id)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  if client then
+    redis.call('HDEL', KEYS[3], id)
+    if redis.call('HINCRBY', KEYS[4], client, -1) <= 0 then redis.call('HDEL', KEYS[4], client) end
+  end
+  if entry then out[#out + 1] = entry end
+end
+return out
+"""
 
 # Redis lost its data (a restart without persistence, a FLUSHDB): the first
 # server to notice re-seeds it with its history, and every server of that
@@ -2264,6 +2481,8 @@ class RedisStore(Store):
         self._give_back = self.client.script(_R_GIVE_BACK)
         self._trim = self.client.script(_R_TRIM)
         self._reseed = self.client.script(_R_RESEED)
+        self._schedule = self.client.script(_R_SCHEDULE)
+        self._claim = self.client.script(_R_CLAIM)
         self._checked = 0.0  # when the feed thread last checked Redis's history
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -2307,6 +2526,22 @@ class RedisStore(Store):
             self.failures += 1
             raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the store is unavailable",
                                 {"Retry-After": "1"})
+
+    def schedule(self, hub: "Hub", entry: dict[str, Any]) -> dict[str, Any]:
+        reply = self._ask(self._schedule, _R_SCHEDULED_KEYS, [
+            entry["id"], repr(entry["at"]), json.dumps(entry), entry["client"] or "",
+            hub.max_scheduled, hub.max_scheduled_per_client])
+        if reply[0] == 1:  # a repeated key: the first one
+            return json.loads(reply[1])  # type: ignore[no-any-return]
+        if reply[0] == 2:
+            _check_schedule_room(hub, hub.max_scheduled, None, 0)
+        if reply[0] == 3:
+            _check_schedule_room(hub, 0, entry["client"], int(reply[1]))
+        return entry
+
+    def claim_due(self, hub: "Hub", now: float) -> list[dict[str, Any]]:
+        return [json.loads(entry) for entry in self._ask(self._claim, _R_SCHEDULED_KEYS,
+                                                         [repr(now), 1000])]
 
     def publish(self, hub: "Hub", draft: Draft) -> Message:
         hub.admit(draft.channel)
@@ -3670,6 +3905,8 @@ class Handler:
         "markdown": ("x-markdown", "markdown", "md"),
         "message": ("x-message", "message", "m"),
         "ttl": ("x-ttl", "ttl"),
+        "delay": ("x-delay", "delay", "x-in", "in"),
+        "at": ("x-at", "at"),
     }
     #: What ntfy has and this server does not: a publish naming one is
     #: refused (400), never published without it.
@@ -3677,7 +3914,6 @@ class Handler:
         "attachments": ("x-attach", "attach", "a", "x-filename", "filename", "file", "f"),
         "e-mail notifications": ("x-email", "x-e-mail", "email", "e-mail", "mail", "e"),
         "phone calls": ("x-call", "call"),
-        "delayed delivery": ("x-delay", "delay", "x-at", "at", "x-in", "in"),
         "templates": ("x-template", "template", "tpl"),
         "UnifiedPush": ("x-unifiedpush", "unifiedpush", "up"),
         "poll requests": ("x-poll-id", "poll-id"),
@@ -3750,20 +3986,56 @@ class Handler:
 
     def handle_publish(self, request: Request) -> Response:
         channel, message, options = self.publish_arguments(request)
+        at = self.publish_time(options)
+        if at is not None:
+            return self.schedule(request, channel, message, at, options)
         return self.published(request, self.server.hub.publish(channel, message, **options))
 
     def publish_later(self, request: Request, then: Callable[[Response], None]) -> None:
         """``handle_publish`` (or ``handle_send``) for the loop thread: *then*
-        gets the answer when the store has kept the message (``later``)."""
+        gets the answer when the store has kept the message (``later``). A
+        message to schedule goes to a worker (the store may wait)."""
         def done(msg: Message | LongpollError) -> None:
             then(_error_response(msg) if isinstance(msg, LongpollError)
                  else self.published(request, msg))
 
         try:
             channel, message, options = self.publish_arguments(request)
-            self.server.hub.publish_later(channel, message, done, **options)
+            at = self.publish_time(options)
+            if at is None:
+                self.server.hub.publish_later(channel, message, done, **options)
+            else:
+                self.server.pool.submit(lambda: then(self.handle(request)))
         except LongpollError as error:
             then(_error_response(error))
+
+    def publish_time(self, options: dict[str, Any]) -> float | None:
+        """When a publish is to be published (``Delay``, ``In``, ``At``; taken
+        out of *options*), or None for now."""
+        delay, at = options.pop("delay", None), options.pop("at", None)
+        if delay is None and at is None:
+            return None
+        if delay is not None and at is not None:
+            raise _bad_request("give Delay or At, not both")
+        if delay is not None:
+            return self.server.hub.clock() + parse_duration(delay, "Delay")
+        return parse_time(at)
+
+    def schedule(self, request: Request, channel: str, message: Any, at: float,
+                 options: dict[str, Any]) -> Response:
+        """Schedule a publish: ``202`` with the scheduled message's id and
+        when it will be published (ntfy's routes: its message event)."""
+        entry = self.server.hub.schedule(channel, message, at, client=request.key, **options)
+        if request.route in self.ntfy_publishing:
+            return Response(HTTPStatus.OK, _encode({
+                "id": entry["id"], "time": int(entry["at"]), "event": "message",
+                "topic": channel, "message": message if isinstance(message, str)
+                else _encode(message)}).encode() + b"\n")
+        if request.route == "send":
+            return self.json(HTTPStatus.ACCEPTED, {"status": "Message scheduled.",
+                                                   "id": entry["id"], "at": entry["at"]})
+        return self.json(HTTPStatus.ACCEPTED, {"id": entry["id"], "channel": channel,
+                                               "at": entry["at"], "scheduled": True})
 
     def publish_arguments(self, request: Request) -> tuple[str, Any, dict[str, Any]]:
         if request.route in self.ntfy_publishing:
@@ -5090,6 +5362,37 @@ def _go_duration(text: str) -> float | None:
                for number, unit in re.findall(r"([0-9.]+)(ns|us|µs|ms|s|m|h|d)", text))
 
 
+_WORDY_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+                "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+_WORDY_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?) *(seconds?|secs?|s|minutes?|mins?|m|hours?|h|"
+                         r"days?|d)")
+_WORDY_DURATION = re.compile(r"(?: *" + _WORDY_PART.pattern + r")+ *")
+
+
+def parse_time(value: Any) -> float:
+    """A Unix time from *value*: a number (or its text), or an RFC 3339
+    time with its offset (``2026-12-24T18:00:00Z``, ``...+01:00``); a 400
+    ``LongpollError`` otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds: float | None = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            try:
+                when = datetime.datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text))
+            except ValueError:
+                when = None
+            seconds = when.timestamp() if when is not None and when.tzinfo else None
+    else:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        raise _bad_request("At is a Unix time or an RFC 3339 time with its offset, such as "
+                           f"2026-12-24T18:00:00Z, not {str(value)[:40]!r}")
+    return seconds
+
+
 def parse_duration(value: Any, what: str = "a duration") -> float:
     """Seconds in *value*: a number of seconds (a JSON number, or text such
     as ``"90"``), or a duration such as ``90s``, ``10m``, ``1h30m``, ``2d``;
@@ -5102,6 +5405,9 @@ def parse_duration(value: Any, what: str = "a duration") -> float:
             seconds = float(text)
         except ValueError:
             seconds = _go_duration(text)
+            if seconds is None and _WORDY_DURATION.fullmatch(text):  # ntfy's: 30min, 2 hours
+                seconds = sum(float(n) * _WORDY_UNITS[u.rstrip("s") or "s"]
+                              for n, u in _WORDY_PART.findall(text))
     else:
         seconds = None
     if seconds is None or not math.isfinite(seconds):
@@ -5950,6 +6256,7 @@ class Server(_Service):
                          ntfy=ntfy, handler_class=handler_class, options=options)
         self._next_prune = 0.0
         self._pruning: concurrent.futures.Future | None = None
+        self._ticking: concurrent.futures.Future | None = None
         self.protocol = HTTPProtocol(self)
         # Behind a trusted proxy every client shares the proxy's address:
         # there, connections are not capped per address.
@@ -6076,6 +6383,10 @@ class Server(_Service):
         self.waiters.tick()
         if self.hub.store.loop is self.loop:
             self.hub.store.tick()
+        if not self.hub.store.remote:  # scheduled messages that are due: published now
+            self.hub.tick()
+        elif self._ticking is None or self._ticking.done():  # (off the loop: it asks Redis)
+            self._ticking = self.pool.submit(self.hub.tick)
         if now >= self._next_prune:
             self._next_prune = now + 10.0
             if not self.hub.store.remote:
@@ -6154,6 +6465,7 @@ class _Mounted(_Service):
         self.waiting = 0
         self.parked_by: collections.Counter[str] = collections.Counter()
         self._counting = threading.Lock()  # (a WSGI server's threads count at once)
+        self.hub.start_ticking()  # (no loop of ours to publish scheduled messages)
 
     def _request(self, method: str, path: str, query: str, version: str,
                  headers: dict[str, str], client: str) -> Request:
@@ -7916,7 +8228,8 @@ def _publish(args: Any) -> int:
         message = text.rstrip("\n") if args.message is None else text
     client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
     extra = {"tags": args.tags.split(",") if args.tags else None, "click": args.click,
-             "markdown": True if args.markdown else None, "ttl": args.ttl}
+             "markdown": True if args.markdown else None, "ttl": args.ttl,
+             "delay": args.delay, "at": args.at}
     result = client.publish(args.channel, message, title=args.title, priority=args.priority,
                             **extra)
     print(result["id"], flush=True)
@@ -8003,6 +8316,12 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--tags", metavar="TAG,TAG", help="tags (ntfy's: emoji names too)")
     publish.add_argument("--click", metavar="URL", help="a URL a click on it opens")
     publish.add_argument("--markdown", action="store_true", help="the text is Markdown")
+    publish.add_argument("--delay", metavar="DURATION",
+                         help="publish it this much later (30s, 10m, 2h, 1d; up to the "
+                              "server's --max-delay)")
+    publish.add_argument("--at", metavar="TIME",
+                         help="publish it at this time: a Unix time, or RFC 3339 such as "
+                              "2026-12-24T18:00:00Z")
     publish.add_argument("--ttl", metavar="DURATION",
                          help="expire it after this long (90s, 10m, 2h, 1d): never delivered "
                               "later, and dropped from history")
