@@ -136,6 +136,10 @@ MAX_TTL = 366 * 86400.0         # seconds: the longest expiry a message may be g
 DEFAULT_MAX_DELAY = 3 * 86400.0  # seconds ahead a message may be scheduled (ntfy's: 3 days)
 DEFAULT_MAX_SCHEDULED = 10_000  # messages scheduled and not yet published, in all
 DEFAULT_MAX_SCHEDULED_PER_CLIENT = 100  # ... from one client (address or token)
+DEFAULT_MAX_EXPECTATIONS = 1000  # channels watched for silence (``Hub.expect``)
+#: The tag of the messages a silence alert publishes: they do not count as
+#: the channel speaking.
+SILENCE_TAG = "longpoll-silence"
 MAX_CHANNELS_PER_REQUEST = 32
 DEFAULT_CHANNEL = "default"     # where /send publishes and /receive takes
 # Per-client limits: generous enough that no honest client notices.
@@ -187,6 +191,8 @@ OPTIONS = (
            "published, in all; one more gets 503", "hub"),
     Option("max_scheduled_per_client", DEFAULT_MAX_SCHEDULED_PER_CLIENT, "messages one "
            "client (address or token) may have scheduled; one more gets 429", "hub"),
+    Option("max_expectations", DEFAULT_MAX_EXPECTATIONS, "channels watched for silence "
+           "(POST /channels/NAME/expect); one more gets 503", "hub"),
     Option("store", "memory:", "where messages are kept: memory: (lost on restart), "
            "sqlite:PATH (survives restarts) or redis://host:port/db (several servers "
            "share channels)", "hub", "URL"),
@@ -408,7 +414,30 @@ def _check_action(action: Any) -> dict[str, Any]:
     return checked
 
 
-_SCHEDULING = threading.Lock()  # (the memory store's scheduled messages)
+_SCHEDULING = threading.Lock()  # (the memory store's scheduled messages and expectations)
+
+
+def _check_expect_room(hub: "Hub", count: int) -> None:
+    if count >= hub.max_expectations:
+        raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE,
+                            f"{count} channels are watched for silence, the most this server "
+                            "watches", {"Retry-After": "60"})
+
+
+def _silence_verdict(entry: dict[str, Any], spoke: float, now: float) -> str | None:
+    """Move an expectation on (in place): "alert" when its channel has been
+    silent ``every`` seconds and no alert went yet, "back" when it spoke
+    after the alert, else None. ``last`` is the channel's last message (or
+    when the expectation began); ``alerted`` when the alert went."""
+    entry["last"] = max(entry["last"], spoke)
+    if entry["alerted"] is None:
+        if now >= entry["last"] + entry["every"]:
+            entry["alerted"] = now
+            return "alert"
+    elif spoke >= entry["alerted"]:  # (a message at the alert's own time came after it)
+        entry["alerted"] = None
+        return "back"
+    return None
 
 
 def _check_schedule_room(hub: "Hub", total: int, client: str | None, of_client: int) -> None:
@@ -775,8 +804,8 @@ class Log:
         #: Where messages are kept besides memory (see ``Store``, ``open_store``).
         self.store = store
         self._keys = IdempotencyKeys(idempotency_window)
-        #: The wall clock (``time.time``) by which messages expire; tests
-        #: may set another.
+        #: The wall clock (``time.time``) that stamps messages, and by which
+        #: they expire and are scheduled; tests may set another.
         self.clock: Callable[[], float] = time.time
         self._pruned = 0.0
         self._forgotten = 0  # newest message dropped from a channel since forgotten
@@ -794,6 +823,10 @@ class Log:
         self._matched: dict[str, tuple[str, ...]] = {}
         self._expanded: dict[str, tuple[int, list[str]]] = {}
         self._generation = 0
+        # Channels watched for silence (``Hub.expect``), and when each last
+        # had a message of its own (a silence alert's do not count).
+        self._expected: frozenset[str] = frozenset()
+        self._spoke: dict[str, float] = {}
         self._seq = 0
         self._closed = False
         self._positions: dict[str, Position] = {}  # settled cursors, placed once
@@ -937,7 +970,8 @@ class Log:
                 self._make_room((channel,))
             seq = self._seq + 1
             msg = Message(seq, f"{self.history}-{seq}", channel, message, title, priority,
-                          payload, None, extra)
+                          payload, None if self.clock is time.time else round(self.clock(), 3),
+                          extra)
             keep(msg, key)  # kept before it is acknowledged; may raise
             self._seq = seq
             self.published += 1
@@ -967,6 +1001,9 @@ class Log:
         ch.messages.append(msg)
         if msg.extra is not None and "expires" in msg.extra:
             ch.expiring += 1
+        if msg.channel in self._expected and SILENCE_TAG not in (
+                msg.extra or {}).get("tags", ()):
+            self._spoke[msg.channel] = max(self._spoke.get(msg.channel, 0.0), msg.time)
         gone = ch.trim(self.retention, self.max_age)
         if gone:
             self.store.dropped(gone)
@@ -1239,7 +1276,8 @@ class Hub(Log):
                  idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW,
                  max_delay: float = DEFAULT_MAX_DELAY,
                  max_scheduled: int = DEFAULT_MAX_SCHEDULED,
-                 max_scheduled_per_client: int = DEFAULT_MAX_SCHEDULED_PER_CLIENT) -> None:
+                 max_scheduled_per_client: int = DEFAULT_MAX_SCHEDULED_PER_CLIENT,
+                 max_expectations: int = DEFAULT_MAX_EXPECTATIONS) -> None:
         if retention < 1:
             raise ValueError("retention must be at least 1 message")
         super().__init__(open_store(store) if isinstance(store, str) else store or Store(),
@@ -1249,6 +1287,8 @@ class Hub(Log):
         #: Messages scheduled and not yet published, in all and per client.
         self.max_scheduled, self.max_scheduled_per_client = max_scheduled, \
             max_scheduled_per_client
+        #: Channels that may be watched for silence at once (``expect``).
+        self.max_expectations = max_expectations
         self._ticking = threading.Lock()  # (one tick at a time)
         self._ticker: threading.Thread | None = None
         self._stop_ticking = threading.Event()
@@ -1387,6 +1427,80 @@ class Hub(Log):
         self._ticker = threading.Thread(target=run, name="longpoll-tick", daemon=True)
         self._ticker.start()
 
+    # -- silence alerts -------------------------------------------------------------
+
+    def expect(self, channel: str, every: float | str, to: str | None = None) -> dict[str, Any]:
+        """Expect a message on *channel* at least every *every* seconds (or a
+        duration such as ``"26h"``): when none has come for that long,
+        ``tick()`` publishes an alert (priority 4, "No message on backups for
+        26 h") to *to* (default: *channel*), once; and when messages resume,
+        "backups is back", once. Alerts are tagged ``SILENCE_TAG`` and do not
+        count as the channel speaking. The time counts from now; the store
+        keeps it (sqlite, Redis: across restarts; Redis: each alert is
+        published by one server). Replaces an expectation *channel* had.
+        Returns its state (``expectation``)."""
+        check_channel(channel)
+        check_channel(to if to is not None else channel)
+        seconds = parse_duration(every, "every")
+        if not 1 <= seconds <= MAX_TTL:
+            raise _bad_request("every must be from 1 second to 366 days")
+        entry = {"channel": channel, "every": seconds, "to": to or channel,
+                 "last": round(self.clock(), 3), "alerted": None}
+        self.store.expect(self, entry)
+        with self._lock:
+            self._expected = self._expected | {channel}
+        return self._state(entry)
+
+    def expectation(self, channel: str) -> dict[str, Any] | None:
+        """*channel*'s expectation: ``{"channel", "every", "to", "last",
+        "due", "silent"}`` (``last``: its last message, or when the
+        expectation began or an alert went; ``silent``: an alert went and
+        no message came since), or None."""
+        check_channel(channel)
+        entry = self.store.expectations(self).get(channel)
+        return self._state(entry) if entry is not None else None
+
+    def unexpect(self, channel: str) -> bool:
+        """Stop expecting messages on *channel*; False if nothing was."""
+        check_channel(channel)
+        return self.store.unexpect(self, channel)
+
+    @staticmethod
+    def _state(entry: dict[str, Any]) -> dict[str, Any]:
+        return {"channel": entry["channel"], "every": entry["every"], "to": entry["to"],
+                "last": entry["last"], "due": round(entry["last"] + entry["every"], 3),
+                "silent": entry["alerted"] is not None}
+
+    def _check_silences(self) -> list[Message]:
+        """``tick``'s part: alert the channels silent too long, and those
+        that spoke after an alert, each once (the store decides who)."""
+        expectations = self.store.expectations(self)
+        with self._lock:
+            for name in expectations.keys() - self._expected:  # (held from before: a restart)
+                ch = self._channels.get(name)
+                spoken = [m.time for m in ch.messages if SILENCE_TAG not in (
+                    m.extra or {}).get("tags", ())] if ch is not None else []
+                self._spoke[name] = max([self._spoke.get(name, 0.0), *spoken])
+            self._expected = frozenset(expectations)
+            spoke = {name: self._spoke.get(name, 0.0) for name in expectations}
+        published = []
+        for channel, entry in expectations.items():
+            now = round(self.clock(), 3)  # (to the millisecond, as messages' times are)
+            verdict = self.store.expect_check(self, channel, spoke[channel], now)
+            if verdict is None:
+                continue
+            hours = _human_seconds(entry["every"])
+            if verdict == "alert":
+                msg = self.publish(
+                    entry["to"], f"{channel} has had no message for {hours}", priority=4,
+                    title=f"No message on {channel} for {hours}", tags=["warning", SILENCE_TAG])
+            else:
+                msg = self.publish(
+                    entry["to"], f"{channel} has messages again", priority=3,
+                    title=f"{channel} is back", tags=["white_check_mark", SILENCE_TAG])
+            published.append(msg)
+        return published
+
     def tick(self) -> list[Message]:
         """Publish the scheduled messages that are due; return them. Servers
         call it every second; a program that uses a hub alone and schedules
@@ -1407,6 +1521,10 @@ class Hub(Log):
                 except LongpollError as error:
                     logger.warning("the message scheduled as %s for %s was not published: %s",
                                    entry["id"], entry["channel"], error)
+            try:
+                published += self._check_silences()
+            except LongpollError as error:
+                logger.debug("silences not checked: %s", error)
         return published
 
     # -- reading --------------------------------------------------------------------
@@ -1722,6 +1840,11 @@ class Store:
             return entry
 
     def claim_due(self, hub: "Hub", now: float) -> list[dict[str, Any]]:
+        """(See the class's docstring; also ``expect``, ``expectations``,
+        ``unexpect`` and ``expect_check`` for ``Hub.expect``: the last says,
+        once per event across every server sharing the store, whether a
+        channel's silence is to be alerted now ("alert") or its return
+        ("back"), by ``_silence_verdict``'s rule.)"""
         claimed = []
         with _SCHEDULING:
             scheduled, due = self.__dict__.get("_scheduled"), self.__dict__.get("_due")
@@ -1730,6 +1853,26 @@ class Store:
                 if entry is not None:
                     claimed.append(entry)
         return claimed
+
+    def expect(self, hub: "Hub", entry: dict[str, Any]) -> None:
+        with _SCHEDULING:
+            expected = self.__dict__.setdefault("_expected", {})
+            if entry["channel"] not in expected:
+                _check_expect_room(hub, len(expected))
+            expected[entry["channel"]] = entry
+
+    def expectations(self, hub: "Hub") -> dict[str, dict[str, Any]]:
+        with _SCHEDULING:
+            return {name: dict(e) for name, e in self.__dict__.get("_expected", {}).items()}
+
+    def unexpect(self, hub: "Hub", channel: str) -> bool:
+        with _SCHEDULING:
+            return self.__dict__.get("_expected", {}).pop(channel, None) is not None
+
+    def expect_check(self, hub: "Hub", channel: str, spoke: float, now: float) -> str | None:
+        with _SCHEDULING:
+            entry = self.__dict__.get("_expected", {}).get(channel)
+            return _silence_verdict(entry, spoke, now) if entry is not None else None
 
     def dropped(self, messages: list[Message]) -> None:
         pass
@@ -1801,6 +1944,7 @@ class SqliteStore(Store):
                     seq INTEGER, channel TEXT, time REAL);
                 CREATE TABLE IF NOT EXISTS scheduled (id TEXT PRIMARY KEY, at REAL,
                     client TEXT, entry TEXT);
+                CREATE TABLE IF NOT EXISTS expectations (channel TEXT PRIMARY KEY, entry TEXT);
                 CREATE INDEX IF NOT EXISTS scheduled_at ON scheduled (at);""")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('history', ?)", (hub.history,))
             meta = dict(db.execute("SELECT key, value FROM meta"))
@@ -1882,6 +2026,44 @@ class SqliteStore(Store):
             raise _unavailable(self, "cannot schedule the message", exc) from None
         return entry
 
+    def expect(self, hub: "Hub", entry: dict[str, Any]) -> None:
+        db = self.db
+        try:
+            with self._db_lock:
+                known = db.execute("SELECT 1 FROM expectations WHERE channel = ?",
+                                   (entry["channel"],)).fetchone()
+                if known is None:
+                    _check_expect_room(hub, db.execute(
+                        "SELECT COUNT(*) FROM expectations").fetchone()[0])
+                db.execute("INSERT OR REPLACE INTO expectations VALUES (?, ?)",
+                           (entry["channel"], json.dumps(entry)))
+        except self._error as exc:
+            raise _unavailable(self, "cannot keep the expectation", exc) from None
+
+    def expectations(self, hub: "Hub") -> dict[str, dict[str, Any]]:
+        with self._db_lock:
+            return {name: json.loads(entry) for name, entry in
+                    self.db.execute("SELECT channel, entry FROM expectations")}
+
+    def unexpect(self, hub: "Hub", channel: str) -> bool:
+        with self._db_lock:
+            return self.db.execute("DELETE FROM expectations WHERE channel = ?",
+                                   (channel,)).rowcount > 0
+
+    def expect_check(self, hub: "Hub", channel: str, spoke: float, now: float) -> str | None:
+        with self._db_lock:
+            row = self.db.execute("SELECT entry FROM expectations WHERE channel = ?",
+                                  (channel,)).fetchone()
+            if row is None:
+                return None
+            entry = json.loads(row[0])
+            before = dict(entry)
+            verdict = _silence_verdict(entry, spoke, now)
+            if entry != before:
+                self.db.execute("UPDATE expectations SET entry = ? WHERE channel = ?",
+                                (json.dumps(entry), channel))
+            return verdict
+
     def claim_due(self, hub: "Hub", now: float) -> list[dict[str, Any]]:
         db = self.db
         try:
@@ -1957,6 +2139,33 @@ end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return {0}
+"""
+_R_EXPECT = "longpoll:expect"  # channel -> its expectation (JSON; see Hub.expect)
+# ARGV: channel, entry, the most. Returns 1 kept, 0 full.
+_R_EXPECT_SET = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
+    and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+# ARGV: channel, when it last spoke (here), now. _silence_verdict's rule, atomically.
+_R_EXPECT_CHECK = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return '' end
+local e = cjson.decode(raw)
+local spoke, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local last = math.max(e['last'], spoke)
+local verdict = ''
+if e['alerted'] == cjson.null or e['alerted'] == nil then
+  if now >= last + e['every'] then e['alerted'] = now; verdict = 'alert' end
+elseif spoke >= e['alerted'] then
+  e['alerted'] = cjson.null; verdict = 'back'
+end
+if last ~= e['last'] or verdict ~= '' then
+  e['last'] = last
+  redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(e))
+end
+return verdict
 """
 # ARGV: now, how many at most. Takes the due entries out (one caller gets each).
 _R_CLAIM = """
@@ -2483,6 +2692,8 @@ class RedisStore(Store):
         self._reseed = self.client.script(_R_RESEED)
         self._schedule = self.client.script(_R_SCHEDULE)
         self._claim = self.client.script(_R_CLAIM)
+        self._expect_set = self.client.script(_R_EXPECT_SET)
+        self._expect_check = self.client.script(_R_EXPECT_CHECK)
         self._checked = 0.0  # when the feed thread last checked Redis's history
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -2543,9 +2754,25 @@ class RedisStore(Store):
         return [json.loads(entry) for entry in self._ask(self._claim, _R_SCHEDULED_KEYS,
                                                          [repr(now), 1000])]
 
+    def expect(self, hub: "Hub", entry: dict[str, Any]) -> None:
+        if not self._ask(self._expect_set, [_R_EXPECT], [entry["channel"], json.dumps(entry),
+                                                         hub.max_expectations]):
+            _check_expect_room(hub, hub.max_expectations)
+
+    def expectations(self, hub: "Hub") -> dict[str, dict[str, Any]]:
+        raw = self._ask(self.client.call, "HGETALL", _R_EXPECT)
+        return {raw[i].decode(): json.loads(raw[i + 1]) for i in range(0, len(raw), 2)}
+
+    def unexpect(self, hub: "Hub", channel: str) -> bool:
+        return bool(self._ask(self.client.call, "HDEL", _R_EXPECT, channel))
+
+    def expect_check(self, hub: "Hub", channel: str, spoke: float, now: float) -> str | None:
+        verdict = self._ask(self._expect_check, [_R_EXPECT], [channel, repr(spoke), repr(now)])
+        return verdict.decode() if verdict else None
+
     def publish(self, hub: "Hub", draft: Draft) -> Message:
         hub.admit(draft.channel)
-        at = round(time.time(), 3)
+        at = round(hub.clock(), 3)
         for attempt in range(2):
             try:
                 reply = self._ask(self._publish, *self._publish_call(hub, draft, at))
@@ -2620,7 +2847,7 @@ class RedisStore(Store):
             self._refuse_while_down()
         except LongpollError as error:
             return then(error)
-        at = round(time.time(), 3)
+        at = round(hub.clock(), 3)
         keys, args = self._publish_call(hub, draft, at)
 
         def slow(call: Callable[[], Any]) -> None:
@@ -3563,17 +3790,23 @@ class Handler:
     channel_routes = {"GET": "poll", "POST": "publish", "PUT": "publish"}
     stream_routes = {"GET": "events"}
     socket_routes = {"GET": "ws"}
+    #: /channels/{name}/expect: silence alerts (``Hub.expect``).
+    expect_routes = {"GET": "expect_get", "POST": "expect_set", "PUT": "expect_set",
+                     "DELETE": "expect_delete"}
     #: What each route does to its channels (for auth); /send and /receive
     #: act on the ``default`` channel.
     actions = {"poll": "read", "events": "read", "ws": "read", "receive": "read",
                "ack": "read", "publish": "write", "send": "write",
                "ntfy_publish": "write", "ntfy_post": "write", "ntfy_json": "read",
-               "ntfy_sse": "read", "ntfy_raw": "read", "ntfy_ws": "read", "ntfy_auth": "read"}
+               "ntfy_sse": "read", "ntfy_raw": "read", "ntfy_ws": "read", "ntfy_auth": "read",
+               "expect_get": "read", "expect_set": "write", "expect_delete": "write"}
     #: Routes that no rate limit counts (monitoring must always get through).
     unlimited = frozenset({"health", "metrics", "ntfy_health"})
     #: Routes that publish (``publish_arguments`` reads them; ``later``).
     publishing = frozenset({"publish", "send", "ntfy_publish", "ntfy_post"})
     ntfy_publishing = frozenset({"ntfy_publish", "ntfy_post"})  # (answered as ntfy does)
+    #: Other routes that ask the store (on a worker, when it is across the network).
+    store_routes = frozenset({"ack", "expect_get", "expect_set", "expect_delete"})
     #: ntfy's paths (``ntfy_route``), with ``--ntfy`` (the default).
     ntfy_topic_routes = {"POST": "ntfy_publish", "PUT": "ntfy_publish", "GET": "ntfy_page"}
     ntfy_root_routes = {"GET": "index", "HEAD": "index", "POST": "ntfy_post", "PUT": "ntfy_post"}
@@ -3665,6 +3898,8 @@ class Handler:
                 return self.stream_routes, _channels_in_path(names)
             if rest == "ws":
                 return self.socket_routes, _channels_in_path(names)
+            if rest == "expect":
+                return self.expect_routes, _channels_in_path(names)
         else:
             methods = self.routes.get(path)
             if methods is not None:
@@ -3716,7 +3951,7 @@ class Handler:
             if store.loop is not None and store.loop is getattr(server, "loop", None):
                 return "later"
             return "worker" if store.remote else None
-        return "worker" if route == "ack" and self.server.hub.store.remote else None
+        return "worker" if route in self.store_routes and self.server.hub.store.remote else None
 
     def token(self, request: Request) -> str | None:
         """The credentials sent: ``Authorization: Bearer <token>``, or
@@ -4051,6 +4286,45 @@ class Handler:
         if request.route in self.ntfy_publishing:  # (ntfy's: the message event)
             return Response(HTTPStatus.OK, _ntfy_event(msg) + b"\n")
         return Response(_OK if msg.replayed else _CREATED, msg.summary())
+
+    def _expected_channel(self, request: Request) -> str:
+        if len(request.names) != 1:
+            raise _bad_request("expect messages on one channel at a time")
+        return check_channel(request.names[0])
+
+    def handle_expect_set(self, request: Request) -> Response:
+        """Expect a message on the channel at least ``every`` (query, or a
+        JSON body ``{"every", "to"}``); an alert goes to ``to`` (the channel
+        itself by default) when none comes for that long."""
+        channel = self._expected_channel(request)
+        given: dict[str, Any] = {}
+        if request.body:
+            try:
+                given = _decode(request.body.decode("utf-8"))
+            except (ValueError, RecursionError):
+                given = None  # type: ignore[assignment]
+            if not isinstance(given, dict):
+                raise _bad_request('the body is JSON: {"every": "26h", "to": "alerts"}')
+        every = given.get("every", request.query.get("every"))
+        to = given.get("to", request.query.get("to")) or None
+        if every is None:
+            raise _bad_request("say how often a message should come: ?every=26h")
+        if to is not None and self.server.auth is not None:
+            self.server.auth.permit(request.rules, "write", (check_channel(to),))
+        return self.json(HTTPStatus.OK, self.server.hub.expect(channel, every, to))
+
+    def handle_expect_get(self, request: Request) -> Response:
+        channel = self._expected_channel(request)
+        state = self.server.hub.expectation(channel)
+        if state is None:
+            raise LongpollError(HTTPStatus.NOT_FOUND, f"no message is expected on {channel}")
+        return self.json(HTTPStatus.OK, state)
+
+    def handle_expect_delete(self, request: Request) -> Response:
+        channel = self._expected_channel(request)
+        if not self.server.hub.unexpect(channel):
+            raise LongpollError(HTTPStatus.NOT_FOUND, f"no message is expected on {channel}")
+        return self.json(HTTPStatus.OK, {"deleted": True})
 
     def handle_poll(self, request: Request) -> Poll:
         query = request.query_string
@@ -5367,6 +5641,14 @@ _WORDY_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "mi
 _WORDY_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?) *(seconds?|secs?|s|minutes?|mins?|m|hours?|h|"
                          r"days?|d)")
 _WORDY_DURATION = re.compile(r"(?: *" + _WORDY_PART.pattern + r")+ *")
+
+
+def _human_seconds(seconds: float) -> str:
+    """A duration for people: 26 h, 90 min, 45 s, 3 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size or seconds == size and unit != "days":
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
 
 
 def parse_time(value: Any) -> float:
@@ -7330,6 +7612,34 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/health", None, self._socket_timeout(0))
 
+    def expect(self, channel: str, every: float | str, to: str | None = None) -> dict[str, Any]:
+        """Have the server alert when *channel* has no message for *every*
+        (seconds, or ``"26h"``), to *to* or the channel (``Hub.expect``)."""
+        body = {"every": every, **({"to": to} if to else {})}
+        return self._call("POST", f"/channels/{check_channel(channel)}/expect",
+                          _json_body(body), self._socket_timeout(0))
+
+    def expectation(self, channel: str) -> dict[str, Any] | None:
+        """The state of *channel*'s silence alert, or None if it has none."""
+        try:
+            return self._call("GET", f"/channels/{check_channel(channel)}/expect", None,
+                              self._socket_timeout(0))
+        except LongpollError as error:
+            if error.status == HTTPStatus.NOT_FOUND:
+                return None
+            raise
+
+    def unexpect(self, channel: str) -> bool:
+        """End *channel*'s silence alert; False if it had none."""
+        try:
+            self._call("DELETE", f"/channels/{check_channel(channel)}/expect", None,
+                       self._socket_timeout(0))
+        except LongpollError as error:
+            if error.status == HTTPStatus.NOT_FOUND:
+                return False
+            raise
+        return True
+
     # -- plumbing -------------------------------------------------------------
 
     def _socket_timeout(self, hold: float) -> float:
@@ -8143,6 +8453,9 @@ examples:
   python3 -m longpoll subscribe news
   python3 -m longpoll subscribe news alerts --since 0 --json
   python3 -m longpoll subscribe ci --count 1    # wait for the next message, then exit
+  python3 -m longpoll subscribe 'ci-*'          # every channel whose name starts ci-
+  python3 -m longpoll publish reminders 'stand-up' --delay 10m --ttl 1h
+  python3 -m longpoll expect backups --every 26h  # alert when no message comes for 26 h
 """
 
 
@@ -8248,8 +8561,24 @@ def _subscribe(args: Any) -> int:
     return 0
 
 
+def _expect(args: Any) -> int:
+    client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
+    if args.delete:
+        if not client.unexpect(args.channel):
+            logger.error("no message is expected on %s", args.channel)
+            return 1
+        return 0
+    state = (client.expect(args.channel, args.every, args.to) if args.every
+             else client.expectation(args.channel))
+    if state is None:
+        logger.error("no message is expected on %s (set one with --every 26h)", args.channel)
+        return 1
+    print(json.dumps(state), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``python3 -m longpoll serve | publish | subscribe``."""
+    """The command line: ``python3 -m longpoll serve | publish | subscribe | expect``."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -8343,6 +8672,19 @@ def main(argv: list[str] | None = None) -> int:
                                 "where the upgrade is refused")
     add_client(subscribe)
 
+    expect = commands.add_parser(
+        "expect", help="be alerted when a channel goes silent",
+        description="Have the server publish an alert when CHANNEL gets no message for "
+                    "--every (a dead man's switch), and again when messages resume. "
+                    "Without --every: show the state.")
+    expect.add_argument("channel", metavar="CHANNEL")
+    expect.add_argument("--every", metavar="DURATION",
+                        help="a message should come at least this often (26h, 90m, 1d)")
+    expect.add_argument("--to", metavar="CHANNEL",
+                        help="publish the alerts there (default: CHANNEL itself)")
+    expect.add_argument("--delete", action="store_true", help="stop expecting messages")
+    add_client(expect)
+
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -8359,7 +8701,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-    run = {"serve": _serve, "publish": _publish, "subscribe": _subscribe}[args.command]
+    run = {"serve": _serve, "publish": _publish, "subscribe": _subscribe,
+           "expect": _expect}[args.command]
     try:
         return run(args)
     except LongpollError as error:

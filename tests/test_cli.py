@@ -259,7 +259,9 @@ def test_help_examples_work_when_pasted(serve):
                              daemon=True).start()
             try:
                 wait_until(lambda: get_json(server.url + "/health")["waiting"] > before)
-                channel = example.split("subscribe ")[1].split()[0]
+                channel = example.split("subscribe ")[1].split()[0].strip("'")
+                if longpoll.is_pattern(channel):  # publish to a channel it matches
+                    channel = channel.replace("*", "main")
                 urllib.request.urlopen(urllib.request.Request(
                     f"{server.url}/channels/{channel}", data=b"pasted", method="POST"),
                     timeout=10)
@@ -276,7 +278,12 @@ def test_help_examples_work_when_pasted(serve):
             done = subprocess.run(command, shell=True, cwd=ROOT, env=env, text=True,
                                   capture_output=True, timeout=20)
             assert done.returncode == 0, (example, done.stderr)
-            assert re.fullmatch(r"[0-9a-f]+-\d+\n", done.stdout), done.stdout
+            if " expect " in example:  # the state of the watch
+                assert json.loads(done.stdout)["channel"] == "backups"
+            elif "--delay" in example:  # the scheduled message's id
+                assert re.fullmatch(r"s[0-9a-f]+\n", done.stdout), done.stdout
+            else:  # the message's id
+                assert re.fullmatch(r"[0-9a-f]+-\d+\n", done.stdout), done.stdout
 
 
 def test_console_script_is_installed():

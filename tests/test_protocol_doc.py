@@ -29,6 +29,7 @@ def server_routes():
     rows |= {(method, "/channels/{names}") for method in handler.channel_routes}
     rows |= {(method, "/channels/{names}/events") for method in handler.stream_routes}
     rows |= {(method, "/channels/{names}/ws") for method in handler.socket_routes}
+    rows |= {(method, "/channels/{names}/expect") for method in handler.expect_routes}
     return rows
 
 
