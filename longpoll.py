@@ -4221,9 +4221,10 @@ class Handler:
 
     def handle_publish(self, request: Request) -> Response:
         channel, message, options = self.publish_arguments(request)
-        at = self.publish_time(options)
-        if at is not None:
-            return self.schedule(request, channel, message, at, options)
+        if "delay" in options or "at" in options:
+            at = self.publish_time(options)
+            if at is not None:
+                return self.schedule(request, channel, message, at, options)
         return self.published(request, self.server.hub.publish(channel, message, **options))
 
     def publish_later(self, request: Request, then: Callable[[Response], None]) -> None:
@@ -4236,11 +4237,10 @@ class Handler:
 
         try:
             channel, message, options = self.publish_arguments(request)
-            at = self.publish_time(options)
-            if at is None:
-                self.server.hub.publish_later(channel, message, done, **options)
-            else:
+            if "delay" in options or "at" in options:  # (a message to schedule)
                 self.server.pool.submit(lambda: then(self.handle(request)))
+            else:
+                self.server.hub.publish_later(channel, message, done, **options)
         except LongpollError as error:
             then(_error_response(error))
 
