@@ -38,6 +38,17 @@ def wait_until(predicate, timeout=10.0, interval=0.01, what="condition"):
         time.sleep(interval)
 
 
+class Clock:
+    """A wall clock a test moves by hand: set as ``hub.clock``, it stamps
+    messages and drives expiry, schedules and silence alerts."""
+
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
 def parked_on(server, channel):
     """How many requests *server* holds parked (polls and streams) on
     *channel*: a test publishes "from now on" only once its reader waits."""

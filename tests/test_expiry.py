@@ -5,18 +5,8 @@ import sqlite3
 import pytest
 
 import longpoll
-from conftest import request, wait_until
+from conftest import Clock, request, wait_until
 from longpoll import main
-
-
-class Clock:
-    """A wall clock the test moves (``hub.clock``)."""
-
-    def __init__(self, now=1_800_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 def values(batch):

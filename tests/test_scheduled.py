@@ -5,16 +5,8 @@ import threading
 import pytest
 
 import longpoll
-from conftest import parked_on, request, wait_until
+from conftest import Clock, request, wait_until
 from longpoll import main
-
-
-class Clock:
-    def __init__(self, now=1_800_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 def values(messages):

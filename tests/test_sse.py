@@ -1,8 +1,5 @@
 """Server-Sent Events over raw sockets: order, ids, resume, gaps, keepalive."""
-import json
-import socket
 import threading
-import time
 
 import longpoll
 from conftest import Stream, wait_until
