@@ -155,3 +155,20 @@ def test_publish_delay_on_the_command_line(server, capsys):
     assert capsys.readouterr().out.startswith("s")
     batch = server.hub.wait("jobs", cursor, timeout=10)
     assert values(batch.messages) == ["soon"]
+
+
+def test_a_scheduled_message_and_a_silence_watch_survive_a_restart_over_redis(redis_url):
+    hub = longpoll.Hub(store=redis_url)
+    clock = Clock(hub.clock())
+    hub.clock = clock
+    hub.schedule("jobs", "after the restart", clock.now + 30)
+    hub.expect("backups", 60)
+    hub.close()
+    again = longpoll.Hub(store=redis_url)
+    again.clock = clock
+    try:
+        clock.now += 61
+        assert sorted(m.message for m in again.tick()) == [
+            "after the restart", "backups has had no message for 1 min"]
+    finally:
+        again.close()
