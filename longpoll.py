@@ -1289,7 +1289,7 @@ class Hub(Log):
             max_scheduled_per_client
         #: Channels that may be watched for silence at once (``expect``).
         self.max_expectations = max_expectations
-        self._ticking = threading.Lock()  # (one tick at a time)
+        self._ticking = threading.RLock()  # (one tick at a time; none past close)
         self._ticker: threading.Thread | None = None
         self._stop_ticking = threading.Event()
         self._waiting = 0
@@ -1506,8 +1506,10 @@ class Hub(Log):
         call it every second; a program that uses a hub alone and schedules
         messages calls it itself. Safe from any thread, and from several
         servers sharing a store: each message is published once."""
-        published = []
+        published: list[Message] = []
         with self._ticking:
+            if self._closed:
+                return published
             try:
                 due = self.store.claim_due(self, self.clock())
             except LongpollError as error:  # the store is down: the next tick tries again
@@ -1701,7 +1703,8 @@ class Hub(Log):
         self._stop_ticking.set()
         if self._ticker is not None and self._ticker is not threading.current_thread():
             self._ticker.join(10)
-        self.store.close()
+        with self._ticking:  # a server's tick under way ends first: then none begins
+            self.store.close()
 
 
 def _check_limit(limit: int) -> int:
@@ -2104,7 +2107,8 @@ class SqliteStore(Store):
                     self._dropped[name] = max(seq, self._dropped.get(name, 0))
 
     def close(self) -> None:
-        self.db.close()
+        with self._db_lock:  # (never while another thread's statement runs: that can crash)
+            self.db.close()
 
 
 # Redis keys (one database per deployment): the sequence and history, a
