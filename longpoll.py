@@ -1347,7 +1347,9 @@ class Hub(Log):
     def _draft(self, channel: str, message: Any, title: str | None, priority: int | None,
                key: str | None, extra: dict[str, Any] | None = None) -> Draft:
         """Check a publish's arguments; encode the message once."""
-        check_channel(channel)
+        if type(channel) is not str or channel not in self._channels:  # (a channel's
+            # name was checked when it was made)
+            check_channel(channel)
         if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
             raise _bad_request("an idempotency key is 1-128 printable ASCII characters")
         if title is not None and (not isinstance(title, str)
@@ -3365,7 +3367,7 @@ class RequestReader:
     def read_head(self) -> Request | None:
         """The next request's head, or None while it is incomplete."""
         buf = self.buffer
-        if buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines before a request
+        if buf.startswith(b"\r\n"):  # RFC 9112 2.2: ignore empty lines before a request
             skip = 0
             while buf[skip:skip + 2] == b"\r\n" and skip < self.max_line:
                 skip += 2
@@ -4859,7 +4861,7 @@ class Loop:
             monotonic, pending = time.monotonic, self._pending
             while not self._shutdown_request:
                 waited = monotonic()
-                events = selector.select(self._select_timeout(poll_interval))
+                events = selector.select(self._select_timeout(poll_interval, waited))
                 self.now = now = monotonic()
                 self.idle += now - waited
                 for count, (key, mask) in enumerate(events, 1):
@@ -4872,7 +4874,7 @@ class Loop:
                 if pending:
                     self._run_pending()
                 self.after_io()
-                self._run_timers()
+                self._run_timers(now)
                 if self.emptied is not None and not self.connections:
                     self.emptied.set()
         finally:
@@ -4944,16 +4946,23 @@ class Loop:
 
     # -- timers -------------------------------------------------------------------
 
-    def _select_timeout(self, poll_interval: float) -> float:
+    def _select_timeout(self, poll_interval: float, now: float) -> float:
+        # (Comparisons, not min() and max(): on Python 3.10-3.12 these parse
+        # their keyword arguments on every call, once per turn of the loop.)
         if self._pending:
             return 0.0
-        now = time.monotonic()
-        timeout = self.wake_at(min(poll_interval, max(0.0, self._next_sweep - now)))
+        timeout = self._next_sweep - now
+        if timeout > poll_interval:
+            timeout = poll_interval
+        timeout = self.wake_at(timeout)
         due = self.timers.next_due() if self.timers.heap else None
-        return timeout if due is None else min(timeout, max(0.0, due - now))
+        if due is not None and due - now < timeout:
+            timeout = due - now
+        return timeout if timeout > 0.0 else 0.0  # (select.select refuses one below 0)
 
-    def _run_timers(self) -> None:
-        now = time.monotonic()
+    def _run_timers(self, now: float) -> None:
+        """Expire the holds due by *now* (the turn's time, from after its
+        select); once a sweep interval, time out slow connections."""
         if self.timers.heap:  # (no hold: most turns of a loop that only answers)
             for conn in self.timers.expired(now):
                 self.protocol.expired(conn)
