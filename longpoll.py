@@ -331,8 +331,11 @@ def _check_channels(channels: str | Iterable[str]) -> tuple[str, ...]:
 #: click opens), ``icon`` (an http(s) URL), ``actions`` (up to 3 buttons:
 #: ntfy's view, broadcast and http actions) and ``markdown`` (true: the
 #: text is Markdown).
-EXTRA_FIELDS = ("tags", "click", "icon", "actions", "markdown")
+EXTRA_FIELDS = ("tags", "click", "icon", "actions", "markdown", "sequence_id")
 MAX_TAGS = 16
+#: A sequence id (ntfy's ``X-Sequence-ID``): messages of a channel that
+#: carry the same one update one notification in place.
+SEQUENCE_ID_RE = re.compile(r"[-_A-Za-z0-9]{1,64}")
 MAX_ACTIONS = 3
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _UNSAFE_SCHEMES = frozenset({"javascript", "data", "vbscript", "file", "blob"})
@@ -380,6 +383,11 @@ def _check_extra(extra: dict[str, Any] | None) -> dict[str, Any] | None:
         if extra["markdown"] is not True:
             raise _bad_request("markdown must be true or absent")
         checked["markdown"] = True
+    sequence_id = extra.get("sequence_id")
+    if sequence_id:
+        if not isinstance(sequence_id, str) or not SEQUENCE_ID_RE.fullmatch(sequence_id):
+            raise _bad_request("sequence_id must be 1-64 of A-Z a-z 0-9 _ -")
+        checked["sequence_id"] = sequence_id
     try:
         _encode(checked).encode()
     except UnicodeEncodeError:  # a lone surrogate ("\ud800") from a JSON body
@@ -4144,6 +4152,7 @@ class Handler:
         "icon": ("x-icon", "icon"),
         "actions": ("x-actions", "actions", "action"),
         "markdown": ("x-markdown", "markdown", "md"),
+        "sequence_id": ("x-sequence-id", "sequence-id", "sequence_id"),
         "message": ("x-message", "message", "m"),
         "ttl": ("x-ttl", "ttl"),
         "delay": ("x-delay", "delay", "x-in", "in"),
@@ -4420,7 +4429,7 @@ class Handler:
     #: Fields of ntfy's JSON publish this server takes (the others are
     #: refused, as in ``unsupported``).
     ntfy_json_fields = frozenset({"topic", "message", "title", "priority", "tags", "click",
-                                  "icon", "actions", "markdown", "firebase"})
+                                  "icon", "actions", "markdown", "sequence_id", "firebase"})
 
     def _ntfy_json_publish(self, request: Request) -> tuple[str, Any, dict[str, Any]]:
         try:
@@ -5569,7 +5578,7 @@ def _ntfy_event(msg: Message, gap: bool = False) -> bytes:
     if msg.priority is not None:
         event["priority"] = msg.priority
     extra = msg.extra or {}
-    for name in ("tags", "click", "icon"):
+    for name in ("tags", "click", "icon", "sequence_id"):
         if name in extra:
             event[name] = extra[name]
     if "actions" in extra:
@@ -8554,7 +8563,8 @@ def _publish(args: Any) -> int:
         message = text.rstrip("\n") if args.message is None else text
     client = Client(args.url or [DEFAULT_URL], token=args.token, cafile=args.cafile)
     extra = {"tags": args.tags.split(",") if args.tags else None, "click": args.click,
-             "markdown": True if args.markdown else None, "ttl": args.ttl,
+             "markdown": True if args.markdown else None, "sequence_id": args.sequence_id,
+             "ttl": args.ttl,
              "delay": args.delay, "at": args.at}
     result = client.publish(args.channel, message, title=args.title, priority=args.priority,
                             **extra)
@@ -8658,6 +8668,8 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--tags", metavar="TAG,TAG", help="tags (ntfy's: emoji names too)")
     publish.add_argument("--click", metavar="URL", help="a URL a click on it opens")
     publish.add_argument("--markdown", action="store_true", help="the text is Markdown")
+    publish.add_argument("--sequence-id", metavar="ID",
+                         help="messages with the same one update one notification in place")
     publish.add_argument("--delay", metavar="DURATION",
                          help="publish it this much later (30s, 10m, 2h, 1d; up to the "
                               "server's --max-delay)")

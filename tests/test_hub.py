@@ -337,6 +337,9 @@ def test_batch_json_matches_as_dict():
     ({"actions": [{"action": "launch", "label": "x"}]}, "view, broadcast or http"),
     ({"actions": [{"action": "broadcast", "label": "x"}] * 4}, "at most 3"),
     ({"markdown": "yes"}, "markdown must be true"),
+    ({"sequence_id": "has space"}, "sequence_id must be"),
+    ({"sequence_id": "x" * 65}, "sequence_id must be"),
+    ({"sequence_id": 7}, "sequence_id must be"),
 ])
 def test_a_messages_other_fields_are_checked(fields, words):
     hub = Hub()

@@ -75,6 +75,19 @@ def test_the_same_headers_work_on_our_own_publish(server):
         "title", 4, ["warning"], "https://x.example/")
 
 
+def test_a_sequence_id_comes_back_on_both_apis(server):
+    """ntfy's X-Sequence-ID: messages that carry the same one update one
+    notification in place (the notifier does; so do ntfy's apps)."""
+    event = json.loads(curl("-H", "X-Sequence-ID: backup-42", "-d", "running",
+                            f"{server.url}/jobs"))
+    curl("-d", json.dumps({"topic": "jobs", "message": "done", "sequence_id": "backup-42"}),
+         f"{server.url}/")
+    curl("-d", "z", f"{server.url}/channels/jobs?sequence-id=other")
+    assert event["sequence_id"] == "backup-42"
+    assert [m.get("sequence_id") for m in held(server, "jobs")] == [
+        "backup-42", "backup-42", "other"]
+
+
 def test_publish_as_json_to_the_root(server):
     body = {"topic": "mytopic", "message": "Disk space is low at 5.1 GB", "title": "Low disk",
             "tags": ["warning", "cd"], "priority": 4, "click": "https://x.example/disk",
