@@ -214,6 +214,8 @@ class Notifier:
                     self._held.append(message)
                 continue
             by_channel.setdefault(message["channel"], []).append((index, message))
+        if not quiet and self._held:  # (held before these came: shown before them)
+            self._release_held(start)
         for channel, indexed in by_channel.items():
             messages = [m for _, m in indexed]
             if len(messages) > self.burst:
@@ -222,8 +224,6 @@ class Notifier:
                     indexed[0][0], messages))
             else:
                 self._pending.extend(_Note(self.notification(m), i, [m]) for i, m in indexed)
-        if not quiet and self._held:
-            self._release_held()
         if answers:
             self._end = answers[-1]["cursor"]
         return self.retry()
@@ -232,13 +232,15 @@ class Notifier:
         """What the loop does when nothing came: show what quiet hours held
         once they are over, and what is pending, if showing works now."""
         if self._held and not self.quiet_now():
-            self._release_held()
+            self._release_held(len(self._messages))
         return self.retry()
 
-    def _release_held(self) -> None:
+    def _release_held(self, first: int) -> None:
+        """One summary of what quiet hours held (their messages are behind
+        the cursor already: *first* is where the ones to come begin)."""
         held, self._held = self._held, []
         title = (f"{len(held)} message{'s' if len(held) > 1 else ''} during quiet hours")
-        self._pending.append(_Note(self.summary(title, held), len(self._messages), held))
+        self._pending.append(_Note(self.summary(title, held), first, held))
 
     def notification(self, message: dict[str, Any]) -> Notification:
         note = describe(message, self.with_channel)
@@ -975,6 +977,8 @@ class Tray:
         self.unread = 0
         self.connected = False
         self._pystray, self._image = pystray, image
+        self._changed: threading.Event | None = None  # (set once the icon runs)
+        self._stopping = False
         notifier.on_message = self.message
         notifier.on_connection = self.connection
         self.icon = pystray.Icon("longpoll", self.draw(), self.title(),
@@ -1011,7 +1015,7 @@ class Tray:
     def draw(self) -> Any:
         """The icon: a bell-coloured disc (green connected, grey not, amber
         paused) with the unread count."""
-        from PIL import ImageDraw
+        from PIL import ImageDraw, ImageFont
         colour = ((120, 120, 120) if not self.connected else
                   (230, 160, 0) if not self.notifier.showing else (40, 170, 80))
         image = self._image.new("RGBA", (64, 64), (0, 0, 0, 0))
@@ -1019,7 +1023,11 @@ class Tray:
         draw.ellipse((2, 2, 62, 62), fill=colour)
         if self.unread:
             text = str(self.unread) if self.unread < 100 else "99+"
-            draw.text((32, 32), text, fill=(255, 255, 255), anchor="mm")
+            try:  # (a scalable font needs Pillow 10.1 and FreeType)
+                font = ImageFont.load_default(size=44 if len(text) == 1 else 30)
+            except (TypeError, OSError):
+                font = ImageFont.load_default()
+            draw.text((32, 32), text, fill=(255, 255, 255), anchor="mm", font=font)
         return image
 
     def items(self) -> list[Any]:
@@ -1072,14 +1080,62 @@ class Tray:
         self.icon.stop()
 
     def refresh(self) -> None:
-        self.icon.icon = self.draw()
+        """Show the current state: at once before the icon runs; once it
+        runs, on the updater thread (``_update``), latest state wins."""
+        if self._changed is None:
+            self._apply()
+        else:
+            self._changed.set()
+
+    def _apply(self) -> None:
         self.icon.title = self.title()
+        self.icon.icon = self.draw()
         self.icon.update_menu()
+
+    def _update(self) -> None:
+        """The updater thread: apply each change, one at a time."""
+        while self._changed is not None:
+            self._changed.wait()
+            self._changed.clear()
+            if self._stopping:
+                return
+            self._through_loop(self._apply)
+
+    def _through_loop(self, change: Callable[[], None],
+                      done: threading.Event | None = None) -> None:
+        """Make *change*, a round trip to the icon's loop, and wait for it
+        (or for *done*). python-xlib (pystray's X11 backend) can miss
+        waking that loop when the round trip crosses one the loop makes
+        itself (a flush that returns early without releasing the request
+        waiting on it, or events read by another thread while the loop
+        goes to sleep): the loop then sleeps, and the change with it. So
+        a change that has not gone through within a second is followed by
+        another round trip (the image set again), which wakes the loop."""
+        made = threading.Event()
+        done = done or made
+
+        def make() -> None:
+            try:
+                change()
+            except Exception as exc:  # (the icon went away meanwhile)
+                logger.debug("tray: %s", exc)
+            made.set()
+
+        def wake() -> None:
+            try:
+                self.icon.icon = self.icon.icon  # (a title set again goes nowhere)
+            except Exception as exc:
+                logger.debug("tray: %s", exc)
+
+        threading.Thread(target=make, name="tray-change", daemon=True).start()
+        while not done.wait(1.0):
+            threading.Thread(target=wake, name="tray-wake", daemon=True).start()
 
     def run(self) -> int:
         """Run the notifier on a thread and the icon on this one, until
         Quit, Ctrl-C, or the notifier ends."""
         outcome: list[BaseException] = []
+        ended = threading.Event()  # (the icon's loop has returned)
 
         def notify() -> None:
             try:
@@ -1087,13 +1143,29 @@ class Tray:
             except BaseException as exc:
                 outcome.append(exc)
             finally:
-                self.icon.stop()
+                self._stopping = True
+                self._through_loop(self.icon.stop, ended)
 
         def setup(icon: Any) -> None:
             icon.visible = True
+            self._changed = threading.Event()
+            threading.Thread(target=self._update, name="tray-update", daemon=True).start()
             threading.Thread(target=notify, name="notifier", daemon=True).start()
 
-        self.icon.run(setup=setup)
+        import signal
+        # Ctrl-C (and a service manager's SIGTERM) end the notifier, which
+        # stops the icon: never an interrupt inside pystray's loop.
+        previous = {sig: signal.signal(sig, lambda *_: self.notifier.close())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.icon.run(setup=setup)
+        finally:
+            ended.set()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._stopping = True
+            if self._changed is not None:
+                self._changed.set()
         if outcome and isinstance(outcome[0], (NotifierError, longpoll.LongpollError)):
             raise outcome[0]
         return 0

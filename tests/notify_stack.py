@@ -8,7 +8,8 @@ import shutil
 import subprocess
 import time
 
-TOOLS = ("Xvfb", "dbus-daemon", "dbus-send", "dunst", "dunstctl", "busctl", "import", "identify")
+TOOLS = ("Xvfb", "dbus-daemon", "dbus-send", "dbus-monitor", "dunst", "dunstctl", "busctl",
+         "import", "identify")
 
 # Like the stock session.conf, but with no service directories: nothing is
 # ever D-Bus-activated behind our back (the stock one would start a dunst).
@@ -172,3 +173,56 @@ class NotifyStack:
                                          capture_output=True, text=True).stdout)
             if colours > 1 or time.monotonic() > deadline:
                 return colours
+
+
+TRAY_TOOLS = ("Xvfb", "trayer", "xwininfo", "import", "identify")
+
+
+class TrayStack:
+    """Xvfb and a real tray host (trayer, a freedesktop system tray) on it:
+    an icon that docks shows as a child window of trayer's panel."""
+
+    def __init__(self, tmp):
+        self.tmp, self.procs, self.env = tmp, [], None
+
+    def start(self, host=True):
+        r, w = os.pipe()
+        with open(self.tmp / "xvfb.log", "w") as log:
+            xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "640x200x24",
+                                     "-nolisten", "tcp"], pass_fds=(w,),
+                                    stdout=subprocess.DEVNULL, stderr=log)
+        self.procs.append(xvfb)
+        os.close(w)
+        display = ":" + _read_line(r, 15, "Xvfb")
+        os.close(r)
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS")}
+        self.env["DISPLAY"] = display
+        if host:
+            with open(self.tmp / "trayer.log", "w") as log:
+                self.procs.append(subprocess.Popen(
+                    ["trayer", "--edge", "top", "--align", "right", "--widthtype", "pixel",
+                     "--width", "200", "--heighttype", "pixel", "--height", "40",
+                     "--transparent", "false", "--tint", "0x888888"],
+                    env=self.env, stdout=log, stderr=subprocess.STDOUT))
+            deadline = time.monotonic() + 10
+            while '"panel"' not in self.tree():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("trayer did not come up: "
+                                       + (self.tmp / "trayer.log").read_text())
+                time.sleep(0.05)
+        return self
+
+    def tree(self):
+        return subprocess.run(["xwininfo", "-root", "-tree"], env=self.env, capture_output=True,
+                              text=True, timeout=10).stdout
+
+    def screenshot(self, path):
+        subprocess.run(["import", "-window", "root", str(path)], env=self.env, check=True,
+                       timeout=20)
+        return int(subprocess.run(["identify", "-format", "%k", str(path)], env=self.env,
+                                  capture_output=True, text=True, check=True).stdout)
+
+    def stop(self):
+        for proc in reversed(self.procs):
+            _stop(proc)

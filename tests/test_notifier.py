@@ -2,16 +2,18 @@
 server, the command line, and (test_notifier_e2e.py) a real desktop."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 import longpoll
 import notifier
-from conftest import request, wait_until
+from conftest import Clock, request, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -293,3 +295,108 @@ def test_an_alert_published_through_ntfys_api_is_shown(server):
     wait_until(lambda: run.shown)
     assert run.shown == [("[FIRING] High CPU", "CPU at 97% on db-1", "critical")]
     run.stop()
+
+
+# -- quiet hours ---------------------------------------------------------------------
+
+def local(hour, minute=0):
+    """A Unix time at *hour*:*minute* local time (quiet hours are local)."""
+    return time.mktime((2026, 12, 2, hour, minute, 0, 0, 0, -1))
+
+
+def test_quiet_hours_hold_all_but_urgent_and_sum_up_when_they_end():
+    clock = Clock(local(23, 30))
+    n, shown = make(quiet=notifier.parse_quiet("22:00-07:00"), clock=clock)
+    n.handle([answer(msg(message="routine", title="p3", priority=3),
+                     msg(message="fire", title="p5", priority=5))])
+    assert shown == [("p5", "fire", "critical")]
+    clock.now = local(6, 59)
+    n.tick()
+    assert len(shown) == 1  # still quiet
+    clock.now = local(7, 0)
+    n.tick()
+    assert shown[1] == ("1 message during quiet hours", "Latest: p3: routine", "normal")
+    n.tick()
+    assert len(shown) == 2  # once
+
+
+def test_quiet_min_priority_and_a_daytime_span():
+    clock = Clock(local(13, 0))
+    n, shown = make(quiet=notifier.parse_quiet("12:30-14:00"), quiet_min_priority=4,
+                    clock=clock)
+    n.handle([answer(msg(message="a", priority=3), msg(message="b", priority=4))])
+    assert [s[1] for s in shown] == ["b"]
+    clock.now = local(14, 5)
+    n.handle([answer(msg(message="c", priority=3))])  # the next message ends them too
+    assert [s[1] for s in shown] == ["b", "Latest: news: a", "c"]  # (held, so older)
+
+
+@pytest.mark.parametrize("text", ["22-07", "25:00-07:00", "22:00", "22:00-22:00", "7:5-8:00"])
+def test_quiet_hours_that_are_not_a_span_are_refused(text):
+    done = subprocess.run([sys.executable, "notifier.py", "news", "--print", "--quiet", text],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--quiet" in done.stderr
+
+
+# -- sound, and a command per message -------------------------------------------------
+
+def test_sound_is_asked_for_priority_4_and_5_and_their_summaries():
+    n, shown = make(sound=True, burst=1)
+    n.handle([answer(msg(priority=3))])
+    n.handle([answer(msg(priority=4))])
+    n.handle([answer(msg(priority=2), msg(priority=5))])
+    assert [note.sound for note in shown.notes] == [False, True, True]
+
+
+def test_exec_runs_a_command_per_message_with_its_fields(server, tmp_path):
+    """--exec (and --no-notify: no desktop needed): each message's fields
+    in LONGPOLL_* variables and as JSON on stdin; a command that fails is
+    reported and the notifier goes on."""
+    command = (f'env | grep ^LONGPOLL_ | sort > "{tmp_path}/$LONGPOLL_ID.env"; '
+               f'cat > "{tmp_path}/$LONGPOLL_ID.json"; '
+               f'test "$LONGPOLL_PRIORITY" != 2 || {{ echo disk on fire >&2; exit 3; }}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LONGPOLL_")}
+    proc = subprocess.Popen([sys.executable, "notifier.py", "ops", "--url", server.url,
+                             "--no-state", "--no-notify", "--exec", command], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: server.waiting == 1, what="the notifier to subscribe")
+        first = server.hub.publish("ops", "low disk", title="Disk", priority=2)
+        second = server.hub.publish("ops", {"load": 9.5}, title="Load", priority=4,
+                                    click="https://grafana.example/d/1")
+        wait_until(lambda: (tmp_path / f"{second.id}.json").exists()
+                   and (tmp_path / f"{second.id}.json").stat().st_size, what="the command")
+        env = dict(line.split("=", 1) for line in
+                   (tmp_path / f"{second.id}.env").read_text().splitlines())
+        assert env == {"LONGPOLL_CHANNEL": "ops", "LONGPOLL_TITLE": "Load",
+                       "LONGPOLL_MESSAGE": '{"load": 9.5}', "LONGPOLL_PRIORITY": "4",
+                       "LONGPOLL_ID": second.id, "LONGPOLL_CLICK": "https://grafana.example/d/1",
+                       "LONGPOLL_COUNT": "1"}
+        data = json.loads((tmp_path / f"{second.id}.json").read_text())
+        assert (data["message"], data["title"], data["id"]) == ({"load": 9.5}, "Load", second.id)
+        assert json.loads((tmp_path / f"{first.id}.json").read_text())["message"] == "low disk"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    stderr = proc.stderr.read()
+    assert "--exec: the command failed (exit status 3): disk on fire" in stderr
+    assert "Traceback" not in stderr
+
+
+# -- a user service -----------------------------------------------------------------
+
+def test_install_service_writes_a_systemd_user_unit(tmp_path):
+    import configparser
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path))
+    done = subprocess.run([sys.executable, "notifier.py", "alerts", "ci-*", "--url",
+                           "https://push.example", "--min-priority", "4", "--install-service"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    unit = tmp_path / "systemd" / "user" / "longpoll-notify.service"
+    assert str(unit) in done.stdout and "systemctl --user enable --now" in done.stdout
+    parsed = configparser.ConfigParser(interpolation=None)
+    parsed.read(unit)
+    start = shlex.split(parsed["Service"]["ExecStart"])
+    assert start == [sys.executable, os.path.join(ROOT, "notifier.py"), "alerts", "ci-*",
+                     "--url", "https://push.example", "--min-priority", "4"]
+    assert parsed["Install"]["WantedBy"].split()[0] == "graphical-session.target"

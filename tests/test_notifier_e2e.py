@@ -144,3 +144,116 @@ def test_what_could_not_be_shown_waits_for_the_daemon(stack, server, notifier_pr
     stack.wait_for(f"{channel} down", timeout=15)  # it retries every 5 s
     wait_until(lambda: json.loads(state.read_text())["cursors"][channel] != saved,
                what="the cursor to pass the message once shown")
+
+
+# -- clicks, buttons, updates in place (the notifier's own D-Bus client) -------------------
+
+@pytest.fixture
+def browser_stub(tmp_path):
+    """A stand-in for the default browser ($BROWSER, which Python's
+    webbrowser follows): it records each URL it is asked to open."""
+    opened = tmp_path / "opened.txt"
+    script = tmp_path / "browser"
+    script.write_text(f"#!/bin/sh\necho \"$1\" >> {opened}\n")
+    script.chmod(0o755)
+    return script, opened
+
+
+def displayed(stack):
+    return int(stack.run("dunstctl", "count", "displayed"))
+
+
+def test_a_click_opens_the_messages_link(stack, server, notifier_proc, browser_stub):
+    script, opened = browser_stub
+    stack.env["BROWSER"] = str(script)
+    try:
+        channel = f"click{uuid.uuid4().hex[:6]}"
+        stack.history()  # nothing left on screen
+        notifier_proc(channel, "--no-state")
+        server.hub.publish(channel, "Build 7 failed", title=f"{channel} red",
+                           click="https://ci.example/builds/7")
+        wait_until(lambda: displayed(stack) == 1, what="the popup")
+        stack.run("dunstctl", "action", "0")  # what a click on it does
+        wait_until(opened.exists, what="the browser to be asked")
+        assert opened.read_text() == "https://ci.example/builds/7\n"
+    finally:
+        del stack.env["BROWSER"]
+
+
+def test_an_http_button_makes_its_request_and_shows_the_outcome(stack, server, notifier_proc):
+    channel = f"button{uuid.uuid4().hex[:6]}"
+    stack.history()
+    notifier_proc(channel, "--no-state")
+    server.hub.publish(channel, "Disk almost full", title=f"{channel} disk", actions=[
+        {"action": "http", "label": "Clean up", "url": f"{server.url}/channels/{channel}-acks",
+         "method": "POST", "body": "clean /var/tmp"}])
+    wait_until(lambda: displayed(stack) == 1, what="the popup")
+    stack.run("dunstctl", "action", "0")  # (its only action: dunst invokes it)
+    wait_until(lambda: server.hub.read(f"{channel}-acks", "0").messages, what="the request")
+    assert server.hub.read(f"{channel}-acks", "0").messages[0].message == "clean /var/tmp"
+    n = stack.wait_for("Clean up: 201 Created")  # in place of the notification
+    assert n["body"] == f"{channel} disk"
+    assert not [x for x in stack.history() if x["summary"] == f"{channel} disk"]
+
+
+def test_messages_with_one_sequence_id_update_one_notification(stack, server, notifier_proc):
+    channel = f"seq{uuid.uuid4().hex[:6]}"
+    stack.history()
+    notifier_proc(channel, "--no-state")
+    server.hub.publish(channel, "backup running: 10%", title=f"{channel} backup",
+                       sequence_id="backup-1")
+    wait_until(lambda: displayed(stack) == 1, what="the first popup")
+    server.hub.publish(channel, "backup done", title=f"{channel} backup", sequence_id="backup-1")
+    server.hub.publish(channel, "next", title=f"{channel} marker")
+    # The notifier shows in order: once the marker is on screen, the update
+    # before it has been made (two popups, not three).
+    wait_until(lambda: displayed(stack) >= 2, what="the marker")
+    notes = [n for n in stack.history() if n["summary"] == f"{channel} backup"]
+    assert [n["body"] for n in notes] == ["backup done"]
+    assert displayed(stack) == 0 and len(shown(stack, channel)) == 2
+
+
+def test_sound_hint_and_urgency_reach_the_notification_server(stack, server, notifier_proc,
+                                                             tmp_path):
+    """--sound: freedesktop's sound-name hint on priority 4 and 5, not
+    below; read off the bus itself (dunst keeps no hints)."""
+    log = open(tmp_path / "monitor.log", "w")
+    monitor = subprocess.Popen(["dbus-monitor", "--session",
+                                "interface='org.freedesktop.Notifications',member='Notify'"],
+                               env=stack.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "NameAcquired" in (tmp_path / "monitor.log").read_text(),
+                   what="dbus-monitor to listen")
+        channel = f"sound{uuid.uuid4().hex[:6]}"
+        notifier_proc(channel, "--no-state", "--sound")
+        server.hub.publish(channel, "quiet one", title=f"{channel} p3", priority=3)
+        server.hub.publish(channel, "loud one", title=f"{channel} p4", priority=4)
+        stack.wait_for(f"{channel} p4")
+        calls = (tmp_path / "monitor.log").read_text().split("member=Notify")[1:]
+        by_title = {next(t for t in ("p3", "p4") if f"{channel} {t}" in c): c for c in calls}
+        assert '"sound-name"' in by_title["p4"] and "message-new-instant" in by_title["p4"]
+        assert '"sound-name"' not in by_title["p3"]
+    finally:
+        monitor.terminate()
+        monitor.wait(5)
+        log.close()
+
+
+def test_plyer_the_path_of_macos_and_windows_shows_title_and_body(stack, monkeypatch):
+    """What desktop_notify uses off Linux, run here through plyer's Linux
+    backend: the same wrapper, a real notification."""
+    import warnings
+
+    import notifier
+    for name in ("DISPLAY", "DBUS_SESSION_BUS_ADDRESS"):
+        monkeypatch.setenv(name, stack.env[name])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (without dbus-python: notify-send)
+            from plyer import notification
+    except ImportError:
+        (pytest.fail if E2E else pytest.skip)("plyer is missing: pip install plyer")
+    show = notifier._plyer_notify(notification, "longpoll")
+    title = f"plyer {uuid.uuid4().hex[:6]}"
+    show(notifier.Notification(title, "from plyer", "normal"))
+    assert stack.wait_for(title)["body"] == "from plyer"
