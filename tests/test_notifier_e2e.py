@@ -257,3 +257,32 @@ def test_plyer_the_path_of_macos_and_windows_shows_title_and_body(stack, monkeyp
     title = f"plyer {uuid.uuid4().hex[:6]}"
     show(notifier.Notification(title, "from plyer", "normal"))
     assert stack.wait_for(title)["body"] == "from plyer"
+
+
+def test_quiet_hours_hold_a_routine_message_and_show_an_urgent_one(stack, monkeypatch):
+    """Quiet hours with an injected clock, shown by the real notification
+    server: priority 3 is held, priority 5 shows at once, and the held one
+    is summed up when quiet hours end."""
+    import longpoll
+    import notifier
+    from conftest import Clock
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", stack.env["DBUS_SESSION_BUS_ADDRESS"])
+    clock = Clock(time.mktime((2026, 12, 2, 23, 30, 0, 0, 0, -1)))  # 23:30 local
+    show = notifier.DesktopNotifications()
+    tag = uuid.uuid4().hex[:6]
+    n = notifier.Notifier(longpoll.Client("http://127.0.0.1:9"), (f"q{tag}",), show,
+                          quiet=notifier.parse_quiet("22:00-07:00"), clock=clock)
+    try:
+        n.handle([{"messages": [
+            {"id": "h-1", "channel": f"q{tag}", "message": "nightly report", "priority": 3,
+             "title": f"{tag} routine"},
+            {"id": "h-2", "channel": f"q{tag}", "message": "disk failed", "priority": 5,
+             "title": f"{tag} urgent"}], "cursor": "h-2"}])
+        assert stack.wait_for(f"{tag} urgent")["message"] == f"CRITICAL|{tag} urgent|disk failed"
+        assert not [x for x in stack.history() if x["summary"] == f"{tag} routine"]
+        clock.now = time.mktime((2026, 12, 3, 7, 0, 0, 0, 0, -1))
+        n.tick()
+        held = stack.wait_for("1 message during quiet hours")
+        assert held["body"] == f"Latest: {tag} routine: nightly report"
+    finally:
+        show.close()
