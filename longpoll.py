@@ -8464,6 +8464,1066 @@ _SCRIPT_FILES = {path: (text.encode(), '"%s"' % hashlib.sha256(text.encode()).he
 
 
 # ---------------------------------------------------------------------------
+# Load testing: python3 -m longpoll bench (bench/run.py's generator too)
+# ---------------------------------------------------------------------------
+
+#: What ``longpoll bench`` does at most unless told ``--no-caps``: a
+#: mistyped number must not turn a check into a flood.
+BENCH_CAPS = {"clients": 10_000, "messages": 10_000, "rate": 1_000.0, "publishes": 100_000,
+              "duration": 300.0}
+#: Messages a bench publishes expire this long after (``ttl``): the target
+#: keeps no trace of a run for long.
+BENCH_TTL = "10m"
+
+_BENCH_SENT = re.compile(rb'"t":\s*([0-9.e+-]+),\s*"i":\s*(-?\d+)')
+_BENCH_CURSOR = re.compile(rb'"cursor":\s*"([^"]*)"')
+_BENCH_LENGTH = re.compile(rb"[Cc]ontent-[Ll]ength:\s*(\d+)")
+_BENCH_GAP = re.compile(rb'"gap":true|event: gap\n|"event":"gap"')
+
+
+def bench_target_allowed(host: str, addresses: Iterable[str] = ()) -> bool:
+    """Whether ``longpoll bench`` may load *host* without
+    ``--yes-i-own-this-server``: ``localhost``, a loopback or private
+    address, or a name all of whose *addresses* (the caller resolves it)
+    are. A public address, or a name that resolves to none, is not."""
+    import ipaddress
+
+    def private(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0].strip("[]"))
+        except ValueError:
+            return False
+        return ip.is_loopback or ip.is_private or ip.is_link_local
+
+    name = host.lower().rstrip(".").strip("[]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+        return private(name)
+    except ValueError:
+        found = list(addresses)
+        return bool(found) and all(map(private, found))
+
+
+class BenchTally:
+    """What the subscribers of a bench received: each delivery's latency
+    (the message carries the monotonic time it was sent: one clock for
+    every process of this machine), repeats, gap notices, and per message
+    the latest arrival (its fan-out completion)."""
+
+    def __init__(self, expected: int = 0) -> None:
+        self.expected = expected
+        self.latencies: list[float] = []
+        self.completion: dict[int, float] = {}   # message index -> slowest latency
+        self.repeats = 0
+        self.gaps = 0
+        self.delivered = 0
+        self.last = 0.0  # when the latest new delivery came (monotonic)
+        self.done: Any = None  # an asyncio future its owner may set when all came
+
+    def receive(self, body: bytes, seen: set[int]) -> None:
+        """Count what *body* (an answer, events, frames) delivers to the
+        subscriber that has seen the indexes in *seen*."""
+        now = time.monotonic()
+        for sent, index in _BENCH_SENT.findall(body):
+            i = int(index)
+            if i < 0:
+                continue  # a warm-up message
+            if i in seen:
+                self.repeats += 1
+                continue
+            seen.add(i)
+            latency = now - float(sent)
+            self.latencies.append(latency)
+            if latency > self.completion.get(i, -1.0):
+                self.completion[i] = latency
+        if len(self.latencies) > self.delivered:
+            self.delivered, self.last = len(self.latencies), now
+        self.gaps += len(_BENCH_GAP.findall(body))
+        if (self.done is not None and self.delivered >= self.expected
+                and not self.done.done()):
+            self.done.set_result(now)
+
+
+class BenchTarget(NamedTuple):
+    """Where a bench connects, and as whom."""
+    host: str
+    port: int
+    channel: str = "bench"
+    tls: bool = False
+    cafile: str | None = None
+    token: str | None = None
+    ttl: str | None = BENCH_TTL  # (None: messages without one, as bench/run.py's peers take)
+
+    @classmethod
+    def from_url(cls, url: str, channel: str, token: str | None = None,
+                 cafile: str | None = None) -> "BenchTarget":
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise LongpollError(HTTPStatus.BAD_REQUEST, f"not an http(s) URL: {url!r}")
+        tls = parts.scheme == "https"
+        return cls(parts.hostname, parts.port or (443 if tls else 80), channel, tls, cafile,
+                   token)
+
+    def ssl_context(self) -> Any:
+        if not self.tls:
+            return None
+        import ssl
+        return ssl.create_default_context(cafile=self.cafile)
+
+    def head(self, method: str, path: str, extra: bytes = b"") -> bytes:
+        """A request head (without its blank line's end)."""
+        auth = b"Authorization: Bearer %s\r\n" % self.token.encode() if self.token else b""
+        return (b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n"
+                % (method.encode(), path.encode(), self.host.encode(), auth, extra))
+
+    def publish_request(self, index: int) -> bytes:
+        """A publish of message *index*: its send time and index, and a
+        ``ttl`` so that the target forgets it soon."""
+        ttl = b',"ttl":"%s"' % self.ttl.encode() if self.ttl else b""
+        payload = b'{"message":{"t":%r,"i":%d}%s}' % (time.monotonic(), index, ttl)
+        return self.head("POST", f"/channels/{self.channel}",
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                         % len(payload)) + payload
+
+
+def _bench_asyncio() -> Any:
+    import asyncio
+    return asyncio
+
+
+def _bench_protocols() -> dict[str, type]:
+    """The generator's connections (asyncio protocols, made on first use so
+    that importing longpoll never imports asyncio): long-poll, SSE and
+    WebSocket subscribers, a publisher, and a connect-storm client."""
+    if _BENCH_PROTOCOLS:
+        return _BENCH_PROTOCOLS
+    asyncio = _bench_asyncio()
+
+    class HTTP(asyncio.Protocol):
+        """A raw HTTP/1.1 keep-alive connection that hands on each body
+        (Content-Length framed, as longpoll and its peers answer)."""
+
+        def __init__(self, target: BenchTarget) -> None:
+            self.target, self.buf, self.transport = target, bytearray(), None
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Close with RST: thousands of client sockets leave no
+                # TIME_WAIT behind to exhaust the ephemeral ports.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buf
+            buf += data
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                found = _BENCH_LENGTH.search(buf, 0, end)
+                length = int(found.group(1)) if found else 0
+                if len(buf) < end + 4 + length:
+                    return
+                status = bytes(buf[9:12])
+                body = bytes(buf[end + 4:end + 4 + length])
+                del buf[:end + 4 + length]
+                self.on_body(status, body)
+
+        def on_body(self, status: bytes, body: bytes) -> None:
+            raise NotImplementedError
+
+    class Poller(HTTP):
+        """A long-poll subscriber: each answer's cursor is the next poll's."""
+
+        def __init__(self, target: BenchTarget, tally: BenchTally) -> None:
+            super().__init__(target)
+            self.tally, self.cursor, self.seen = tally, None, set()
+            self.failed = 0
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.poll()
+
+        def poll(self) -> None:
+            since = "" if self.cursor is None else "&since=" + self.cursor.decode()
+            self.transport.write(self.target.head(
+                "GET", f"/channels/{self.target.channel}?timeout=30&limit=1000{since}"))
+
+        def on_body(self, status: bytes, body: bytes) -> None:
+            if status != b"200":
+                self.failed += 1
+                self.transport.close()
+                return
+            self.tally.receive(body, self.seen)
+            cursor = _BENCH_CURSOR.search(body)
+            if cursor is not None:
+                self.cursor = cursor.group(1)
+            self.poll()
+
+    class Stream(HTTP):
+        """A subscriber on a stream: SSE events, or WebSocket text frames."""
+
+        def __init__(self, target: BenchTarget, tally: BenchTally, kind: str) -> None:
+            super().__init__(target)
+            self.tally, self.kind, self.seen = tally, kind, set()
+            self.started, self.chunked, self.failed = False, False, 0
+            self.events_buf = bytearray()  # (de-chunked, when a proxy chunks the stream)
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            path = f"/channels/{self.target.channel}/"
+            if self.kind == "sse":
+                transport.write(self.target.head("GET", path + "events",
+                                                 b"Accept: text/event-stream\r\n"))
+            else:
+                transport.write(self.target.head(
+                    "GET", path + "ws", b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n"))
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buf
+            buf += data
+            if not self.started:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                if buf[9:12] not in (b"200", b"101"):
+                    self.failed += 1
+                    self.transport.close()
+                    return
+                self.chunked = b"chunked" in bytes(buf[:end]).lower()
+                del buf[:end + 4]
+                self.started = True
+            if self.kind == "sse":
+                self.events()
+            else:
+                self.frames()
+
+        def events(self) -> None:
+            buf = self.buf
+            if self.chunked:  # (a proxy's framing: take whole chunks out)
+                data = bytearray()
+                while True:
+                    eol = buf.find(b"\r\n")
+                    if eol < 0:
+                        break
+                    size = int(bytes(buf[:eol]).split(b";")[0] or b"0", 16)
+                    if len(buf) < eol + 2 + size + 2:
+                        break
+                    data += buf[eol + 2:eol + 2 + size]
+                    del buf[:eol + 2 + size + 2]
+                self.events_buf += data
+                buf = self.events_buf
+            end = buf.rfind(b"\n\n")
+            if end >= 0:
+                self.tally.receive(bytes(buf[:end + 2]), self.seen)
+                del buf[:end + 2]
+
+        def frames(self) -> None:
+            buf, bodies = self.buf, []
+            while len(buf) >= 2:
+                size, start = buf[1] & 0x7F, 2
+                if size == 126:
+                    if len(buf) < 4:
+                        break
+                    size, start = int.from_bytes(buf[2:4], "big"), 4
+                elif size == 127:
+                    if len(buf) < 10:
+                        break
+                    size, start = int.from_bytes(buf[2:10], "big"), 10
+                if len(buf) < start + size:
+                    break
+                if buf[0] & 0x0F == 0x1:
+                    bodies.append(bytes(buf[start:start + size]))
+                del buf[:start + size]
+            if bodies:
+                self.tally.receive(b"\n".join(bodies), self.seen)
+
+    class Publisher(HTTP):
+        """Publishes over one keep-alive connection, one at a time."""
+
+        def __init__(self, target: BenchTarget) -> None:
+            super().__init__(target)
+            self.answers: Any = asyncio.Queue()
+
+        def on_body(self, status: bytes, body: bytes) -> None:
+            self.answers.put_nowait((status, body))
+
+        async def publish(self, index: int) -> tuple[bytes, bytes]:
+            self.transport.write(self.target.publish_request(index))
+            return await self.answers.get()
+
+    class Knock(HTTP):
+        """The connect storm's client: connect, one request, its answer."""
+
+        def __init__(self, target: BenchTarget, started: float, future: Any) -> None:
+            super().__init__(target)
+            self.started, self.future = started, future
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            transport.write(self.target.head(
+                "GET", f"/channels/{self.target.channel}?timeout=0"))
+
+        def on_body(self, status: bytes, body: bytes) -> None:
+            if not self.future.done():
+                self.future.set_result((status, time.monotonic() - self.started))
+            self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self.future.done():
+                self.future.set_result((b"closed", time.monotonic() - self.started))
+
+    _BENCH_PROTOCOLS.update(HTTP=HTTP, Poller=Poller, Stream=Stream, Publisher=Publisher,
+                            Knock=Knock)
+    return _BENCH_PROTOCOLS
+
+
+_BENCH_PROTOCOLS: dict[str, type] = {}
+
+
+async def bench_subscribe(target: BenchTarget, tally: BenchTally, count: int,
+                          transport: str = "poll", wave: int = 250) -> list[Any]:
+    """Connect *count* subscribers (``poll``, ``sse`` or ``ws``), in waves
+    within the listen backlog; they count into *tally*."""
+    asyncio = _bench_asyncio()
+    protocols = _bench_protocols()
+    loop = asyncio.get_running_loop()
+
+    def make() -> Any:
+        if transport == "poll":
+            return protocols["Poller"](target, tally)
+        return protocols["Stream"](target, tally, transport)
+
+    subscribers: list[Any] = []
+    for start in range(0, count, wave):
+        made = await asyncio.gather(*(
+            loop.create_connection(make, target.host, target.port, ssl=target.ssl_context(),
+                                   server_hostname=target.host if target.tls else None)
+            for _ in range(start, min(count, start + wave))))
+        subscribers += [protocol for _, protocol in made]
+    return subscribers
+
+
+async def bench_publisher(target: BenchTarget) -> Any:
+    """A publisher on one keep-alive connection (``await p.publish(i)``)."""
+    asyncio = _bench_asyncio()
+    _, publisher = await asyncio.get_running_loop().create_connection(
+        lambda: _bench_protocols()["Publisher"](target), target.host, target.port,
+        ssl=target.ssl_context(), server_hostname=target.host if target.tls else None)
+    return publisher
+
+
+def bench_publish_blocking(target: BenchTarget, count: int,
+                           stop: threading.Event | None = None) -> tuple[float, float, int]:
+    """Publish *count* messages back-to-back over one keep-alive connection
+    with a plain blocking socket (an asyncio round trip costs about as much
+    as the fastest server's work); return (start, end, published)."""
+    sock: Any = socket.create_connection((target.host, target.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if target.tls:
+        sock = target.ssl_context().wrap_socket(sock, server_hostname=target.host)
+    buf, start, done = b"", 0.0, 0
+    try:
+        for index in range(-1, count):  # -1 warms the connection up, untimed
+            if index == 0:
+                start = time.monotonic()
+            if stop is not None and stop.is_set():
+                break
+            sock.sendall(target.publish_request(index))
+            while b"\r\n\r\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection")
+                buf += chunk
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            if head[9:12] not in (b"200", b"201"):
+                raise ConnectionError(f"a publish was answered {head[9:12].decode()}: "
+                                      f"{rest[:200].decode(errors='replace')}")
+            length = int(_BENCH_LENGTH.search(head).group(1))
+            while len(rest) < length:
+                rest += sock.recv(65536)
+            buf = rest[length:]
+            done += index >= 0
+    finally:
+        sock.close()
+    return start, time.monotonic(), done
+
+
+def bench_close(protocols: Iterable[Any]) -> None:
+    for protocol in protocols:
+        if protocol.transport is not None:
+            protocol.transport.close()
+
+
+# -- the worker processes --------------------------------------------------------------
+
+def _bench_worker(conn: Any, target: BenchTarget, job: dict[str, Any]) -> None:
+    """A worker process: subscribers, a connect storm or a publisher, as
+    *job* says; progress and the final tally go back through *conn*. The
+    parent stops it (it ignores Ctrl-C: the parent decides)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _bench_asyncio().run(_bench_work(conn, target, job))
+
+
+async def _bench_work(conn: Any, target: BenchTarget, job: dict[str, Any]) -> None:
+    asyncio = _bench_asyncio()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    halt = threading.Event()
+
+    def command() -> None:
+        try:
+            conn.recv()
+        except EOFError:
+            pass
+        stop.set()
+        halt.set()
+
+    loop.add_reader(conn.fileno(), command)
+    tally, state = BenchTally(), {"connected": 0, "failed": 0}
+    protocols: list[Any] = []
+    result: dict[str, Any] = {}
+
+    async def subscribe() -> None:
+        for start in range(0, job["count"], 250):
+            if stop.is_set():
+                return
+            try:
+                protocols.extend(await bench_subscribe(
+                    target, tally, min(250, job["count"] - start), job["transport"]))
+            except OSError as exc:
+                state["failed"] += 1
+                result["error"] = f"cannot connect: {exc}"
+                return
+            state["connected"] = len(protocols)
+
+    async def storm() -> None:
+        knock = _bench_protocols()["Knock"]
+        futures, started = [], time.monotonic()
+        for _ in range(job["count"]):
+            future = loop.create_future()
+            futures.append(future)
+            loop.create_task(_bench_knock(loop, knock, target, started, future))
+        answers = []
+        for future in futures:
+            answers.append(await future)
+            state["connected"] = len(answers)
+        result["latencies"] = [t for status, t in answers if status == b"200"]
+        result["statuses"] = dict(collections.Counter(s.decode() for s, _ in answers))
+
+    async def publish() -> None:
+        start, end, done = await loop.run_in_executor(
+            None, bench_publish_blocking, target, job["count"], halt)
+        result.update(start=start, end=end, published=done)
+
+    work = loop.create_task({"subscribe": subscribe, "connect": storm,
+                             "publish": publish}[job["mode"]]())
+
+    def report() -> dict[str, Any]:
+        return {"connected": state["connected"], "delivered": tally.delivered,
+                "failed": state["failed"] + sum(getattr(p, "failed", 0) for p in protocols),
+                "cpu_time": time.process_time(), "at": time.monotonic()}
+
+    while not stop.is_set():
+        conn.send(("progress", report()))
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except asyncio.TimeoutError:
+            pass
+        if work.done() and job["mode"] != "subscribe":
+            break
+    if not work.done():
+        work.cancel()
+    try:
+        await work
+    except asyncio.CancelledError:
+        pass
+    except (OSError, ConnectionError) as exc:
+        result["error"] = str(exc)
+    bench_close(protocols)
+    conn.send(("done", {**report(), **result, "latencies": result.get(
+        "latencies", tally.latencies), "completion": tally.completion,
+        "repeats": tally.repeats, "gaps": tally.gaps, "last": tally.last}))
+    if job["mode"] != "subscribe":
+        stop.clear()
+        await stop.wait()  # (until the parent has read it and says stop)
+    loop.remove_reader(conn.fileno())
+
+
+async def _bench_knock(loop: Any, knock: type, target: BenchTarget, started: float,
+                       future: Any) -> None:
+    try:
+        await loop.create_connection(lambda: knock(target, started, future), target.host,
+                                     target.port, ssl=target.ssl_context(),
+                                     server_hostname=target.host if target.tls else None)
+    except OSError:
+        if not future.done():
+            future.set_result((b"refused", time.monotonic() - started))
+
+
+class _Workers:
+    """The parent's side of the worker processes."""
+
+    def __init__(self, target: BenchTarget, jobs: list[dict[str, Any]]) -> None:
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        self.pipes, self.processes = [], []
+        for job in jobs:
+            parent, child = context.Pipe()
+            process = context.Process(target=_bench_worker, args=(child, target, job),
+                                      daemon=True)
+            process.start()
+            child.close()
+            self.pipes.append(parent)
+            self.processes.append(process)
+        self.progress: list[dict[str, Any]] = [{} for _ in jobs]
+        self.first: list[dict[str, Any]] = [{} for _ in jobs]  # (their first word)
+        self.results: list[dict[str, Any] | None] = [None for _ in jobs]
+
+    def poll(self) -> None:
+        """Take what the workers said since the last look."""
+        for index, pipe in enumerate(self.pipes):
+            try:
+                while pipe.poll():
+                    kind, data = pipe.recv()
+                    self.first[index] = self.first[index] or data
+                    if kind == "progress":
+                        self.progress[index] = data
+                    else:
+                        self.results[index] = data
+                        self.progress[index] = data
+            except (EOFError, OSError):
+                if self.results[index] is None:
+                    self.results[index] = {"error": "the worker process died"}
+
+    def total(self, name: str) -> int:
+        """*name* (connected, delivered, failed) over the workers, now."""
+        self.poll()
+        return sum(p.get(name, 0) for p in self.progress)
+
+    def mark(self) -> list[tuple[float, float]]:
+        """Each worker's CPU time and clock now (see ``busiest``)."""
+        self.poll()
+        return [(p.get("cpu_time", 0.0), p.get("at", 0.0)) for p in self.progress]
+
+    def busiest(self, since: list[tuple[float, float]] | None = None) -> float:
+        """The highest share of a core any worker used since *since*
+        (``mark``; default: since it started): near 1, the load generator
+        was the limit."""
+        self.poll()
+        if since is None:
+            since = [(p.get("cpu_time", 0.0), p.get("at", 0.0)) for p in self.first]
+        shares = [(p.get("cpu_time", 0.0) - cpu) / (p.get("at", 0.0) - at)
+                  for p, (cpu, at) in zip(self.progress, since) if p.get("at", 0.0) > at]
+        return max(shares, default=0.0)
+
+    def finished(self) -> bool:
+        self.poll()
+        return all(r is not None for r in self.results)
+
+    async def stop(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Stop them; their final tallies (empty for one that never said)."""
+        asyncio = _bench_asyncio()
+        for index, pipe in enumerate(self.pipes):
+            if self.results[index] is None:
+                try:
+                    pipe.send("stop")
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout
+        while not self.finished() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for pipe in self.pipes:
+            try:
+                pipe.send("stop")  # (a finished one waits for it to exit)
+            except OSError:
+                pass
+        for process in self.processes:
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+        return [r or {} for r in self.results]
+
+
+# -- the scenarios -------------------------------------------------------------------------
+
+class BenchRun:
+    """One ``longpoll bench`` run: a scenario against a target, with its
+    progress line, its caps, Ctrl-C, and the server's CPU when local."""
+
+    def __init__(self, target: BenchTarget, scenario: str, *, clients: int = 1000,
+                 messages: int = 50, rate: float = 10.0, publishes: int = 10_000,
+                 subscribers: int = 0, transport: str = "poll", workers: int = 0,
+                 drain: float = 30.0, server_pid: int | None = None,
+                 server_cpu: Callable[[], float] | None = None,
+                 server_rss: Callable[[], float | None] | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.target, self.scenario, self.transport = target, scenario, transport
+        self.clients, self.messages, self.rate = clients, messages, rate
+        self.publishes, self.subscribers, self.drain = publishes, subscribers, drain
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
+        if server_pid is not None:
+            server_cpu = functools.partial(_pid_cpu, server_pid)
+            server_rss = functools.partial(_pid_rss, server_pid)
+        self.server_cpu, self.server_rss = server_cpu, server_rss
+        self.progress = progress or (lambda line: None)
+        self.interrupted = False
+        self._stop: Any = None
+        self.sent = 0
+
+    def split(self, count: int) -> list[int]:
+        """*count* over the workers, as evenly as can be (none empty)."""
+        workers = max(1, min(self.workers, count))
+        return [count // workers + (i < count % workers) for i in range(workers)]
+
+    def run(self) -> dict[str, Any]:
+        """Run it; Ctrl-C ends it at once with what was measured so far
+        (``interrupted`` is then true)."""
+        asyncio = _bench_asyncio()
+
+        async def main() -> dict[str, Any]:
+            self._stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGINT, self._interrupt)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # (not the main thread, or no signals here)
+            try:
+                return await getattr(self, "_" + self.scenario)()
+            finally:
+                try:
+                    loop.remove_signal_handler(signal.SIGINT)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+
+        return asyncio.run(main())
+
+    def _interrupt(self) -> None:
+        self.interrupted = True
+        self._stop.set()
+
+    async def _until(self, condition: Callable[[], bool], timeout: float,
+                     line: Callable[[], str]) -> bool:
+        """Wait for *condition* (True), *timeout* or Ctrl-C (False), with
+        the progress line."""
+        asyncio = _bench_asyncio()
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return False
+            self.progress(line())
+            try:
+                await asyncio.wait_for(self._stop.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+        self.progress(line())
+        return True
+
+    def _base(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "transport": self.transport,
+                "target": f"{'https' if self.target.tls else 'http'}://{self.target.host}:"
+                          f"{self.target.port}", "channel": self.target.channel}
+
+    async def _parked(self, workers: "_Workers", count: int) -> bool:
+        """Until *count* subscribers are connected and (long-poll) the
+        server says they wait."""
+        def line() -> str:
+            return f"subscribers {workers.total('connected'):,}/{count:,} connected"
+        if not await self._until(lambda: workers.finished() or
+                                 workers.total("connected") >= count, 120, line):
+            return False
+        if workers.total("connected") < count:
+            return False
+        if self.transport != "poll":
+            return True
+        health = {"waiting": 0, "next": 0.0}
+
+        def parked() -> bool:  # (/health counts every waiting client of the server)
+            if time.monotonic() >= health["next"]:
+                health["next"] = time.monotonic() + 0.2
+                health["waiting"] = _bench_health(self.target).get("waiting", count)
+            return health["waiting"] >= count
+        return await self._until(parked, 60, lambda: f"subscribers {health['waiting']:,}/"
+                                                     f"{count:,} waiting at the server")
+
+    async def _fanout(self) -> dict[str, Any]:
+        asyncio = _bench_asyncio()
+        out = self._base()
+        out.update(subscribers=self.clients, messages=self.messages, rate=self.rate)
+        expected = self.clients * self.messages
+        workers = _Workers(self.target, [{"mode": "subscribe", "count": n,
+                                          "transport": self.transport}
+                                         for n in self.split(self.clients)])
+        publisher = None
+        cpu0 = rss = None
+        busy = 0.0
+        try:
+            if await self._parked(workers, self.clients):
+                rss = self.server_rss() if self.server_rss else None
+                cpu0 = self.server_cpu() if self.server_cpu else None
+                publisher = await bench_publisher(self.target)
+                marks = workers.mark()
+                start = time.monotonic()
+                for index in range(self.messages):
+                    wait = start + index / self.rate - time.monotonic()
+                    if wait > 0:
+                        try:
+                            await asyncio.wait_for(self._stop.wait(), wait)
+                        except asyncio.TimeoutError:
+                            pass
+                    if self._stop.is_set():
+                        break
+                    status, body = await asyncio.wait_for(publisher.publish(index),
+                                                          self.drain)
+                    if status not in (b"200", b"201"):
+                        out["error"] = (f"a publish was answered {status.decode()}: "
+                                        f"{body[:200].decode(errors='replace')}")
+                        break
+                    self.sent += 1
+                    workers.poll()
+                    self.progress(self._fanout_line(workers, expected))
+                target = self.sent * self.clients
+                await self._until(lambda: workers.total("delivered") >= target, self.drain,
+                                  lambda: self._fanout_line(workers, expected))
+                busy = workers.busiest(marks)
+            elif not self.interrupted:
+                out.setdefault("error", "not every subscriber could connect and wait: "
+                                        f"{workers.total('connected'):,} of {self.clients:,}")
+        except (OSError, asyncio.TimeoutError) as exc:
+            out["error"] = f"the target stopped answering: {exc or type(exc).__name__}"
+        finally:
+            cpu = self.server_cpu() - cpu0 if cpu0 is not None and self.server_cpu else None
+            if publisher is not None:
+                bench_close([publisher])
+            results = await workers.stop()
+        self._tally(out, results, self.sent * self.clients)
+        out["sent"] = self.sent
+        out["generator_cpu"] = busy
+        completion = sorted(v for r in [_merge_completion(results)] for v in r.values())
+        if completion:
+            out["completion_p50_ms"] = _percentile(completion, 0.5) * 1000
+            out["completion_max_ms"] = completion[-1] * 1000
+        if cpu is not None and out["delivered"]:
+            out["server_cpu_us_per_delivery"] = cpu / out["delivered"] * 1e6
+        if rss is not None:
+            out["server_rss_mb"] = rss
+        return out
+
+    def _fanout_line(self, workers: "_Workers", expected: int) -> str:
+        return (f"sent {self.sent:,}/{self.messages:,} · delivered "
+                f"{workers.total('delivered'):,}/{expected:,}")
+
+    async def _throughput(self) -> dict[str, Any]:
+        out = self._base()
+        out.update(subscribers=self.subscribers, publishes=self.publishes)
+        jobs = [{"mode": "subscribe", "count": n, "transport": self.transport}
+                for n in (self.split(self.subscribers) if self.subscribers else [])]
+        subscribers = _Workers(self.target, jobs) if jobs else None
+        publisher = None
+        results: list[dict[str, Any]] = []
+        cpu = rss = None
+        busy = 0.0
+        try:
+            if subscribers is None or await self._parked(subscribers, self.subscribers):
+                rss = self.server_rss() if self.server_rss else None
+                cpu0 = self.server_cpu() if self.server_cpu else None
+                publisher = _Workers(self.target, [{"mode": "publish",
+                                                    "count": self.publishes}])
+                await self._until(publisher.finished, BENCH_CAPS["duration"],
+                                  lambda: self._throughput_line(publisher, subscribers))
+                busy = publisher.busiest()
+                if subscribers is not None:
+                    target = self.publishes * self.subscribers
+                    await self._until(lambda: subscribers.total("delivered") >= target,
+                                      self.drain,
+                                      lambda: self._throughput_line(publisher, subscribers))
+                    busy = max(busy, subscribers.busiest())
+                cpu = self.server_cpu() - cpu0 if cpu0 is not None else None
+            elif not self.interrupted:
+                out["error"] = "not every subscriber could connect and wait"
+        finally:
+            published = (await publisher.stop())[0] if publisher is not None else {}
+            if subscribers is not None:
+                results = await subscribers.stop()
+        if published.get("error"):
+            out["error"] = published["error"]
+        sent = published.get("published", 0)
+        out["sent"] = sent
+        if sent and published.get("end", 0) > published.get("start", 0):
+            out["publishes_per_s"] = sent / (published["end"] - published["start"])
+        self._tally(out, results, sent * self.subscribers)
+        last = max((r.get("last", 0.0) for r in results), default=0.0)
+        if self.subscribers and out["delivered"] and last > published.get("start", last):
+            out["deliveries_per_s"] = out["delivered"] / (last - published["start"])
+        if cpu is not None and sent:
+            out["server_cpu_us_per_publish"] = cpu / sent * 1e6
+        if rss is not None:
+            out["server_rss_mb"] = rss
+        out["generator_cpu"] = busy
+        return out
+
+    def _throughput_line(self, publisher: "_Workers", subscribers: "_Workers | None") -> str:
+        publisher.poll()
+        line = f"publishing {self.publishes:,}"
+        if subscribers is not None:
+            subscribers.poll()
+            line += (f" · delivered {subscribers.total('delivered'):,}/"
+                     f"{self.publishes * self.subscribers:,}")
+        return line
+
+    async def _connect(self) -> dict[str, Any]:
+        out = self._base()
+        out.update(clients=self.clients)
+        workers = _Workers(self.target, [{"mode": "connect", "count": n}
+                                         for n in self.split(self.clients)])
+        cpu0 = self.server_cpu() if self.server_cpu else None
+        start = time.monotonic()
+        try:
+            await self._until(workers.finished, 120,
+                              lambda: f"connected and answered {workers.total('connected'):,}"
+                                      f"/{self.clients:,}")
+        finally:
+            elapsed = time.monotonic() - start
+            busy = workers.busiest()
+            results = await workers.stop()
+        latencies = sorted(t for r in results for t in r.get("latencies", ()))
+        statuses: collections.Counter[str] = collections.Counter()
+        for r in results:
+            statuses.update(r.get("statuses", {}))
+        out["answered"] = len(latencies)
+        out["failed"] = sum(statuses.values()) - statuses.get("200", 0) + (
+            self.clients - sum(statuses.values()) if not self.interrupted else 0)
+        out["statuses"] = dict(statuses)
+        out["seconds"] = elapsed
+        if latencies:
+            out["connections_per_s"] = len(latencies) / max(1e-9, max(latencies))
+            out.update(_latency_fields(latencies))
+        if cpu0 is not None and latencies:
+            out["server_cpu_us_per_connection"] = (self.server_cpu() - cpu0) / len(
+                latencies) * 1e6
+        out["generator_cpu"] = busy
+        return out
+
+    def _tally(self, out: dict[str, Any], results: list[dict[str, Any]], expected: int) -> None:
+        latencies = sorted(t for r in results for t in r.get("latencies", ()))
+        out["expected"] = expected
+        out["delivered"] = len(latencies)
+        out["lost"] = max(0, expected - len(latencies))
+        out["duplicates"] = sum(r.get("repeats", 0) for r in results)
+        out["gaps"] = sum(r.get("gaps", 0) for r in results)
+        out["failed_subscribers"] = sum(r.get("failed", 0) for r in results)
+        out.update(_latency_fields(latencies))
+        errors = [r["error"] for r in results if r.get("error")]
+        if errors and "error" not in out:
+            out["error"] = errors[0]
+
+
+def _latency_fields(latencies: list[float]) -> dict[str, float | None]:
+    """p50, p90, p99 and max of sorted *latencies*, in milliseconds."""
+    if not latencies:
+        return {"latency_p50_ms": None, "latency_p90_ms": None, "latency_p99_ms": None,
+                "latency_max_ms": None}
+    return {"latency_p50_ms": _percentile(latencies, 0.5) * 1000,
+            "latency_p90_ms": _percentile(latencies, 0.9) * 1000,
+            "latency_p99_ms": _percentile(latencies, 0.99) * 1000,
+            "latency_max_ms": latencies[-1] * 1000}
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def _merge_completion(results: list[dict[str, Any]]) -> dict[int, float]:
+    """Per message, the slowest subscriber over every worker."""
+    merged: dict[int, float] = {}
+    for r in results:
+        for index, latency in r.get("completion", {}).items():
+            if latency > merged.get(index, -1.0):
+                merged[index] = latency
+    return merged
+
+
+def _bench_health(target: BenchTarget) -> dict[str, Any]:
+    """The target's /health (``{}`` when it does not answer)."""
+    scheme = "https" if target.tls else "http"
+    request = urllib.request.Request(f"{scheme}://{target.host}:{target.port}/health")
+    if target.token:
+        request.add_header("Authorization", f"Bearer {target.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5,
+                                    context=target.ssl_context()) as answer:
+            return json.loads(answer.read())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_cpu(pid: int) -> float:
+    """A process's CPU seconds, user and system (Linux: /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pid_rss(pid: int | str = "self") -> float | None:
+    """A process's resident memory in MB (Linux: /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def bench_table(result: dict[str, Any]) -> str:
+    """A bench's result as a short table, for people."""
+    rows: list[tuple[str, str]] = []
+
+    def add(name: str, key: str, form: str = "{:,.0f}", unit: str = "") -> None:
+        if result.get(key) is not None:
+            rows.append((name, form.format(result[key]) + unit))
+
+    scenario = result["scenario"]
+    title = {"fanout": (f"fan-out: {result.get('subscribers', 0):,} subscribers "
+                        f"({result['transport']}), {result.get('messages', 0):,} messages at "
+                        f"{result.get('rate', 0):g}/s"),
+             "throughput": (f"throughput: {result.get('publishes', 0):,} publishes over one "
+                            f"connection, {result.get('subscribers', 0):,} subscribers "
+                            f"({result['transport']})"),
+             "connect": f"connect storm: {result.get('clients', 0):,} clients"}[scenario]
+    if scenario in ("fanout", "throughput"):
+        add("messages sent", "sent")
+        add("publishes/s", "publishes_per_s")
+        if scenario == "fanout" or result.get("subscribers"):
+            rows.append(("delivered", f"{result.get('delivered', 0):,} of "
+                                      f"{result.get('expected', 0):,}"))
+            add("lost", "lost")
+            add("duplicates", "duplicates")
+            add("gaps", "gaps")
+            add("deliveries/s", "deliveries_per_s")
+            for p in ("p50", "p90", "p99", "max"):
+                add(f"latency {p}", f"latency_{p}_ms", "{:,.1f}", " ms")
+            add("fan-out completion p50", "completion_p50_ms", "{:,.1f}", " ms")
+            add("fan-out completion max", "completion_max_ms", "{:,.1f}", " ms")
+        add("server CPU per delivery", "server_cpu_us_per_delivery", "{:,.1f}", " µs")
+        add("server CPU per publish", "server_cpu_us_per_publish", "{:,.1f}", " µs")
+    else:
+        rows.append(("answered", f"{result.get('answered', 0):,} of "
+                                 f"{result.get('clients', 0):,}"))
+        add("failed", "failed")
+        add("connections/s", "connections_per_s")
+        for p in ("p50", "p90", "p99", "max"):
+            add(f"connect + answer {p}", f"latency_{p}_ms", "{:,.1f}", " ms")
+        add("server CPU per connection", "server_cpu_us_per_connection", "{:,.1f}", " µs")
+    add("server memory (RSS)", "server_rss_mb", "{:,.0f}", " MB")
+    add("load generator CPU (busiest worker)", "generator_cpu", "{:.0%}")
+    width = max(len(name) for name, _ in rows) if rows else 0
+    lines = [f"longpoll bench {result['target']}: {title}",
+             *(f"  {name:<{width}}  {value}" for name, value in rows)]
+    if result.get("generator_cpu", 0) >= 0.9:
+        lines.append("  note: the load generator itself was the limit (a worker near 100 % "
+                     "CPU): the server may do better; try --workers")
+    if result.get("interrupted"):
+        lines.append("  interrupted (Ctrl-C): what was measured until then")
+    if result.get("error"):
+        lines.append(f"  error: {result['error']}")
+    return "\n".join(lines)
+
+
+def _bench(args: Any) -> int:
+    """``longpoll bench [URL]``: measure a deployment, or (no URL) a server
+    started here with the given serve options."""
+    for name in ("clients", "messages", "rate", "publishes"):
+        value = getattr(args, name)
+        cap = BENCH_CAPS[name]
+        if value <= 0:
+            logger.error("--%s must be more than 0", name)
+            return 2
+        if value > cap and not args.no_caps:
+            logger.error("--%s %s is over the cap of %s (--no-caps to go past it)", name,
+                         f"{value:,}", f"{cap:,}")
+            return 2
+    if args.subscribers > BENCH_CAPS["clients"] and not args.no_caps:
+        logger.error("--subscribers %s is over the cap of %s (--no-caps to go past it)",
+                     f"{args.subscribers:,}", f"{BENCH_CAPS['clients']:,}")
+        return 2
+    if (args.scenario == "fanout" and args.messages / args.rate > BENCH_CAPS["duration"]
+            and not args.no_caps):
+        logger.error("%d messages at %g/s take longer than %.0f s (--no-caps to go past it)",
+                     args.messages, args.rate, BENCH_CAPS["duration"])
+        return 2
+    channel = f"bench-{secrets.token_hex(4)}"
+    server = None
+    cpu = rss = None
+    if args.url:
+        try:
+            target = BenchTarget.from_url(args.url, channel, args.token, args.cafile)
+        except LongpollError as error:
+            logger.error("%s", error.message)
+            return 2
+        try:
+            addresses = [info[4][0] for info in socket.getaddrinfo(target.host, target.port)]
+        except OSError as exc:
+            logger.error("cannot resolve %s: %s", target.host, exc)
+            return 2
+        if not args.yes_i_own_this_server and not bench_target_allowed(target.host, addresses):
+            logger.error("%s is not a loopback or private address: load only servers you own "
+                         "(--yes-i-own-this-server)", target.host)
+            return 2
+    else:
+        try:
+            hub = Hub(**{option.name: getattr(args, option.name)
+                         for option in OPTIONS if option.part == "hub"})
+            server = make_server("127.0.0.1", 0, hub, **{
+                option.name: getattr(args, option.name)
+                for option in OPTIONS if option.part == "server"}).start()
+        except (ValueError, LongpollError) as exc:
+            logger.error("%s", exc)
+            return 2
+        target = BenchTarget("127.0.0.1", server.server_address[1], channel)
+        # The server runs in this process; the load in other processes.
+        cpu, rss = time.process_time, functools.partial(_pid_rss, "self")
+    raise_open_file_limit()
+    tty = sys.stderr.isatty()
+    width = [0]
+
+    def progress(line: str) -> None:
+        if tty:
+            sys.stderr.write("\r" + line.ljust(width[0]))
+            sys.stderr.flush()
+            width[0] = len(line)
+
+    run = BenchRun(target, args.scenario, clients=args.clients, messages=args.messages,
+                   rate=args.rate, publishes=args.publishes, subscribers=args.subscribers,
+                   transport=args.transport, workers=args.generators, drain=args.drain,
+                   server_pid=args.pid, server_cpu=cpu, server_rss=rss, progress=progress)
+    try:
+        result = run.run()
+    finally:
+        if tty and width[0]:
+            sys.stderr.write("\r" + " " * width[0] + "\r")
+        if server is not None:
+            server.close()
+    result["interrupted"] = run.interrupted
+    result["server"] = "in-process" if server is not None else (
+        f"pid {args.pid}" if args.pid else "remote")
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(bench_table(result), flush=True)
+    return 130 if run.interrupted else 1 if result.get("error") else 0
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -8625,16 +9685,19 @@ def main(argv: list[str] | None = None) -> int:
                             "self-signed certificate) issued, besides the system's")
         add_logging(p)
 
+    def add_options(p: argparse.ArgumentParser) -> None:
+        for option in OPTIONS:
+            p.add_argument("--" + option.name.replace("_", "-"), type=type(option.default),
+                           default=option.default, metavar=option.metavar,
+                           help=f"{option.help} (default {option.default})")
+
     serve = commands.add_parser("serve", help="run a push server",
                                 description="Run a longpoll server until SIGINT or SIGTERM.")
     serve.add_argument("--host", default=DEFAULT_HOST,
                        help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    for option in OPTIONS:
-        serve.add_argument("--" + option.name.replace("_", "-"), type=type(option.default),
-                           default=option.default, metavar=option.metavar,
-                           help=f"{option.help} (default {option.default})")
+    add_options(serve)
     serve.add_argument("--auth", metavar="FILE",
                        help="JSON file of tokens and the channels they may read and write "
                             "(reloaded on SIGHUP); without it the server is open to anyone "
@@ -8710,11 +9773,59 @@ def main(argv: list[str] | None = None) -> int:
     expect.add_argument("--delete", action="store_true", help="stop expecting messages")
     add_client(expect)
 
+    bench = commands.add_parser(
+        "bench", help="load-test a server (this one, or yours at URL)",
+        description="Measure a longpoll server under load: with URL, that deployment; "
+                    "without, a server started here (the serve options below shape it). "
+                    "Only loopback and private addresses unless --yes-i-own-this-server.",
+        epilog="examples: python3 -m longpoll bench; python3 -m longpoll bench "
+               "--scenario throughput --store sqlite:bench.db; python3 -m longpoll bench "
+               "https://push.internal --token T --clients 5000 --transport ws")
+    bench.add_argument("url", metavar="URL", nargs="?",
+                       help="the server to measure (default: one started here)")
+    bench.add_argument("--scenario", choices=("fanout", "throughput", "connect"),
+                       default="fanout",
+                       help="fanout: subscribers parked, messages at a rate (default); "
+                            "throughput: publishes back-to-back; connect: a connect storm")
+    bench.add_argument("--transport", choices=("poll", "sse", "ws"), default="poll",
+                       help="how subscribers subscribe (default poll: long-poll)")
+    bench.add_argument("--clients", type=int, default=1000, metavar="N",
+                       help="fanout: subscribers; connect: clients (default 1000)")
+    bench.add_argument("--messages", type=int, default=50, metavar="M",
+                       help="fanout: messages to publish (default 50)")
+    bench.add_argument("--rate", type=float, default=10.0, metavar="R",
+                       help="fanout: messages per second (default 10)")
+    bench.add_argument("--publishes", type=int, default=10_000, metavar="P",
+                       help="throughput: publishes (default 10000)")
+    bench.add_argument("--subscribers", type=int, default=0, metavar="K",
+                       help="throughput: subscribers parked meanwhile (default 0)")
+    bench.add_argument("--generators", type=int, default=0, metavar="N",
+                       help="load generator processes (default: the cores but one, up to 4)")
+    bench.add_argument("--drain", type=float, default=30.0, metavar="SECONDS",
+                       help="how long to wait for the last deliveries (default 30)")
+    bench.add_argument("--pid", type=int,
+                       help="the server's process id, to report its CPU and memory (Linux)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--no-caps", action="store_true",
+                       help=f"allow more than {BENCH_CAPS['clients']:,} clients, "
+                            f"{BENCH_CAPS['messages']:,} messages, {BENCH_CAPS['rate']:,.0f} "
+                            f"messages/s, {BENCH_CAPS['publishes']:,} publishes or "
+                            f"{BENCH_CAPS['duration']:.0f} s")
+    bench.add_argument("--yes-i-own-this-server", action="store_true",
+                       help="load a public address (only a server you run)")
+    add_options(bench)
+    bench.add_argument("--token", default=os.environ.get("LONGPOLL_TOKEN"),
+                       help="bearer token for a server run with --auth")
+    bench.add_argument("--cafile", metavar="PEM",
+                       help="trust an https:// server whose certificate this CA issued")
+    add_logging(bench)
+
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command != "serve" and not args.url and os.environ.get("LONGPOLL_URL"):
+    if args.command not in ("serve", "bench") and not args.url and os.environ.get(
+            "LONGPOLL_URL"):
         args.url = [os.environ["LONGPOLL_URL"]]
     level = (logging.DEBUG if args.verbose else logging.WARNING if args.quiet
              else logging.INFO if args.command == "serve" else logging.WARNING)
@@ -8727,7 +9838,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(level)
     logger.propagate = False
     run = {"serve": _serve, "publish": _publish, "subscribe": _subscribe,
-           "expect": _expect}[args.command]
+           "expect": _expect, "bench": _bench}[args.command]
     try:
         return run(args)
     except LongpollError as error:

@@ -42,7 +42,6 @@ import re
 import resource
 import socket
 import statistics
-import struct
 import shutil
 import subprocess
 import sys
@@ -50,6 +49,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import longpoll  # noqa: E402 (its load generator: python3 -m longpoll bench)
 BASELINE = ROOT  # --baseline DIR: where longpoll-baseline's longpoll.py is
 HERE = os.path.dirname(os.path.abspath(__file__))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -65,8 +66,6 @@ SERVERS = {
     "asgi": [sys.executable, os.path.join(HERE, "servers", "asgi_uvicorn.py"), "--port", "0"],
 }
 LENGTH = re.compile(rb"[Cc]ontent-[Ll]ength:\s*(\d+)")
-CURSOR = re.compile(rb'"cursor":\s*"([^"]*)"')
-SENT = re.compile(rb'"t":\s*([0-9.e+-]+),\s*"i":\s*(-?\d+)')
 
 
 # -- the server under test ------------------------------------------------------------
@@ -141,172 +140,19 @@ class ServerProcess:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# -- clients ---------------------------------------------------------------------------
+# -- clients: longpoll's own load generator (python3 -m longpoll bench) ------------------
 
-def _no_time_wait(transport):
-    """Close with RST, so thousands of client sockets leave no TIME_WAIT
-    behind to exhaust the ephemeral ports for the next row."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-class HTTP(asyncio.Protocol):
-    """A raw HTTP/1.1 keep-alive connection that hands each response body on."""
-
-    def __init__(self):
-        self.buf = bytearray()
-        self.transport = None
-
-    def connection_made(self, transport):
-        self.transport = transport
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _no_time_wait(transport)
-
-    def data_received(self, data):
-        buf = self.buf
-        buf += data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            length = int(LENGTH.search(buf, 0, end).group(1))
-            if len(buf) < end + 4 + length:
-                return
-            body = bytes(buf[end + 4:end + 4 + length])
-            del buf[:end + 4 + length]
-            self.on_body(body)
-
-    def on_body(self, body):
-        raise NotImplementedError
-
-
-class Subscriber(HTTP):
-    def __init__(self, run):
-        super().__init__()
-        self.run, self.cursor, self.seen = run, None, set()
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self.poll()
-
-    def poll(self):
-        since = b"" if self.cursor is None else b"&since=" + self.cursor
-        self.transport.write(b"GET /channels/bench?timeout=3000&limit=1000" + since
-                             + b" HTTP/1.1\r\nHost: bench\r\n\r\n")
-
-    def on_body(self, body):
-        now = time.monotonic()
-        run = self.run
-        for sent, index in SENT.findall(body):
-            index = int(index)
-            if index < 0:
-                continue  # a warm-up message
-            if index in self.seen:
-                run.repeats += 1
-            else:
-                self.seen.add(index)
-                run.latencies.append(now - float(sent))
-        run.delivered = len(run.latencies)
-        if run.delivered >= run.expected and not run.done.done():
-            run.done.set_result(now)
-        if b'"gap":true' in body:
-            run.gaps += 1  # messages lost before these, and said so
-        cursor = CURSOR.search(body)  # (WebSocket frames carry none: their socket stays)
-        if cursor is not None:
-            self.cursor = cursor.group(1)
-            self.poll()
-
-
-class WebSocketSubscriber(Subscriber):
-    """A subscriber on one WebSocket (/channels/bench/ws): the server's text
-    frames, each a message (or the open frame), instead of poll answers."""
-
-    def poll(self):
-        pass  # (nothing to ask again: the socket stays)
-
-    def connection_made(self, transport):
-        HTTP.connection_made(self, transport)
-        self.upgraded = False
-        transport.write(b"GET /channels/bench/ws HTTP/1.1\r\nHost: bench\r\n"
-                        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                        b"Sec-WebSocket-Version: 13\r\n\r\n")
-
-    def data_received(self, data):
-        buf = self.buf
-        buf += data
-        if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            del buf[:end + 4]
-            self.upgraded = True
-        bodies = []
-        while len(buf) >= 2:
-            size, start = buf[1] & 0x7F, 2
-            if size == 126:
-                if len(buf) < 4:
-                    break
-                size, start = int.from_bytes(buf[2:4], "big"), 4
-            elif size == 127:
-                if len(buf) < 10:
-                    break
-                size, start = int.from_bytes(buf[2:10], "big"), 10
-            if len(buf) < start + size:
-                break
-            if buf[0] & 0x0F == 0x1:
-                bodies.append(bytes(buf[start:start + size]))
-            del buf[:start + size]
-        if bodies:
-            self.on_body(b"".join(bodies))
-
-    def on_body(self, body):
-        if SENT.search(body):  # (not the open frame)
-            super().on_body(body)
-
-
-class Publisher(HTTP):
-    def __init__(self):
-        super().__init__()
-        self.answers = asyncio.Queue()
-
-    def on_body(self, body):
-        self.answers.put_nowait(body)
-
-    async def publish(self, index):
-        payload = b'{"message":{"t":%r,"i":%d}}' % (time.monotonic(), index)
-        self.transport.write(b"POST /channels/bench HTTP/1.1\r\nHost: bench\r\n"
-                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                             % len(payload) + payload)
-        return await self.answers.get()
-
-
-class Run:
-    def __init__(self, expected):
-        self.expected, self.latencies, self.repeats, self.delivered = expected, [], 0, 0
-        self.gaps = 0
-        self.done = asyncio.get_running_loop().create_future()
-
-
-async def health(host, port):
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
-    head = await reader.readuntil(b"\r\n\r\n")
-    body = await reader.readexactly(int(LENGTH.search(head).group(1)))
-    writer.close()
-    return json.loads(body)
+def target(server):
+    """The bench channel of *server*, published to without a ttl (as the
+    peers take it, and as the rows have always measured)."""
+    return longpoll.BenchTarget(server.host, server.port, "bench", ttl=None)
 
 
 async def park(server, run, count, timeout=180):
-    loop = asyncio.get_running_loop()
-    subscribers = []
-    kind = WebSocketSubscriber if server.name.endswith("-ws") else Subscriber
-    for start in range(0, count, 250):  # in waves, within the listen backlog
-        results = await asyncio.gather(*(
-            loop.create_connection(lambda: kind(run), server.host, server.port)
-            for _ in range(start, min(count, start + 250))))
-        subscribers += [protocol for _, protocol in results]
+    """*count* subscribers on the bench channel (WebSockets for a -ws
+    server), once /health says they all wait."""
+    subscribers = await longpoll.bench_subscribe(
+        target(server), run, count, "ws" if server.name.endswith("-ws") else "poll")
     deadline = time.monotonic() + timeout
 
     async def waiting():
@@ -322,16 +168,32 @@ async def park(server, run, count, timeout=180):
     return subscribers
 
 
-async def connect_publisher(server):
-    _, publisher = await asyncio.get_running_loop().create_connection(
-        Publisher, server.host, server.port)
-    return publisher
+async def health(host, port):
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    body = await reader.readexactly(int(LENGTH.search(head).group(1)))
+    writer.close()
+    return json.loads(body)
 
 
-def close_all(protocols):
-    for protocol in protocols:
-        if protocol.transport is not None:
-            protocol.transport.close()
+def Run(expected):
+    """What the subscribers of a row received (``longpoll.BenchTally``),
+    with a future set when all *expected* deliveries came."""
+    tally = longpoll.BenchTally(expected)
+    tally.done = asyncio.get_running_loop().create_future()
+    return tally
+
+
+def publish_blocking(host, port, count):
+    """(start, end) of *count* publishes back-to-back over one keep-alive
+    connection (``longpoll.bench_publish_blocking``)."""
+    start, end, _ = longpoll.bench_publish_blocking(
+        longpoll.BenchTarget(host, port, "bench", ttl=None), count)
+    return start, end
+
+
+close_all = longpoll.bench_close
 
 
 # -- the two kinds of row -----------------------------------------------------------
@@ -346,7 +208,7 @@ async def fanout(name, clients, messages, rate, idle_seconds, drain):
         await asyncio.sleep(idle_seconds)
         idle = (server.cpu() - cpu0) / (time.monotonic() - t0)
         rss, threads = server.status()
-        publisher = await connect_publisher(server)
+        publisher = await longpoll.bench_publisher(target(server))
         cpu0 = server.cpu()
         start = time.monotonic()
         give_up = start + messages / rate + drain  # (a drowning baseline must not take hours)
@@ -377,34 +239,6 @@ async def fanout(name, clients, messages, rate, idle_seconds, drain):
     finally:
         close_all(subscribers)
         server.stop()
-
-
-def publish_blocking(host, port, count):
-    """Publish *count* messages back-to-back over one keep-alive connection
-    with a plain blocking socket; return (start, end) in monotonic time
-    (system-wide on Linux, so comparable with the parent's clock)."""
-    sock = socket.create_connection((host, port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    buf = b""
-    start = 0.0
-    for index in range(-1, count):  # -1 warms the connection up, untimed
-        if index == 0:
-            start = time.monotonic()
-        payload = b'{"message":{"t":%r,"i":%d}}' % (time.monotonic(), index)
-        sock.sendall(b"POST /channels/bench HTTP/1.1\r\nHost: bench\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                     % len(payload) + payload)
-        while b"\r\n\r\n" not in buf:
-            buf += sock.recv(65536)
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        length = int(LENGTH.search(head).group(1))
-        while len(rest) < length:
-            rest += sock.recv(65536)
-        buf = rest[length:]
-    end = time.monotonic()
-    sock.close()
-    return start, end
 
 
 async def throughput(name, subscribers_count, publishes, drain):
