@@ -8655,7 +8655,7 @@ def _bench_protocols() -> dict[str, type]:
 
         def on_body(self, status: bytes, body: bytes) -> None:
             if status != b"200":
-                self.failed += 1
+                self.failed, self.refusal = self.failed + 1, _bench_refusal(status, body)
                 self.transport.close()
                 return
             self.tally.receive(body, self.seen)
@@ -8694,6 +8694,7 @@ def _bench_protocols() -> dict[str, type]:
                     return
                 if buf[9:12] not in (b"200", b"101"):
                     self.failed += 1
+                    self.refusal = _bench_refusal(bytes(buf[9:12]), bytes(buf[end + 4:]))
                     self.transport.close()
                     return
                 self.chunked = b"chunked" in bytes(buf[:end]).lower()
@@ -8927,6 +8928,9 @@ async def _bench_work(conn: Any, target: BenchTarget, job: dict[str, Any]) -> No
                              "publish": publish}[job["mode"]]())
 
     def report() -> dict[str, Any]:
+        refusals = [p.refusal for p in protocols if getattr(p, "refusal", None)]
+        if refusals:
+            result.setdefault("error", f"the server refused subscribers: {refusals[0]}")
         return {"connected": state["connected"], "delivered": tally.delivered,
                 "failed": state["failed"] + sum(getattr(p, "failed", 0) for p in protocols),
                 "cpu_time": time.process_time(), "at": time.monotonic()}
@@ -9137,10 +9141,13 @@ class BenchRun:
         server says they wait."""
         def line() -> str:
             return f"subscribers {workers.total('connected'):,}/{count:,} connected"
-        if not await self._until(lambda: workers.finished() or
+        def refused() -> bool:  # (401, 403, 429, 503...: it will not get better)
+            return workers.total("failed") > 0
+
+        if not await self._until(lambda: workers.finished() or refused() or
                                  workers.total("connected") >= count, 120, line):
             return False
-        if workers.total("connected") < count:
+        if workers.total("connected") < count or refused():
             return False
         if self.transport != "poll":
             return True
@@ -9150,9 +9157,10 @@ class BenchRun:
             if time.monotonic() >= health["next"]:
                 health["next"] = time.monotonic() + 0.2
                 health["waiting"] = _bench_health(self.target).get("waiting", count)
-            return health["waiting"] >= count
-        return await self._until(parked, 60, lambda: f"subscribers {health['waiting']:,}/"
-                                                     f"{count:,} waiting at the server")
+            return health["waiting"] >= count or refused()
+        return not refused() and await self._until(
+            parked, 60, lambda: f"subscribers {health['waiting']:,}/{count:,} waiting at the "
+                                "server")
 
     async def _fanout(self) -> dict[str, Any]:
         asyncio = _bench_asyncio()
@@ -9194,7 +9202,7 @@ class BenchRun:
                 await self._until(lambda: workers.total("delivered") >= target, self.drain,
                                   lambda: self._fanout_line(workers, expected))
                 busy = workers.busiest(marks)
-            elif not self.interrupted:
+            elif not self.interrupted and not workers.total("failed"):
                 out.setdefault("error", "not every subscriber could connect and wait: "
                                         f"{workers.total('connected'):,} of {self.clients:,}")
         except (OSError, asyncio.TimeoutError) as exc:
@@ -9247,7 +9255,7 @@ class BenchRun:
                                       lambda: self._throughput_line(publisher, subscribers))
                     busy = max(busy, subscribers.busiest())
                 cpu = self.server_cpu() - cpu0 if cpu0 is not None else None
-            elif not self.interrupted:
+            elif not self.interrupted and not subscribers.total("failed"):
                 out["error"] = "not every subscriber could connect and wait"
         finally:
             published = (await publisher.stop())[0] if publisher is not None else {}
@@ -9351,6 +9359,15 @@ def _merge_completion(results: list[dict[str, Any]]) -> dict[int, float]:
     return merged
 
 
+def _bench_refusal(status: bytes, body: bytes) -> str:
+    """An answer that refused a subscriber, in a few words: its status and error."""
+    try:
+        error = json.loads(body.split(b"\r\n\r\n")[-1] or b"{}").get("error", "")
+    except (ValueError, AttributeError):
+        error = ""
+    return f"{status.decode(errors='replace')} {error}".strip()
+
+
 def _bench_health(target: BenchTarget) -> dict[str, Any]:
     """The target's /health (``{}`` when it does not answer)."""
     scheme = "https" if target.tls else "http"
@@ -9409,6 +9426,8 @@ def bench_table(result: dict[str, Any]) -> str:
             add("lost", "lost")
             add("duplicates", "duplicates")
             add("gaps", "gaps")
+            if result.get("failed_subscribers"):
+                add("subscribers refused or cut", "failed_subscribers")
             add("deliveries/s", "deliveries_per_s")
             for p in ("p50", "p90", "p99", "max"):
                 add(f"latency {p}", f"latency_{p}_ms", "{:,.1f}", " ms")
@@ -9436,6 +9455,10 @@ def bench_table(result: dict[str, Any]) -> str:
         lines.append("  interrupted (Ctrl-C): what was measured until then")
     if result.get("error"):
         lines.append(f"  error: {result['error']}")
+    if re.search(r"\b(429|503)\b", result.get("error", "")):  # (a limit, not a bug)
+        lines.append("  note: a server's limits per client (--max-connections-per-client, "
+                     "--max-waiting-per-client, --publish-rate, --request-rate) count this "
+                     "machine as one client; loopback is exempt")
     return "\n".join(lines)
 
 
@@ -9538,6 +9561,8 @@ examples:
   python3 -m longpoll subscribe 'ci-*'          # every channel whose name starts ci-
   python3 -m longpoll publish reminders 'stand-up' --delay 10m --ttl 1h
   python3 -m longpoll expect backups --every 26h  # alert when no message comes for 26 h
+  python3 -m longpoll bench                       # load-test a server started here
+  python3 -m longpoll bench https://push.internal --clients 5000 --transport ws
 """
 
 

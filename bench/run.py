@@ -402,13 +402,14 @@ async def main_async(args):
         report.append(throughput_table(throughput_rows) + "\n")
     print("\n".join(report))
     if args.output:
-        kept = ""  # bench/breakdown.py's section, if the page has one: kept as it is
+        kept = ""  # the sections of `longpoll bench` and bench/breakdown.py: kept as they are
         try:
             with open(args.output, encoding="utf-8") as f:
                 old = f.read()
-            start = old.find("<!-- breakdown:")
-            if start >= 0:
-                kept = "\n" + old[start:]
+            starts = [at for at in (old.find("<!-- longpoll bench:"),
+                                    old.find("<!-- breakdown:")) if at >= 0]
+            if starts:
+                kept = "\n" + old[min(starts):]
         except FileNotFoundError:
             pass
         with open(args.output, "w", encoding="utf-8") as f:

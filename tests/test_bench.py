@@ -153,3 +153,15 @@ def test_ctrl_c_prints_what_was_measured_and_exits_130(server):
     assert "interrupted (Ctrl-C): what was measured until then" in out
     sent = int(next(line for line in out.splitlines() if "messages sent" in line).split()[-1])
     assert 3 <= sent < 200 and "Traceback" not in err
+
+
+def test_a_server_with_auth_takes_the_token_and_refuses_without(make_server):
+    secured = make_server(auth=longpoll.Auth({"ops": {"read": ["bench-*"],
+                                                      "write": ["bench-*"]}}, {}))
+    out = bench_json(secured.url, "--token", "ops", "--clients", "4", "--messages", "2",
+                     "--rate", "100")
+    assert (out["delivered"], out["lost"]) == (8, 0)
+    done = bench(secured.url, "--clients", "4", "--messages", "2", "--rate", "100",
+                 "--generators", "1")
+    assert done.returncode == 1
+    assert "subscribers refused or cut" in done.stdout and "error:" in done.stdout
