@@ -266,6 +266,11 @@ def _bad_request(message: str) -> LongpollError:
     return LongpollError(HTTPStatus.BAD_REQUEST, message)
 
 
+def _speaks(msg: "Message") -> bool:
+    """Whether *msg* is its channel speaking (a silence alert is not)."""
+    return SILENCE_TAG not in (msg.extra or {}).get("tags", ())
+
+
 def check_channel(name: str) -> str:
     """Return *name* if it is a valid channel name, else raise a 400 error."""
     if not isinstance(name, str) or not CHANNEL_RE.match(name):
@@ -1009,8 +1014,7 @@ class Log:
         ch.messages.append(msg)
         if msg.extra is not None and "expires" in msg.extra:
             ch.expiring += 1
-        if msg.channel in self._expected and SILENCE_TAG not in (
-                msg.extra or {}).get("tags", ()):
+        if msg.channel in self._expected and _speaks(msg):
             self._spoke[msg.channel] = max(self._spoke.get(msg.channel, 0.0), msg.time)
         gone = ch.trim(self.retention, self.max_age)
         if gone:
@@ -1488,8 +1492,7 @@ class Hub(Log):
         with self._lock:
             for name in expectations.keys() - self._expected:  # (held from before: a restart)
                 ch = self._channels.get(name)
-                spoken = [m.time for m in ch.messages if SILENCE_TAG not in (
-                    m.extra or {}).get("tags", ())] if ch is not None else []
+                spoken = [m.time for m in ch.messages if _speaks(m)] if ch is not None else []
                 self._spoke[name] = max([self._spoke.get(name, 0.0), *spoken])
             self._expected = frozenset(expectations)
             spoke = {name: self._spoke.get(name, 0.0) for name in expectations}
@@ -1839,10 +1842,21 @@ class Store:
     def took(self, channel: str, taken: int, queue: str | None) -> None:
         pass
 
+    def _kept(self) -> tuple[dict[str, dict[str, Any]], list[tuple[float, str]],
+                             dict[str, dict[str, Any]]]:
+        """What this store keeps in memory for ``schedule`` and ``expect``:
+        the scheduled messages by id, their (at, id) heap, and the silence
+        watches by channel; made on first use, so that a store subclassing
+        this one without calling its ``__init__`` has them too."""
+        if "_scheduled" not in self.__dict__:
+            self._scheduled: dict[str, dict[str, Any]] = {}
+            self._due: list[tuple[float, str]] = []
+            self._expected: dict[str, dict[str, Any]] = {}
+        return self._scheduled, self._due, self._expected
+
     def schedule(self, hub: "Hub", entry: dict[str, Any]) -> dict[str, Any]:
         with _SCHEDULING:
-            scheduled = self.__dict__.setdefault("_scheduled", {})
-            due = self.__dict__.setdefault("_due", [])
+            scheduled, due, _ = self._kept()
             known = scheduled.get(entry["id"])
             if known is not None:
                 return known
@@ -1860,7 +1874,7 @@ class Store:
         ("back"), by ``_silence_verdict``'s rule.)"""
         claimed = []
         with _SCHEDULING:
-            scheduled, due = self.__dict__.get("_scheduled"), self.__dict__.get("_due")
+            scheduled, due, _ = self._kept()
             while due and due[0][0] <= now:
                 entry = scheduled.pop(heapq.heappop(due)[1], None)
                 if entry is not None:
@@ -1869,22 +1883,22 @@ class Store:
 
     def expect(self, hub: "Hub", entry: dict[str, Any]) -> None:
         with _SCHEDULING:
-            expected = self.__dict__.setdefault("_expected", {})
+            expected = self._kept()[2]
             if entry["channel"] not in expected:
                 _check_expect_room(hub, len(expected))
             expected[entry["channel"]] = entry
 
     def expectations(self, hub: "Hub") -> dict[str, dict[str, Any]]:
         with _SCHEDULING:
-            return {name: dict(e) for name, e in self.__dict__.get("_expected", {}).items()}
+            return {name: dict(e) for name, e in self._kept()[2].items()}
 
     def unexpect(self, hub: "Hub", channel: str) -> bool:
         with _SCHEDULING:
-            return self.__dict__.get("_expected", {}).pop(channel, None) is not None
+            return self._kept()[2].pop(channel, None) is not None
 
     def expect_check(self, hub: "Hub", channel: str, spoke: float, now: float) -> str | None:
         with _SCHEDULING:
-            entry = self.__dict__.get("_expected", {}).get(channel)
+            entry = self._kept()[2].get(channel)
             return _silence_verdict(entry, spoke, now) if entry is not None else None
 
     def dropped(self, messages: list[Message]) -> None:
@@ -3770,6 +3784,11 @@ _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 _HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z, \t-]{0,1024}")
 
 
+def _to_schedule(options: dict[str, Any]) -> bool:
+    """Whether a publish's *options* ask for it later (Delay, In, At)."""
+    return "delay" in options or "at" in options
+
+
 class Handler:
     """The routes of PROTOCOL.md: each request to an outcome (a ``Response``,
     or a ``Poll``, ``Stream`` or ``Take`` for the waiting layer). It never
@@ -4236,7 +4255,7 @@ class Handler:
 
     def handle_publish(self, request: Request) -> Response:
         channel, message, options = self.publish_arguments(request)
-        if "delay" in options or "at" in options:
+        if _to_schedule(options):
             at = self.publish_time(options)
             if at is not None:
                 return self.schedule(request, channel, message, at, options)
@@ -4252,7 +4271,7 @@ class Handler:
 
         try:
             channel, message, options = self.publish_arguments(request)
-            if "delay" in options or "at" in options:  # (a message to schedule)
+            if _to_schedule(options):
                 self.server.pool.submit(lambda: then(self.handle(request)))
             else:
                 self.server.hub.publish_later(channel, message, done, **options)
