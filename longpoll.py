@@ -9469,7 +9469,11 @@ def bench_table(result: dict[str, Any]) -> str:
              *(f"  {name:<{width}}  {value}" for name, value in rows)]
     if result.get("generator_cpu", 0) >= 0.9:
         lines.append("  note: the load generator itself was the limit (a worker near 100 % "
-                     "CPU): the server may do better; try --workers")
+                     "CPU): the server may do better; try more --generators, or another "
+                     "machine")
+    if result.get("gaps"):
+        lines.append("  note: gap notices: subscribers fell further behind than the server "
+                     "keeps (its --retention and --max-age); what they missed counts as lost")
     if result.get("interrupted"):
         lines.append("  interrupted (Ctrl-C): what was measured until then")
     if result.get("error"):
