@@ -9584,8 +9584,7 @@ examples:
   python3 -m longpoll subscribe 'ci-*'          # every channel whose name starts ci-
   python3 -m longpoll publish reminders 'stand-up' --delay 10m --ttl 1h
   python3 -m longpoll expect backups --every 26h  # alert when no message comes for 26 h
-  python3 -m longpoll bench                       # load-test a server started here
-  python3 -m longpoll bench https://push.internal --clients 5000 --transport ws
+  python3 -m longpoll bench --clients 200 --messages 10 --rate 50  # load-test a server here
 """
 
 

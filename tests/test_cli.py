@@ -282,6 +282,8 @@ def test_help_examples_work_when_pasted(serve):
                 assert json.loads(done.stdout)["channel"] == "backups"
             elif "--delay" in example:  # the scheduled message's id
                 assert re.fullmatch(r"s[0-9a-f]+\n", done.stdout), done.stdout
+            elif " bench" in example:  # its report: everything delivered
+                assert re.search(r"delivered +2,000 of 2,000\n", done.stdout), done.stdout
             else:  # the message's id
                 assert re.fullmatch(r"[0-9a-f]+-\d+\n", done.stdout), done.stdout
 
