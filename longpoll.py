@@ -8998,14 +8998,23 @@ class _Workers:
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self.pipes, self.processes = [], []
-        for job in jobs:
-            parent, child = context.Pipe()
-            process = context.Process(target=_bench_worker, args=(child, target, job),
-                                      daemon=True)
-            process.start()
-            child.close()
-            self.pipes.append(parent)
-            self.processes.append(process)
+        # Started with Ctrl-C ignored, which they keep from birth: a Ctrl-C
+        # at the terminal reaches the whole process group, and the parent
+        # alone decides (it stops them and reports).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for job in jobs:
+                parent, child = context.Pipe()
+                process = context.Process(target=_bench_worker, args=(child, target, job),
+                                          daemon=True)
+                process.start()
+                child.close()
+                self.pipes.append(parent)
+                self.processes.append(process)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         self.progress: list[dict[str, Any]] = [{} for _ in jobs]
         self.first: list[dict[str, Any]] = [{} for _ in jobs]  # (their first word)
         self.results: list[dict[str, Any] | None] = [None for _ in jobs]

@@ -69,6 +69,20 @@ def _read_line(fd, timeout, what):
     return buf.decode().strip()
 
 
+def _start_xvfb(tmp, procs, screen):
+    """Start Xvfb on a display it picks (added to *procs*); return ":N"."""
+    r, w = os.pipe()
+    with open(tmp / "xvfb.log", "w") as log:
+        procs.append(subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", screen,
+                                       "-nolisten", "tcp"], pass_fds=(w,),
+                                      stdout=subprocess.DEVNULL, stderr=log))
+    os.close(w)
+    try:
+        return ":" + _read_line(r, 15, "Xvfb")
+    finally:
+        os.close(r)
+
+
 def _stop(proc):
     if proc.poll() is None:
         proc.terminate()
@@ -88,15 +102,7 @@ class NotifyStack:
     def start(self):
         (self.tmp / "bus.conf").write_text(BUS_CONF)
         (self.tmp / "dunstrc").write_text(self.dunstrc)
-        r, w = os.pipe()
-        with open(self.tmp / "xvfb.log", "w") as log:
-            xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "1280x720x24",
-                                     "-nolisten", "tcp"], pass_fds=(w,),
-                                    stdout=subprocess.DEVNULL, stderr=log)
-        self.procs.append(xvfb)
-        os.close(w)
-        display = ":" + _read_line(r, 15, "Xvfb")
-        os.close(r)
+        display = _start_xvfb(self.tmp, self.procs, "1280x720x24")
         with open(self.tmp / "dbus.log", "w") as log:
             bus = subprocess.Popen(["dbus-daemon", f"--config-file={self.tmp / 'bus.conf'}",
                                     "--nofork", "--nopidfile", "--print-address=1"],
@@ -186,15 +192,7 @@ class TrayStack:
         self.tmp, self.procs, self.env = tmp, [], None
 
     def start(self, host=True):
-        r, w = os.pipe()
-        with open(self.tmp / "xvfb.log", "w") as log:
-            xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "640x200x24",
-                                     "-nolisten", "tcp"], pass_fds=(w,),
-                                    stdout=subprocess.DEVNULL, stderr=log)
-        self.procs.append(xvfb)
-        os.close(w)
-        display = ":" + _read_line(r, 15, "Xvfb")
-        os.close(r)
+        display = _start_xvfb(self.tmp, self.procs, "640x200x24")
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS")}
         self.env["DISPLAY"] = display
