@@ -3784,11 +3784,6 @@ _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 _HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z, \t-]{0,1024}")
 
 
-def _to_schedule(options: dict[str, Any]) -> bool:
-    """Whether a publish's *options* ask for it later (Delay, In, At)."""
-    return "delay" in options or "at" in options
-
-
 class Handler:
     """The routes of PROTOCOL.md: each request to an outcome (a ``Response``,
     or a ``Poll``, ``Stream`` or ``Take`` for the waiting layer). It never
@@ -4255,7 +4250,7 @@ class Handler:
 
     def handle_publish(self, request: Request) -> Response:
         channel, message, options = self.publish_arguments(request)
-        if _to_schedule(options):
+        if "delay" in options or "at" in options:  # (inline: every publish asks)
             at = self.publish_time(options)
             if at is not None:
                 return self.schedule(request, channel, message, at, options)
@@ -4271,7 +4266,7 @@ class Handler:
 
         try:
             channel, message, options = self.publish_arguments(request)
-            if _to_schedule(options):
+            if "delay" in options or "at" in options:  # (a message to schedule)
                 self.server.pool.submit(lambda: then(self.handle(request)))
             else:
                 self.server.hub.publish_later(channel, message, done, **options)
@@ -8607,18 +8602,13 @@ class BenchTarget(NamedTuple):
                          % len(payload)) + payload
 
 
-def _bench_asyncio() -> Any:
-    import asyncio
-    return asyncio
-
-
 def _bench_protocols() -> dict[str, type]:
     """The generator's connections (asyncio protocols, made on first use so
     that importing longpoll never imports asyncio): long-poll, SSE and
     WebSocket subscribers, a publisher, and a connect-storm client."""
     if _BENCH_PROTOCOLS:
         return _BENCH_PROTOCOLS
-    asyncio = _bench_asyncio()
+    import asyncio
 
     class HTTP(asyncio.Protocol):
         """A raw HTTP/1.1 keep-alive connection that hands on each body
@@ -8811,7 +8801,7 @@ async def bench_subscribe(target: BenchTarget, tally: BenchTally, count: int,
                           transport: str = "poll", wave: int = 250) -> list[Any]:
     """Connect *count* subscribers (``poll``, ``sse`` or ``ws``), in waves
     within the listen backlog; they count into *tally*."""
-    asyncio = _bench_asyncio()
+    import asyncio
     protocols = _bench_protocols()
     loop = asyncio.get_running_loop()
 
@@ -8832,7 +8822,7 @@ async def bench_subscribe(target: BenchTarget, tally: BenchTally, count: int,
 
 async def bench_publisher(target: BenchTarget) -> Any:
     """A publisher on one keep-alive connection (``await p.publish(i)``)."""
-    asyncio = _bench_asyncio()
+    import asyncio
     _, publisher = await asyncio.get_running_loop().create_connection(
         lambda: _bench_protocols()["Publisher"](target), target.host, target.port,
         ssl=target.ssl_context(), server_hostname=target.host if target.tls else None)
@@ -8889,11 +8879,12 @@ def _bench_worker(conn: Any, target: BenchTarget, job: dict[str, Any]) -> None:
     *job* says; progress and the final tally go back through *conn*. The
     parent stops it (it ignores Ctrl-C: the parent decides)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _bench_asyncio().run(_bench_work(conn, target, job))
+    import asyncio
+    asyncio.run(_bench_work(conn, target, job))
 
 
 async def _bench_work(conn: Any, target: BenchTarget, job: dict[str, Any]) -> None:
-    asyncio = _bench_asyncio()
+    import asyncio
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     halt = threading.Event()
@@ -9040,10 +9031,11 @@ class _Workers:
         self.poll()
         return sum(p.get(name, 0) for p in self.progress)
 
-    def mark(self) -> list[tuple[float, float]]:
-        """Each worker's CPU time and clock now (see ``busiest``)."""
-        self.poll()
-        return [(p.get("cpu_time", 0.0), p.get("at", 0.0)) for p in self.progress]
+    def mark(self, said: list[dict[str, Any]] | None = None) -> list[tuple[float, float]]:
+        """Each worker's CPU time and clock, now or as *said* (see ``busiest``)."""
+        if said is None:
+            self.poll()
+        return [(p.get("cpu_time", 0.0), p.get("at", 0.0)) for p in said or self.progress]
 
     def busiest(self, since: list[tuple[float, float]] | None = None) -> float:
         """The highest share of a core any worker used since *since*
@@ -9051,7 +9043,7 @@ class _Workers:
         was the limit."""
         self.poll()
         if since is None:
-            since = [(p.get("cpu_time", 0.0), p.get("at", 0.0)) for p in self.first]
+            since = self.mark(self.first)
         shares = [(p.get("cpu_time", 0.0) - cpu) / (p.get("at", 0.0) - at)
                   for p, (cpu, at) in zip(self.progress, since) if p.get("at", 0.0) > at]
         return max(shares, default=0.0)
@@ -9062,7 +9054,7 @@ class _Workers:
 
     async def stop(self, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Stop them; their final tallies (empty for one that never said)."""
-        asyncio = _bench_asyncio()
+        import asyncio
         for index, pipe in enumerate(self.pipes):
             if self.results[index] is None:
                 try:
@@ -9119,7 +9111,7 @@ class BenchRun:
     def run(self) -> dict[str, Any]:
         """Run it; Ctrl-C ends it at once with what was measured so far
         (``interrupted`` is then true)."""
-        asyncio = _bench_asyncio()
+        import asyncio
 
         async def main() -> dict[str, Any]:
             self._stop = asyncio.Event()
@@ -9146,7 +9138,7 @@ class BenchRun:
                      line: Callable[[], str]) -> bool:
         """Wait for *condition* (True), *timeout* or Ctrl-C (False), with
         the progress line."""
-        asyncio = _bench_asyncio()
+        import asyncio
         deadline = time.monotonic() + timeout
         while not condition():
             if self._stop.is_set() or time.monotonic() > deadline:
@@ -9191,7 +9183,7 @@ class BenchRun:
                                 "server")
 
     async def _fanout(self) -> dict[str, Any]:
-        asyncio = _bench_asyncio()
+        import asyncio
         out = self._base()
         out.update(subscribers=self.clients, messages=self.messages, rate=self.rate)
         expected = self.clients * self.messages
@@ -9399,14 +9391,11 @@ def _bench_refusal(status: bytes, body: bytes) -> str:
 def _bench_health(target: BenchTarget) -> dict[str, Any]:
     """The target's /health (``{}`` when it does not answer)."""
     scheme = "https" if target.tls else "http"
-    request = urllib.request.Request(f"{scheme}://{target.host}:{target.port}/health")
-    if target.token:
-        request.add_header("Authorization", f"Bearer {target.token}")
+    client = Client(f"{scheme}://{target.host}:{target.port}", timeout=5, retries=0,
+                    token=target.token, cafile=target.cafile)
     try:
-        with urllib.request.urlopen(request, timeout=5,
-                                    context=target.ssl_context()) as answer:
-            return json.loads(answer.read())
-    except (OSError, ValueError):
+        return client.health()
+    except LongpollError:
         return {}
 
 

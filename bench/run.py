@@ -53,7 +53,6 @@ sys.path.insert(0, ROOT)
 import longpoll  # noqa: E402 (its load generator: python3 -m longpoll bench)
 BASELINE = ROOT  # --baseline DIR: where longpoll-baseline's longpoll.py is
 HERE = os.path.dirname(os.path.abspath(__file__))
-TICK = os.sysconf("SC_CLK_TCK")
 SERVERS = {
     # (retention above any row's message count: a subscriber that falls far
     # behind would get a gap instead of the messages, and the row would
@@ -117,17 +116,12 @@ class ServerProcess:
         self.pid = self.proc.pid
 
     def cpu(self):
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        return longpoll._pid_cpu(self.pid)  # (what longpoll bench --pid reads too)
 
     def status(self):
-        out = {}
         with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                out[key] = value.strip()
-        return int(out["VmRSS"].split()[0]) / 1024, int(out["Threads"])
+            threads = next(line for line in f if line.startswith("Threads:"))
+        return longpoll._pid_rss(self.pid), int(threads.split()[1])
 
     def stop(self):
         self.proc.terminate()
