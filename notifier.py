@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import shlex
+import signal
 import socket
 import struct
 import subprocess
@@ -209,9 +210,10 @@ class Notifier:
                 continue
             if self.on_message is not None:
                 self.on_message(message)
-            if quiet and priority < self.quiet_min_priority or not self.showing:
-                if self.showing:
-                    self._held.append(message)
+            if not self.showing:
+                continue  # paused: counted (on_message), not shown
+            if quiet and priority < self.quiet_min_priority:
+                self._held.append(message)
                 continue
             by_channel.setdefault(message["channel"], []).append((index, message))
         if not quiet and self._held:  # (held before these came: shown before them)
@@ -629,12 +631,18 @@ class DesktopNotifications:
             hints["sound-name"] = ("s", SOUND_NAME)
         with self._lock:
             replaces = self._ids.get(note.key, 0) if note.key else 0
-        ident = self._call("Notify", "susssasa{sv}i", (
-            self.app_name, replaces, "", note.title, body, actions, hints, -1))[0]
+        ident = self._notify(replaces, note.title, body, actions, hints)
         with self._lock:
             self._shown[ident] = note
             if note.key:
                 self._ids[note.key] = ident
+
+    def _notify(self, replaces: int, title: str, body: str, actions: list[str],
+                hints: dict[str, tuple[str, Any]]) -> int:
+        """The Notify call (in place of notification *replaces*, if not 0);
+        the id of the notification shown. The server's default timeout."""
+        return self._call("Notify", "susssasa{sv}i", (
+            self.app_name, replaces, "", title, body, actions, hints, -1))[0]
 
     def close(self) -> None:
         if self._bus is not None:
@@ -687,9 +695,8 @@ class DesktopNotifications:
             outcome, urgency = f"failed: {_first_line(exc)}", "critical"
         logger.info("action %s: %s", action["label"], outcome)
         try:
-            self._call("Notify", "susssasa{sv}i", (
-                self.app_name, ident, "", f"{action['label']}: {outcome}", note.title, [],
-                {"urgency": ("y", URGENCY_LEVEL[urgency])}, -1))
+            self._notify(ident, f"{action['label']}: {outcome}", note.title, [],
+                         {"urgency": ("y", URGENCY_LEVEL[urgency])})
         except NotifierError as error:
             logger.warning("%s", error)
 
@@ -1152,7 +1159,6 @@ class Tray:
             threading.Thread(target=self._update, name="tray-update", daemon=True).start()
             threading.Thread(target=notify, name="notifier", daemon=True).start()
 
-        import signal
         # Ctrl-C (and a service manager's SIGTERM) end the notifier, which
         # stops the icon: never an interrupt inside pystray's loop.
         previous = {sig: signal.signal(sig, lambda *_: self.notifier.close())
