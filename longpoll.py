@@ -5359,16 +5359,23 @@ class HTTPProtocol:
         self.handler: Handler = server.handler
         self.loop: Loop
         self.waiters: "Waiters"
-        self._date = (0, "")
+        self._date, self._date_until = "", 0.0
         self._heads: dict[bytes, Any] = {}  # parsed heads and header lines, by their
         self._blocks: dict[bytes, dict[str, str]] = {}  # bytes (see RequestReader)
 
     def date(self) -> str:
-        """The Date header's value, formatted once a second."""
-        now = int(time.time())
-        if now != self._date[0]:
-            self._date = (now, email.utils.formatdate(now, usegmt=True))
-        return self._date[1]
+        """The Date header's value, formatted once a second. The second is
+        the one the loop's turn began in (``Loop.now``): as in nginx, which
+        reads the clock once per turn of its loop, no clock is read per
+        answer."""
+        if self.loop.now >= self._date_until:
+            self._next_date()
+        return self._date
+
+    def _next_date(self) -> None:
+        now = time.time()
+        self._date = email.utils.formatdate(int(now), usegmt=True)
+        self._date_until = time.monotonic() + 1.0 - now % 1.0  # (the next second's start)
 
     # -- the loop's hooks ---------------------------------------------------------------
 
@@ -5514,12 +5521,17 @@ class HTTPProtocol:
         keep = (request.keep_alive and not close and status < 500
                 and not self.server.closing)
         headers = response.headers + request.cors if request.cors else response.headers
-        data = _response(status, response.body, response.content_type, self.date(), headers,
+        if self.loop.now >= self._date_until:  # (self.date(), without the call)
+            self._next_date()
+        data = _response(status, response.body, response.content_type, self._date, headers,
                          None if keep and request.version == "HTTP/1.1"
                          else self.connection_header(request, keep),
                          status == _NOT_MODIFIED or request.method == "HEAD")
         self.reply(conn, data, keep, linger)
-        _log_answer(self.server.metrics, request, status, len(response.body))  # (sent now)
+        # Sent now: counted in the loop's own counter (no lock), and logged.
+        self.server.metrics.on_loop[request.route, int(status)] += 1
+        if logger.isEnabledFor(logging.INFO):
+            _access_log(request, status, len(response.body))
 
     @staticmethod
     def connection_header(request: Request, keep: bool) -> str | None:
@@ -5542,8 +5554,9 @@ class HTTPProtocol:
         if conn.output:
             conn.state = State.SENDING if keep else State.CLOSING
             conn.linger = linger
-        elif keep:
-            self.idle(conn)
+        elif keep:  # (self.idle(conn), without the call)
+            conn.state = State.IDLE
+            conn.deadline = loop.now + loop.read_timeout
         else:
             loop.finish(conn, linger)
 
@@ -5561,8 +5574,12 @@ def _log_answer(metrics: "Metrics", request: Request, status: int, size: int) ->
     """Count an answer (for /metrics) and write its access-log line."""
     metrics.answered(request.route, status)
     if logger.isEnabledFor(logging.INFO):
-        logger.info('%s "%s" %d %s %.1fms', request.client, request.loggable(), status,
-                    size, (time.monotonic() - request.started) * 1000)
+        _access_log(request, status, size)
+
+
+def _access_log(request: Request, status: int, size: int) -> None:
+    logger.info('%s "%s" %d %s %.1fms', request.client, request.loggable(), status,
+                size, (time.monotonic() - request.started) * 1000)
 
 
 # ---------------------------------------------------------------------------
@@ -6490,8 +6507,11 @@ class Metrics:
     """What /metrics reports, each counted in one place."""
 
     def __init__(self) -> None:
-        #: Requests answered, by (route, status).
-        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        #: Requests the server's loop answered, by (route, status): counted
+        #: by the loop's thread alone, without the lock (``requests`` adds
+        #: them to the rest).
+        self.on_loop: collections.Counter[tuple[str, int]] = collections.Counter()
         #: Messages delivered to clients (one message to ten clients: ten).
         self.delivered = 0
         #: Requests refused with 429.
@@ -6500,7 +6520,15 @@ class Metrics:
 
     def answered(self, route: str, status: int, count: int = 1) -> None:
         with self._lock:
-            self.requests[route, int(status)] += count
+            self._requests[route, int(status)] += count
+
+    @property
+    def requests(self) -> collections.Counter[tuple[str, int]]:
+        """Requests answered, by (route, status)."""
+        with self._lock:
+            requests = collections.Counter(self._requests)
+        requests.update(dict(self.on_loop))  # (copied in one step: the loop may add)
+        return requests
 
     def text(self, server: "Server") -> str:
         """The server's counters in Prometheus text format."""
@@ -6521,8 +6549,7 @@ class Metrics:
                [("", server.hub.published)])
         metric("messages_delivered_total", "counter",
                "Messages delivered to clients, once per client.", [("", self.delivered)])
-        with self._lock:
-            requests = sorted(self.requests.items())
+        requests = sorted(self.requests.items())
         metric("requests_total", "counter", "Requests answered, by route and status.",
                [(f'{{route="{route}",status="{status}"}}', count)
                 for (route, status), count in requests])
