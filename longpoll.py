@@ -966,11 +966,12 @@ class Log:
                 raise LongpollError(HTTPStatus.SERVICE_UNAVAILABLE, "the hub is closed")
             self._make_room((channel,))
 
-    def number(self, draft: "Draft", keep: Callable[[Message, str | None], None]) -> Message:
+    def number(self, draft: "Draft",
+               keep: Callable[[Message, str | None], None] | None) -> Message:
         """For stores (``Store.publish``): number *draft* here, have *keep*
-        keep it (raise to refuse it), then apply it and wake its waiters,
-        all under the lock; or, for a key used within the window, return
-        the first publish's message (``replayed``)."""
+        (if given) keep it (raise to refuse it), then apply it and wake its
+        waiters, all under the lock; or, for a key used within the window,
+        return the first publish's message (``replayed``)."""
         channel, message, title, priority, payload, key, extra = draft
         with self._lock:
             if self._closed:
@@ -985,7 +986,8 @@ class Log:
             msg = Message(seq, f"{self.history}-{seq}", channel, message, title, priority,
                           payload, None if self.clock is time.time else round(self.clock(), 3),
                           extra)
-            keep(msg, key)  # kept before it is acknowledged; may raise
+            if keep is not None:
+                keep(msg, key)  # kept before it is acknowledged; may raise
             self._seq = seq
             self.published += 1
             waiters = self._apply(msg)
@@ -1804,7 +1806,8 @@ class Store:
         pass
 
     def publish(self, hub: "Hub", draft: Draft) -> Message:
-        return hub.number(draft, self.append)
+        # (memory: append keeps nothing; no call per publish to do nothing)
+        return hub.number(draft, None if type(self).append is Store.append else self.append)
 
     def publish_later(self, hub: "Hub", draft: Draft,
                       then: Callable[["Message | LongpollError"], None]) -> None:
@@ -4106,7 +4109,8 @@ class Handler:
         body = request.body
         if not body:
             raise _bad_request("the body is empty: send the message as the body")
-        ctype, title, priority, extra = self.publish_head(request)
+        ctype, title, priority, extra = (request.memo.get("publish")  # (kept: no call)
+                                         or self.publish_head(request))
         given = None
         if ctype == "application/json":
             try:
@@ -4806,6 +4810,9 @@ def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
     return sock
 
 
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
 class _Epoll:
     """The loop's selector on Linux: ``selectors``' ``register``, ``modify``
     and ``unregister`` (the same errors) over ``select.epoll``, and
@@ -4859,8 +4866,8 @@ class _Epoll:
             entry = table.get(fd)
             if entry is not None:
                 if event != select.EPOLLIN:
-                    event = (((event & ~select.EPOLLIN) and selectors.EVENT_WRITE)
-                             | ((event & ~select.EPOLLOUT) and selectors.EVENT_READ)) & entry[1]
+                    event = (((event & ~select.EPOLLIN) and _WRITE)
+                             | ((event & ~select.EPOLLOUT) and _READ)) & entry[1]
                 ready.append((entry[0], event))  # (EPOLLIN is EVENT_READ: 1)
         return ready
 
@@ -4885,9 +4892,8 @@ class _Selector:
 
 
 if hasattr(select, "epoll"):
-    _EPOLL_EVENTS = {selectors.EVENT_READ: select.EPOLLIN,
-                     selectors.EVENT_WRITE: select.EPOLLOUT,
-                     selectors.EVENT_READ | selectors.EVENT_WRITE: select.EPOLLIN | select.EPOLLOUT}
+    _EPOLL_EVENTS = {_READ: select.EPOLLIN, _WRITE: select.EPOLLOUT,
+                     _READ | _WRITE: select.EPOLLIN | select.EPOLLOUT}
     _LoopSelector: type = _Epoll
 else:
     _LoopSelector = _Selector
@@ -4975,7 +4981,17 @@ class Loop:
                 self.now = now = monotonic()
                 self.idle += now - waited
                 for count, (data, mask) in enumerate(events, 1):
-                    self._on_event(data, mask)
+                    if type(data) is not Connection:
+                        data(mask)  # the listening socket, the wake-up socket, a store's (watch)
+                    else:  # (self._on_event(data, mask), without the call)
+                        try:
+                            if mask & _READ:
+                                self._readable(data)
+                            if mask & _WRITE and data.state is not State.CLOSED:
+                                self._writable(data)
+                        except Exception:  # a bug must cost one connection, never the server
+                            logger.exception("error on a connection from %s", data.address)
+                            self.close(data)
                     if not count & 255:
                         # A long round (thousands of re-polls): let a
                         # publish made meanwhile reach its subscribers now.
@@ -5040,19 +5056,6 @@ class Loop:
                 pending.popleft()()
             except Exception:
                 logger.exception("error in the server loop")
-
-    def _on_event(self, data: Any, mask: int) -> None:
-        if not isinstance(data, Connection):
-            data(mask)  # the listening socket, the wake-up socket, a store's (watch)
-            return
-        try:
-            if mask & selectors.EVENT_READ:
-                self._readable(data)
-            if mask & selectors.EVENT_WRITE and data.state is not State.CLOSED:
-                self._writable(data)
-        except Exception:  # a bug must cost one connection, never the server
-            logger.exception("error on a connection from %s", data.address)
-            self.close(data)
 
     # -- timers -------------------------------------------------------------------
 
@@ -5472,7 +5475,11 @@ class HTTPProtocol:
         else:
             where = self.handler.where(request)
             if where is None:
-                self.apply(conn, request, self.handler.handle(request))
+                outcome = self.handler.handle(request)
+                if isinstance(outcome, Response):  # (self.apply, without the call)
+                    self.respond(conn, request, outcome)
+                else:
+                    self.waiters.start(conn, request, outcome)
                 return
             conn.state = State.BUSY
             conn.deadline = None
