@@ -4975,9 +4975,27 @@ class Loop:
             selector.register(self.socket, selectors.EVENT_READ, self._accept)
         try:
             monotonic, pending, ready = time.monotonic, self._pending, selector.ready
+            timers = self.timers
             while not self._shutdown_request:
                 waited = monotonic()
-                events = ready(self._select_timeout(poll_interval, waited))
+                # How long to wait: until the next sweep, fan-out, keepalive
+                # or hold, at most poll_interval; not at all with callbacks
+                # pending. (Comparisons, not min() and max(): on Python
+                # 3.10-3.12 these parse their keyword arguments per call.)
+                if pending:
+                    timeout = 0.0
+                else:
+                    timeout = self._next_sweep - waited
+                    if timeout > poll_interval:
+                        timeout = poll_interval
+                    timeout = self.wake_at(timeout)
+                    if timers.heap:
+                        due = timers.next_due()
+                        if due is not None and due - waited < timeout:
+                            timeout = due - waited
+                    if timeout < 0.0:
+                        timeout = 0.0  # (select.select refuses one below 0)
+                events = ready(timeout)
                 self.now = now = monotonic()
                 self.idle += now - waited
                 for count, (data, mask) in enumerate(events, 1):
@@ -5000,7 +5018,8 @@ class Loop:
                 if pending:
                     self._run_pending()
                 self.after_io()
-                self._run_timers(now)
+                if timers.heap or now >= self._next_sweep:  # (most turns: neither)
+                    self._run_timers(now)
                 if self.emptied is not None and not self.connections:
                     self.emptied.set()
         finally:
@@ -5059,24 +5078,10 @@ class Loop:
 
     # -- timers -------------------------------------------------------------------
 
-    def _select_timeout(self, poll_interval: float, now: float) -> float:
-        # (Comparisons, not min() and max(): on Python 3.10-3.12 these parse
-        # their keyword arguments on every call, once per turn of the loop.)
-        if self._pending:
-            return 0.0
-        timeout = self._next_sweep - now
-        if timeout > poll_interval:
-            timeout = poll_interval
-        timeout = self.wake_at(timeout)
-        due = self.timers.next_due() if self.timers.heap else None
-        if due is not None and due - now < timeout:
-            timeout = due - now
-        return timeout if timeout > 0.0 else 0.0  # (select.select refuses one below 0)
-
     def _run_timers(self, now: float) -> None:
         """Expire the holds due by *now* (the turn's time, from after its
         select); once a sweep interval, time out slow connections."""
-        if self.timers.heap:  # (no hold: most turns of a loop that only answers)
+        if self.timers.heap:
             for conn in self.timers.expired(now):
                 self.protocol.expired(conn)
         if now >= self._next_sweep:
