@@ -577,6 +577,15 @@ class Draft(NamedTuple):
     extra: dict[str, Any] | None = None  # (see Message.extra)
 
 
+def _constructor(cls: type) -> Callable[[tuple], Any]:
+    """``cls(*fields)`` for a NamedTuple, all fields given as one tuple,
+    without the Python frame of its ``__new__`` (for the publish path)."""
+    return functools.partial(tuple.__new__, cls)
+
+
+_new_draft = _constructor(Draft)
+
+
 class Batch(NamedTuple):
     """What a read returns: messages, the cursor to pass back, and loss."""
 
@@ -1019,7 +1028,7 @@ class Log:
         if msg.channel in self._expected and _speaks(msg):
             self._spoke[msg.channel] = max(self._spoke.get(msg.channel, 0.0), msg.time)
         gone = ch.trim(self.retention, self.max_age)
-        if gone:
+        if gone and self.store._drops:
             self.store.dropped(gone)
         # Waiters are one-shot: a woken waiter reads and registers again.
         waiters, ch.waiters = ch.waiters, set()
@@ -1392,7 +1401,7 @@ class Hub(Log):
                 raise _bad_request(f"ttl must be more than 0 and at most {MAX_TTL:.0f} seconds "
                                    "(366 days)")
             checked = {**(checked or {}), "expires": round(self.clock() + seconds, 3)}
-        return Draft(channel, message, title, priority, payload, key, checked)
+        return _new_draft((channel, message, title, priority, payload, key, checked))
 
     # -- scheduling -----------------------------------------------------------------
 
@@ -1801,13 +1810,20 @@ class Store:
     url = "memory:"
     #: Requests the store failed (counted by ``_unavailable``; in /metrics).
     failures = 0
+    #: Whether this class has its own ``append`` and ``dropped`` (memory:
+    #: neither, and the hub makes no call per publish to do nothing).
+    _keeps = _drops = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._keeps = cls.append is not Store.append
+        cls._drops = cls.dropped is not Store.dropped
 
     def open(self, hub: "Hub") -> None:
         pass
 
     def publish(self, hub: "Hub", draft: Draft) -> Message:
-        # (memory: append keeps nothing; no call per publish to do nothing)
-        return hub.number(draft, None if type(self).append is Store.append else self.append)
+        return hub.number(draft, self.append if self._keeps else None)
 
     def publish_later(self, hub: "Hub", draft: Draft,
                       then: Callable[["Message | LongpollError"], None]) -> None:
@@ -3627,6 +3643,9 @@ class Response(NamedTuple):
     headers: tuple[tuple[str, str], ...] = ()
 
 
+_new_response = _constructor(Response)
+
+
 class Poll(NamedTuple):
     """An outcome: answer with what *names* hold after *position*, waiting
     up to *timeout* seconds for it (a long-poll)."""
@@ -4318,7 +4337,8 @@ class Handler:
             return self.json(HTTPStatus.OK, {"status": "Message sent."})
         if request.route in self.ntfy_publishing:  # (ntfy's: the message event)
             return Response(HTTPStatus.OK, _ntfy_event(msg) + b"\n")
-        return Response(_OK if msg.replayed else _CREATED, msg.summary())
+        return _new_response((_OK if msg.replayed else _CREATED, msg.summary(),
+                              "application/json", ()))
 
     def _expected_channel(self, request: Request) -> str:
         if len(request.names) != 1:
@@ -5368,6 +5388,7 @@ class HTTPProtocol:
         self.loop: Loop
         self.waiters: "Waiters"
         self._date, self._date_until = "", 0.0
+        self._answered = server.metrics.on_loop
         self._heads: dict[bytes, Any] = {}  # parsed heads and header lines, by their
         self._blocks: dict[bytes, dict[str, str]] = {}  # bytes (see RequestReader)
 
@@ -5541,7 +5562,7 @@ class HTTPProtocol:
                          status == _NOT_MODIFIED or request.method == "HEAD")
         self.reply(conn, data, keep, linger)
         # Sent now: counted in the loop's own counter (no lock), and logged.
-        self.server.metrics.on_loop[request.route, int(status)] += 1
+        self._answered[request.route, int(status)] += 1
         if logger.isEnabledFor(logging.INFO):
             _access_log(request, status, len(response.body))
 
