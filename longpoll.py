@@ -496,10 +496,11 @@ class Message:
         if at is None:  # published now, to the millisecond
             at = time.time_ns() // 1_000_000 / 1000
             self.born = time.monotonic()   # for age-based retention
-            when = "%.3f" % at  # (cheaper than repr(), the same number)
+            head = ('{"id":"%s","channel":"%s","time":%.3f,"message":'  # (%.3f: cheaper
+                    % (id, channel, at)).encode()                      # than repr, the same)
         else:  # published before (a store gives it back)
             self.born = time.monotonic() - max(0.0, time.time() - at)
-            when = repr(at)
+            head = ('{"id":"%s","channel":"%s","time":%r,"message":' % (id, channel, at)).encode()
         self.time = at
         self.title = title
         self.priority = priority
@@ -515,7 +516,6 @@ class Message:
             payload = _encode(message)
         if isinstance(payload, str):
             payload = payload.encode()
-        head = ('{"id":"%s","channel":"%s","time":%s,"message":' % (id, channel, when)).encode()
         if title is None and priority is None and not extra:  # (most messages)
             self.json = head + payload + b"}"
         else:
@@ -5562,7 +5562,7 @@ class HTTPProtocol:
                          status == _NOT_MODIFIED or request.method == "HEAD")
         self.reply(conn, data, keep, linger)
         # Sent now: counted in the loop's own counter (no lock), and logged.
-        self._answered[request.route, int(status)] += 1
+        self._answered[request.route, status] += 1
         if logger.isEnabledFor(logging.INFO):
             _access_log(request, status, len(response.body))
 
@@ -6543,7 +6543,7 @@ class Metrics:
         self._requests: collections.Counter[tuple[str, int]] = collections.Counter()
         #: Requests the server's loop answered, by (route, status): counted
         #: by the loop's thread alone, without the lock (``requests`` adds
-        #: them to the rest).
+        #: them to the rest, each status as a plain int).
         self.on_loop: collections.Counter[tuple[str, int]] = collections.Counter()
         #: Messages delivered to clients (one message to ten clients: ten).
         self.delivered = 0
@@ -6560,7 +6560,8 @@ class Metrics:
         """Requests answered, by (route, status)."""
         with self._lock:
             requests = collections.Counter(self._requests)
-        requests.update(dict(self.on_loop))  # (copied in one step: the loop may add)
+        for (route, status), count in dict(self.on_loop).items():  # (copied in one step:
+            requests[route, int(status)] += count                # the loop may add)
         return requests
 
     def text(self, server: "Server") -> str:
