@@ -1382,7 +1382,10 @@ class Hub(Log):
                                      or not 1 <= priority <= 5):
             raise _bad_request("priority must be an integer from 1 (min) to 5 (urgent)")
         try:  # encoded once, outside the lock; refuses what is not plain JSON
-            payload = _encode(message).encode()
+            if type(message) is _Verbatim:  # (its text, checked: see _decode_publish)
+                message, payload = message.value, message.text.encode()
+            else:
+                payload = _encode(message).encode()
             if title is not None:
                 title.encode()
         except UnicodeEncodeError:  # a lone surrogate ("\ud800") is no text
@@ -1420,6 +1423,8 @@ class Hub(Log):
         first one's entry. At most ``max_scheduled`` are waiting in all (a
         503 past it) and ``max_scheduled_per_client`` from one *client* (a
         429 past it)."""
+        if type(message) is _Verbatim:  # (kept as a value, encoded when it is published)
+            message = message.value
         self._draft(channel, message, title, priority, key, extra)  # (a 400 now, not then)
         now = self.clock()
         if not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at):
@@ -3244,6 +3249,74 @@ def _decode(text: str) -> Any:
         end = -1
     return value if end == len(text) else _decoder.decode(text)
 
+
+class _Verbatim:
+    """A message with the JSON text a publish's body gave it, which becomes
+    its wire form as it is (``Hub`` takes it where it takes a message, and
+    does not encode the value again; see ``_decode_publish``)."""
+
+    __slots__ = ("value", "text")
+
+    def __init__(self, value: Any, text: str) -> None:
+        self.value, self.text = value, text
+
+
+def _verbatim(value: Any, text: str) -> Any:
+    """*value* as a ``_Verbatim`` with its JSON *text*, unless something in
+    the text keeps it from being the wire form as it is: a line break (an
+    event stream's line), a ``\\u`` escape (perhaps a lone surrogate, which
+    is no text), a number that may lie past a float's range (which decodes
+    to Infinity: not JSON). Then *value*, to be encoded afresh. (Plain
+    ``in`` tests first: a regular expression over every text would cost
+    more than encoding it.)"""
+    if "\n" in text or "\r" in text or "\\u" in text or (
+            ("e" in text or "E" in text) and _EXPONENT.search(text)) or (
+            len(text) > 199 and _LONG_NUMBER.search(text)):
+        return value
+    return _Verbatim(value, text)
+
+
+# (Past a float: 1e309; 1 with 210 digits more, e99: integer digits and
+# exponent add up to 309. Either may be half of it in a text that is only
+# close: that is encoded afresh, which is merely slower.)
+_EXPONENT = re.compile(r"[0-9.][eE][-+]?[0-9]{3}")
+_LONG_NUMBER = re.compile(r"[0-9]{200}")
+
+
+def _decode_publish(text: str) -> Any:
+    """A JSON publish body, as ``_decode`` reads it, but where the message's
+    own text can be kept, as a ``_Verbatim``: a body that is the message
+    itself, or an envelope whose ``"message"`` comes first (as the Python
+    client and longpoll.js write it). So a publish is decoded once, to check
+    it, and never encoded again."""
+    if not text.startswith('{"message":'):
+        value = _decode(text)
+        if isinstance(value, dict) and "message" in value or (
+                text[:1] in _SPACE or text[-1:] in _SPACE):
+            return value
+        return _verbatim(value, text)
+    start = 12 if text.startswith(" ", 11) else 11
+    try:
+        value, end = _decoder.scan_once(text, start)
+    except (StopIteration, ValueError):
+        return _decode(text)  # (its error, worded by the decoder)
+    if text[end:] == "}":
+        envelope = {}
+    elif text.startswith(",", end):
+        try:
+            envelope = _decode("{" + text[end + 1:])  # the other fields
+        except (ValueError, RecursionError):
+            return _decode(text)  # (its error, where the whole body has it)
+        if "message" in envelope:  # twice: the last one counts
+            return _decode(text)
+    else:
+        return _decode(text)
+    envelope["message"] = _verbatim(value, text[start:end])
+    return envelope
+
+
+_SPACE = frozenset(" \t\r\n")
+
 # RFC 9112: a request line, a header line, a chunk size; and what a field
 # value may not hold (controls other than tab; RFC 9110 5.5).
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -4133,7 +4206,7 @@ class Handler:
         given = None
         if ctype == "application/json":
             try:
-                message = _decode(body.decode("utf-8"))
+                message = _decode_publish(body.decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too
                 raise _bad_request(f"body is not valid JSON: {exc}") from None
             if isinstance(message, dict) and "message" in message:  # the envelope

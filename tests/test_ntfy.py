@@ -231,8 +231,9 @@ def test_ntfy_websocket_subscription_and_resume_by_id(server):
         request(server, "POST", "/channels/b", json.dumps({"message": {"n": 1}}),
                 {"Content-Type": "application/json"})
         event = json.loads(ws.recv(timeout=5))
-    # published through our API with a JSON value: ntfy's text is that JSON
-    assert (event["topic"], event["message"]) == ("b", '{"n":1}')
+    # published through our API with a JSON value: ntfy's text is that JSON,
+    # as it was written
+    assert (event["topic"], event["message"]) == ("b", '{"n": 1}')
     later = json.loads(curl("-d", "after", f"{server.url}/a"))
     with connect(f"{url}?since={event['id']}") as ws:
         assert json.loads(ws.recv(timeout=5))["event"] == "open"

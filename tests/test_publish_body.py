@@ -57,6 +57,43 @@ def test_a_json_body_is_an_envelope_or_the_message_itself(server):
     assert request(server, "POST", "/channels/e", "{not json", as_json).status == 400
 
 
+def test_a_json_message_is_passed_on_as_it_was_written(server):
+    """Decoded once, to check it, and not encoded again: the message's own
+    text is its wire form, unless it spans lines, holds an escape such as
+    \\u00e9, or a number that may be past a float's range; those are
+    written afresh, compactly (and refused when they are not plain JSON)."""
+    as_json = {"Content-Type": "application/json"}
+    cases = [  # (body, the message, its text on the wire)
+        ('{"message": {"t": 1.50, "s": "café \\"q\\""}}', {"t": 1.5, "s": 'café "q"'},
+         '{"t": 1.50, "s": "café \\"q\\""}'),
+        ('{"message":[1, 2],"title":"T"}', [1, 2], "[1, 2]"),  # message first, fields after
+        ('{"message": "a", "message": "b"}', "b", '"b"'),  # twice: the last one counts
+        ('{"title": "T", "message": [1, 2]}', [1, 2], "[1,2]"),  # message not first: afresh
+        ('{"a":  true}', {"a": True}, '{"a":  true}'),  # the body is the message
+        (" [1, 2]", [1, 2], "[1,2]"),  # space around it: afresh
+        ('{"message": {\n "a": 1\n}}', {"a": 1}, '{"a":1}'),  # lines: afresh, on one line
+        ('{"message": "caf\\u00e9"}', "café", '"café"'),  # an escape: afresh
+        ('{"message": [1.5e3, 2e-2]}', [1500.0, 0.02], "[1.5e3, 2e-2]"),  # small exponents
+        ('{"message": [1e300, 1]}', [1e300, 1], "[1e+300,1]"),  # a large one: afresh
+    ]
+    for body, _, _ in cases:
+        assert request(server, "POST", "/channels/v", body.encode(), as_json).status == 201, body
+    answer = request(server, "GET", "/channels/v?since=0").body.decode()
+    assert [m["message"] for m in json.loads(answer)["messages"]] == [m for _, m, _ in cases]
+    for body, _, text in cases:
+        assert f'"message":{text}' in answer, (body, answer)
+    assert [m.title for m in server.hub.read("v", "0").messages][1:4] == ["T", None, "T"]
+    # what is not plain JSON is refused, as before, whichever way it came
+    for body in ['{"message": 1e999}', '{"message": [1%se99]}' % ("0" * 250),
+                 '{"message": %s.5}' % ("9" * 400), '{"message": NaN}', "1e999",
+                 '{"message": "\\ud800"}', '{"message": 1,]', '{"message": 1']:
+        resp = request(server, "POST", "/channels/v", body, as_json)
+        assert resp.status == 400, (body, resp)
+        assert "JSON" in resp.json["error"] or "surrogate" in resp.json["error"], resp
+    bad = request(server, "POST", "/channels/v", '{"message": 1,]', as_json)
+    assert "(char 14)" in bad.json["error"], bad  # (where the whole body has it)
+
+
 def test_forms_are_read_like_flask_request_form(server):
     requests = pytest.importorskip("requests")
     sent = requests.post(server.url + "/send", data={"message": "from a form"}, timeout=10)
