@@ -3741,6 +3741,9 @@ class Form(NamedTuple):
     keepalive: Callable[[], bytes]
 
 
+_new_poll = _constructor(Poll)
+
+
 class Stream(NamedTuple):
     """An outcome: a stream of *names* from *position* on, written in
     *form*; a WebSocket if *websocket* is given (its
@@ -4460,7 +4463,7 @@ class Handler:
             params = (since, self.param_timeout(request), self.param_limit(request))
             _keep(self._polls, query, params, 512)
         since, timeout, limit = params
-        return Poll(request.names, self.server.hub.locate(since), timeout, limit)
+        return _new_poll((request.names, self.server.hub.locate(since), timeout, limit))
 
     def handle_events(self, request: Request) -> Stream:
         """Server-Sent Events: resume from Last-Event-ID, else ``since``."""
@@ -6120,7 +6123,8 @@ class Waiters:
         if hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
             timeout = max(timeout, hub.store.lag)
         key = (names, position, limit)
-        if hub.at_head(position) and timeout > 0 and not self.stopping():
+        if hub.at_head(position) and timeout > 0 and not (  # (not self.stopping(), inline)
+                self.server.closing or hub.closed):
             self._wait(conn, request, key, timeout)  # nothing yet (the usual re-poll)
             return
         due = time.monotonic() >= self._last_fanout + self._window  # (past the batching window)
@@ -6217,7 +6221,9 @@ class Waiters:
     def admit(self, conn: Connection, request: Request) -> None:
         """503 with Retry-After when the server, or this client, has as many
         requests parked as it may."""
-        _check_room(self.server, self.parked, self.parked_by, request.key)
+        server = self.server
+        if self.parked >= server.max_waiting or request.key is not None:  # (else room)
+            _check_room(server, self.parked, self.parked_by, request.key)
         conn.owner = request.key
 
     def park(self, conn: Connection, request: Request, state: str,
