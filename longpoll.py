@@ -6147,7 +6147,7 @@ class Waiters:
                     self._recent.clear()
                 self._recent[key] = (hub.head, hub.history, body, count)
         self.server.metrics.delivered += count
-        self.protocol.respond(conn, request, Response(HTTPStatus.OK, body))
+        self.protocol.respond(conn, request, _new_response((_OK, body, "application/json", ())))
 
     def _wait(self, conn: Connection, request: Request, key: tuple,
               timeout: float) -> _Group:
