@@ -3942,6 +3942,7 @@ class Handler:
         # A poll's parameters by its query string: after a publish, its
         # subscribers come back with the same one (the same cursor).
         self._polls: dict[str, tuple[str | None, float, int]] = {}
+        self._methods: dict[str, Callable[[Request], Any]] = {}  # route: handle_<route>
 
     # -- deciding, once per request -----------------------------------------------
 
@@ -4149,7 +4150,10 @@ class Handler:
     def handle(self, request: Request) -> Response | Poll | Stream | Take:
         """The outcome of *request* (its errors rendered as responses)."""
         try:
-            return getattr(self, "handle_" + request.route)(request)
+            method = self._methods.get(request.route)
+            if method is None:  # (looked up once per route)
+                method = self._methods[request.route] = getattr(self, "handle_" + request.route)
+            return method(request)
         except LongpollError as error:
             return _error_response(error)
         except Exception:
@@ -5510,8 +5514,16 @@ class HTTPProtocol:
                         return
                     request.client = conn.address
                     conn.request = request
-                    if not self._decide(conn, request):
-                        return
+                    try:  # decided from its head alone
+                        conn.decided = self.handler.decide(request, conn.decided)
+                    except LongpollError as error:
+                        if request.has_body and request.expect_continue:
+                            self._refuse(conn, request, error)  # the body need never come
+                            return
+                        request.refusal = error  # answered once its body is read and dropped
+                    else:
+                        if request.has_body and request.expect_continue:
+                            self.loop.send(conn, _CONTINUE)
                 if request.has_body:
                     body = conn.reader.read_body()
                     if body is None:
@@ -5556,20 +5568,6 @@ class HTTPProtocol:
             "application/json", self.date(), (("Retry-After", "5"),), "close")
 
     # -- requests ---------------------------------------------------------------------
-
-    def _decide(self, conn: Connection, request: Request) -> bool:
-        """Decide on *request* from its head; False if it was answered."""
-        try:
-            conn.decided = self.handler.decide(request, conn.decided)
-        except LongpollError as error:
-            if request.has_body and request.expect_continue:
-                self._refuse(conn, request, error)  # the body need never come
-                return False
-            request.refusal = error  # answered once its body is read and dropped
-            return True
-        if request.has_body and request.expect_continue:
-            self.loop.send(conn, _CONTINUE)
-        return True
 
     def _dispatch(self, conn: Connection, request: Request) -> None:
         if request.refusal is not None:
