@@ -6118,13 +6118,15 @@ class Waiters:
         """Answer a long-poll now if there is something to say, else park it."""
         names, position, timeout, limit = poll
         hub = self.hub
-        if hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
-            timeout = max(timeout, hub.store.lag)
         key = (names, position, limit)
-        if hub.at_head(position) and timeout > 0 and not (  # (not self.stopping(), inline)
-                self.server.closing or hub.closed):
-            self._wait(conn, request, key, timeout)  # nothing yet (the usual re-poll)
-            return
+        if hub.at_head(position):  # nothing yet (the usual re-poll): wait
+            if timeout > 0 and not (self.server.closing or hub.closed):  # (self.stopping())
+                self.admit(conn, request)  # (self._wait, without the call)
+                self._join(conn, key)
+                self.park(conn, request, State.PARKED, timeout)
+                return
+        elif hub.ahead(position):  # wait for the feed, then settle (Hub.settle)
+            timeout = max(timeout, hub.store.lag)
         due = time.monotonic() >= self._last_fanout + self._window  # (past the batching window)
         recent = self._recent.get(key)
         if due and recent is not None and recent[:2] == (hub.head, hub.history):
