@@ -1,13 +1,14 @@
 """The HTTP server against PROTOCOL.md, with real sockets and http.client."""
 import http.client
 import json
+import select
 import socket
 import threading
 
 import pytest
 
 import longpoll
-from conftest import parse_raw, raw, request, wait_until
+from conftest import parked_on, parse_raw, raw, request, wait_until
 
 # The protocol as served, by serve and by the ASGI app (conftest: asgi_too).
 pytestmark = pytest.mark.asgi_too
@@ -432,3 +433,32 @@ def test_three_channels_interleaved_come_in_publish_order_and_resume_with_one_cu
     rest = poll(server, f"/channels/a3,b3,c3?since={first['cursor']}")
     assert [m["message"] for m in rest["messages"]] == [str(i) for i in range(4, 12)]
     assert [m["channel"] for m in rest["messages"]] == ["b3", "c3", "a3"] * 2 + ["b3", "c3"]
+
+
+@pytest.mark.parametrize("selector", ["_Epoll", "_Selector"])
+def test_the_loop_on_epoll_and_on_selectors(make_server, monkeypatch, selector):
+    """The loop polls epoll itself on Linux, selectors' best elsewhere (macOS,
+    BSD): each wakes a parked poll, writes more than the socket takes in
+    pieces (waiting to write, then back to reading), and closes."""
+    if selector == "_Epoll" and not hasattr(select, "epoll"):
+        pytest.skip("no epoll on this system: the loop uses selectors")
+    monkeypatch.setattr(longpoll, "_LoopSelector", getattr(longpoll, selector))
+    server = make_server()
+    assert type(server.loop._selector).__name__ == selector
+    thread, out = in_thread(poll, server, "/channels/sel?timeout=10")
+    wait_until(lambda: parked_on(server, "sel") == 1, what="the poll parked")
+    publish(server, "sel", "woken")
+    thread.join(10)
+    assert not thread.is_alive() and out[0]["messages"][0]["message"] == "woken"
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(b"GET /channels/big/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: parked_on(server, "big") == 1, what="the stream open")
+        for _ in range(8):  # more than the socket buffers take
+            server.hub.publish("big", "y" * (1 << 20))
+        wait_until(lambda: any(c.queued for c in list(server.loop.connections)),
+                   what="the stream to wait for the socket")
+        received = b""
+        while received.count(b"\n\n") < 9:  # the opening, then 8 events: all of it
+            received += sock.recv(1 << 20)
+        assert publish(server, "sel", "after")  # and the loop goes on
+    wait_until(lambda: not server.loop.connections, what="the closed one gone")
