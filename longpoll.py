@@ -4728,20 +4728,29 @@ class Handler:
 # The loop: sockets, timers, TLS and bounded buffers (no HTTP, no channels)
 # ---------------------------------------------------------------------------
 
-class State:
+class _States:
     """What a connection is doing: one of these at a time, set by the loop
-    and the HTTP layer as things happen (the deadline comes with it)."""
+    and the HTTP layer as things happen (the deadline comes with it).
 
-    HANDSHAKE = "handshake"   # TLS handshake under way
-    IDLE = "idle"             # between requests (keep-alive)
-    READING = "reading"       # a request is arriving
-    BUSY = "busy"             # a worker thread handles its request
-    PARKED = "parked"         # a long-poll or /receive waits for a message
-    STREAMING = "streaming"   # an event stream (SSE): answered until it closes
-    SENDING = "sending"       # an answer is being written; then IDLE
-    CLOSING = "closing"       # the last answer is being written; then close
-    LINGERING = "lingering"   # answered and half-closed: input is read and dropped
-    CLOSED = "closed"
+    ``State``, the one instance, holds them as instance attributes: on
+    Python 3.10 and 3.11 reading a class attribute (``State.IDLE`` of a
+    class) is a type lookup each time, and the loop reads them on every
+    request; an instance attribute is read from a cache."""
+
+    def __init__(self) -> None:
+        self.HANDSHAKE = "handshake"   # TLS handshake under way
+        self.IDLE = "idle"             # between requests (keep-alive)
+        self.READING = "reading"       # a request is arriving
+        self.BUSY = "busy"             # a worker thread handles its request
+        self.PARKED = "parked"         # a long-poll or /receive waits for a message
+        self.STREAMING = "streaming"   # an event stream (SSE): answered until it closes
+        self.SENDING = "sending"       # an answer is being written; then IDLE
+        self.CLOSING = "closing"       # the last answer is being written; then close
+        self.LINGERING = "lingering"   # answered and half-closed: input is read and dropped
+        self.CLOSED = "closed"
+
+
+State = _States()
 
 
 class Connection:
@@ -4859,12 +4868,16 @@ class HoldTimers:
         heapq.heapify(kept)
         self.heap, self._stale = kept, 0
 
-    def _settle(self, now: float | None) -> Connection | None:
-        """Bring the heap's first entry up to date; its connection, if it is
-        due by *now* (with no *now*: the first entry is then live)."""
+    def _settle(self, now: float) -> Connection | None:
+        """The first entry's connection, if its hold is due by *now*. Entries
+        that come up stale on the way (their hold ended, or moved later) are
+        dropped or pushed again: only when they come up, so a re-poll, which
+        moves its hold later, costs no heap operation of its own."""
         heap = self.heap
         while heap:
             at, _, conn = entry = heap[0]
+            if at > now:
+                return None
             if conn.entry is not entry:
                 heapq.heappop(heap)  # replaced by a sooner one
                 self._stale -= 1
@@ -4875,8 +4888,6 @@ class HoldTimers:
             elif conn.timer > at:  # held again since: due later
                 conn.entry = (conn.timer, next(self._ids), conn)
                 heapq.heapreplace(heap, conn.entry)
-            elif now is None or at > now:
-                return None
             else:
                 heapq.heappop(heap)
                 conn.entry = conn.timer = None
@@ -4884,7 +4895,9 @@ class HoldTimers:
         return None
 
     def next_due(self) -> float | None:
-        self._settle(None)
+        """When to look at the holds next: never later than the first hold
+        due, and early when the first entry is stale (``expired`` then finds
+        nothing due, and sets the entry right)."""
         return self.heap[0][0] if self.heap else None
 
     def expired(self, now: float) -> list[Connection]:
@@ -5118,7 +5131,7 @@ class Loop:
                 if pending:
                     self._run_pending()
                 self.after_io()
-                if timers.heap or now >= self._next_sweep:  # (most turns: neither)
+                if timers.heap and timers.heap[0][0] <= now or now >= self._next_sweep:
                     self._run_timers(now)
                 if self.emptied is not None and not self.connections:
                     self.emptied.set()
@@ -5180,7 +5193,8 @@ class Loop:
 
     def _run_timers(self, now: float) -> None:
         """Expire the holds due by *now* (the turn's time, from after its
-        select); once a sweep interval, time out slow connections."""
+        select); once a sweep interval, time out slow connections. (The
+        loop calls it only when one of the two is due: most turns, neither.)"""
         if self.timers.heap:
             for conn in self.timers.expired(now):
                 self.protocol.expired(conn)
