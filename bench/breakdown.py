@@ -144,11 +144,13 @@ STAGES = {
     "hub: store, read, encode": ("Hub", "Channel", "Message", "Batch", "Position",
                                  "IdempotencyKeys", "WorkQueue", "Store", "SqliteStore",
                                  "RedisStore", "_RedisClient", "_encode", "_decode",
-                                 "_sse_events", "json"),
+                                 "_decode_publish", "_verbatim", "_Verbatim", "_sse_events",
+                                 "json"),
     "wait and fan out": ("Waiters", "_Group"),
     "write the answer": ("HTTPProtocol", "_response", "_json_body", "Metrics",
                          "_error_response", "json", "isEnabledFor", "formatdate"),
-    "loop and socket calls": ("Loop", "Connection", "selectors", "socket"),
+    "loop and socket calls": ("Loop", "Connection", "_Epoll", "_Selector", "HoldTimers",
+                              "selectors", "socket"),
 }
 
 

@@ -3,9 +3,14 @@ each server runs under valgrind's callgrind while one publisher sends N
 publishes back-to-back over one keep-alive connection (bench/run.py's K=0
 throughput row), once with N1 and once with N2; the difference divided by
 N2 - N1 is the server's instructions per publish, start-up left out.
+With --fanout, what one delivery costs: 200 long-polls parked (`longpoll
+bench` as the load, in a process of its own), M1 and then M2 messages at
+2/s, the difference divided by 200 * (M2 - M1) deliveries (each answer,
+and the re-poll that follows it).
 
     python3 bench/instructions.py                  # longpoll and floor
     python3 bench/instructions.py --baseline DIR   # and an older checkout's longpoll.py
+    python3 bench/instructions.py --fanout         # per delivery, about 3 minutes
 
 Wall-clock rows on a small shared machine vary by ±20 % from run to run;
 these counts vary by well under 1 %, so a change to the publish path shows
@@ -17,6 +22,7 @@ valgrind); a run takes about a minute per server.
 """
 import argparse
 import asyncio
+import importlib.util
 import os
 import re
 import shutil
@@ -34,14 +40,19 @@ def publisher(port, publishes):
     return [sys.executable, os.path.abspath(__file__), "--publish", str(port), str(publishes)]
 
 
-def serve_longpoll(folder, publishes):
-    """Under valgrind: a longpoll server, until the publisher is done."""
-    sys.path.insert(0, folder)
-    import longpoll
+def serve_longpoll(folder, load, count):
+    """Under valgrind: a longpoll server, until its load is done. Its
+    longpoll.py is *folder*'s, loaded under a name of its own: the one
+    bench/run.py imports (for its load generator) is this checkout's."""
+    spec = importlib.util.spec_from_file_location("longpoll_served",
+                                                  os.path.join(folder, "longpoll.py"))
+    longpoll = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(longpoll)
     server = longpoll.make_server("127.0.0.1", 0)
 
     def publish():
-        subprocess.run(publisher(server.server_address[1], publishes), check=True)
+        subprocess.run(LOADS[load](server.server_address[1], count), check=True,
+                       cwd=run.ROOT, stdout=subprocess.DEVNULL)
         server.shutdown()
     thread = threading.Thread(target=publish)
     thread.start()
@@ -49,8 +60,19 @@ def serve_longpoll(folder, publishes):
     thread.join()
 
 
-def serve_floor(publishes):
-    """Under valgrind: bench/servers/floor.py, until the publisher is done."""
+def fan_out(port, messages):
+    """The load of a --fanout count: `longpoll bench` against *port*."""
+    return [sys.executable, "-m", "longpoll", "bench", f"http://127.0.0.1:{port}",
+            "--clients", str(FANOUT_CLIENTS), "--messages", str(messages), "--rate", "2",
+            "--generators", "1", "-q"]
+
+
+FANOUT_CLIENTS = 200
+LOADS = {"publish": publisher, "fanout": fan_out}
+
+
+def serve_floor(load, count):
+    """Under valgrind: bench/servers/floor.py, until its load is done."""
     sys.path.insert(0, os.path.join(HERE, "servers"))
     import floor
 
@@ -59,16 +81,18 @@ def serve_floor(publishes):
         server = await asyncio.get_running_loop().create_server(
             lambda: floor.Conn(state), "127.0.0.1", 0)
         proc = await asyncio.create_subprocess_exec(
-            *publisher(server.sockets[0].getsockname()[1], publishes))
+            *LOADS[load](server.sockets[0].getsockname()[1], count), cwd=run.ROOT,
+            stdout=asyncio.subprocess.DEVNULL)
         await proc.wait()
     asyncio.run(main())
 
 
-def count(name, folder, publishes):
-    """The server's instructions for a life with *publishes* publishes."""
+def count(name, folder, load, n):
+    """The server's instructions for a life with *n* publishes (or, with
+    the fanout load, *n* messages to its subscribers)."""
     out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                           sys.executable, os.path.abspath(__file__), "--serve", name, folder,
-                          str(publishes)], capture_output=True, text=True)
+                          load, str(n)], capture_output=True, text=True)
     found = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
     if out.returncode or found is None:
         raise SystemExit(f"{name} failed under valgrind:\n{out.stderr[-2000:]}")
@@ -81,33 +105,40 @@ def main():
     parser.add_argument("--baseline", metavar="DIR",
                         help="a folder holding another longpoll.py, run as longpoll-baseline")
     parser.add_argument("--publishes", default="1000,3000", metavar="N1,N2")
-    parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--fanout", action="store_true",
+                        help="instructions per delivery to parked long-polls instead")
+    parser.add_argument("--messages", default="10,30", metavar="M1,M2",
+                        help="with --fanout: the two runs' messages (default 10,30)")
+    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--publish", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.publish:
         run.publish_blocking("127.0.0.1", *args.publish)
         return
     if args.serve:
-        name, folder, publishes = args.serve
+        name, folder, load, n = args.serve
         if name == "floor":
-            serve_floor(int(publishes))
+            serve_floor(load, int(n))
         else:
-            serve_longpoll(folder, int(publishes))
+            serve_longpoll(folder, load, int(n))
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is missing: apt-get install valgrind")
     servers = {name: run.ROOT for name in args.servers.split(",")}
     if args.baseline:
         servers["longpoll-baseline"] = os.path.abspath(args.baseline)
-    low, high = (int(n) for n in args.publishes.split(","))
+    load, what = ("fanout", "messages") if args.fanout else ("publish", "publishes")
+    low, high = (int(n) for n in (args.messages if args.fanout else args.publishes).split(","))
+    per_unit = FANOUT_CLIENTS * (high - low) if args.fanout else high - low
     per = {}
     for name, folder in servers.items():
-        print(f"{name}: {low} and {high} publishes under callgrind ...", file=sys.stderr)
-        per[name] = (count(name, folder, high) - count(name, folder, low)) / (high - low)
+        print(f"{name}: {low} and {high} {what} under callgrind ...", file=sys.stderr)
+        per[name] = (count(name, folder, load, high) - count(name, folder, load, low)) / per_unit
     floor = per.get("floor")
     print(f"`python3 bench/instructions.py {' '.join(sys.argv[1:])}`".replace(" `", "`"))
     print()
-    print("| server | instructions per publish | vs floor |")
+    unit = f"delivery ({FANOUT_CLIENTS} long-polls)" if args.fanout else "publish"
+    print(f"| server | instructions per {unit} | vs floor |")
     print("|---|---:|---:|")
     for name, value in per.items():
         ratio = f"{value / floor:.2f}×" if floor else "–"

@@ -469,8 +469,9 @@ server later in it, so an untimed warm-up row comes first.
 `python3 bench/tls.py` what TLS costs, and `python3 bench/instructions.py`
 what a publish costs each server in instructions, counted under valgrind:
 the K=0 row without its noise (under 1 % between runs), for telling a
-change to the publish path apart. `--baseline DIR` runs an older
-checkout's `longpoll.py` beside this one.
+change to the publish path apart; `--fanout` the same for one delivery to
+a parked long-poll (its answer and the re-poll after it). `--baseline DIR`
+runs an older checkout's `longpoll.py` beside this one.
 
 {report}"""
 
