@@ -100,7 +100,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, NamedTuple
 
 if TYPE_CHECKING:  # (imported where an ASGI server runs the ASGI app: see ASGIApp)
     import asyncio
@@ -9330,8 +9330,12 @@ class BenchRun:
                  drain: float = 30.0, server_pid: int | None = None,
                  server_cpu: Callable[[], float] | None = None,
                  server_rss: Callable[[], float | None] | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 on_parked: Callable[[], Awaitable[None]] | None = None) -> None:
         self.target, self.scenario, self.transport = target, scenario, transport
+        #: Awaited once every fan-out subscriber waits, before the first
+        #: publish (bench/run.py measures the idle server there).
+        self.on_parked = on_parked
         self.clients, self.messages, self.rate = clients, messages, rate
         self.publishes, self.subscribers, self.drain = publishes, subscribers, drain
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -9353,23 +9357,24 @@ class BenchRun:
         """Run it; Ctrl-C ends it at once with what was measured so far
         (``interrupted`` is then true)."""
         import asyncio
+        return asyncio.run(self.arun())
 
-        async def main() -> dict[str, Any]:
-            self._stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
+    async def arun(self) -> dict[str, Any]:
+        """``run`` inside a running asyncio loop."""
+        import asyncio
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # (not the main thread, or no signals here)
+        try:
+            return await getattr(self, "_" + self.scenario)()
+        finally:
             try:
-                loop.add_signal_handler(signal.SIGINT, self._interrupt)
+                loop.remove_signal_handler(signal.SIGINT)
             except (NotImplementedError, RuntimeError, ValueError):
-                pass  # (not the main thread, or no signals here)
-            try:
-                return await getattr(self, "_" + self.scenario)()
-            finally:
-                try:
-                    loop.remove_signal_handler(signal.SIGINT)
-                except (NotImplementedError, RuntimeError, ValueError):
-                    pass
-
-        return asyncio.run(main())
+                pass
 
     def _interrupt(self) -> None:
         self.interrupted = True
@@ -9410,8 +9415,8 @@ class BenchRun:
             return False
         if workers.total("connected") < count or refused():
             return False
-        if self.transport != "poll":
-            return True
+        # Connected is not yet waiting: a stream that the server has not
+        # taken in yet would miss a message published now.
         health = {"waiting": 0, "next": 0.0}
 
         def parked() -> bool:  # (/health counts every waiting client of the server)
@@ -9439,9 +9444,16 @@ class BenchRun:
                 rss = self.server_rss() if self.server_rss else None
                 cpu0 = self.server_cpu() if self.server_cpu else None
                 publisher = await bench_publisher(self.target)
+                if self.on_parked is not None:
+                    await self.on_parked()
                 marks = workers.mark()
                 start = time.monotonic()
+                give_up = start + self.messages / self.rate + self.drain
                 for index in range(self.messages):
+                    if time.monotonic() > give_up:  # (a drowning target must not take hours)
+                        out["error"] = (f"stopped after {self.sent:,} messages: the target "
+                                        f"answered them more than {self.drain:g} s late")
+                        break
                     wait = start + index / self.rate - time.monotonic()
                     if wait > 0:
                         try:

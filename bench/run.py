@@ -18,12 +18,18 @@ Servers (each started fresh for every row, as a subprocess of this script):
   floor      bench/servers/floor.py: writes one pre-encoded answer to every parked socket
   asgi       bench/servers/asgi_uvicorn.py: longpoll.asgi_app under uvicorn (one worker)
 
-Fan-out rows: park N subscribers (raw HTTP/1.1 keep-alive sockets, asyncio),
-wait until /health reports them all waiting, measure the server's CPU over
+Fan-out rows (``longpoll bench``'s fan-out): park N subscribers (raw
+HTTP/1.1 keep-alive sockets, asyncio) in a worker process, wait until
+/health reports them all waiting, measure the server's CPU over
 --idle-seconds with everyone parked, then publish M messages at R per
-second, each carrying its send time; every subscriber passes back its
-cursor. Reported: delivered/expected (and any repeat), latency p50/p99/max,
-server CPU per delivered message (from /proc/PID/stat), RSS and threads.
+second from this process, each carrying its send time; every subscriber
+passes back its cursor. Reported: delivered/expected (and any repeat),
+latency p50/p99/max, server CPU per delivered message (from
+/proc/PID/stat), RSS and threads, and the load generator's busiest worker's
+share of a core. (The publisher once shared an event loop with the
+subscribers: at N=5,000 their answers kept it from its schedule by up to
+200 ms, and it then sent two messages at once, by a different rhythm for
+each server.) --fanout-repeat R runs the fan-out rows in rounds.
 
 Throughput rows: K subscribers parked (0 or 100), then P publishes
 back-to-back over one keep-alive connection: publishes/s, and with K > 0
@@ -193,46 +199,38 @@ close_all = longpoll.bench_close
 # -- the two kinds of row -----------------------------------------------------------
 
 async def fanout(name, clients, messages, rate, idle_seconds, drain):
+    """One fan-out row: ``longpoll bench``'s fan-out (the subscribers in a
+    worker process, the publisher here, so that the publishes keep their
+    schedule however busy the subscribers are), with the idle server's
+    CPU, memory and threads measured once all wait."""
     server = ServerProcess(name)
-    subscribers = []
-    try:
-        run = Run(clients * messages)
-        subscribers = await park(server, run, clients)
+    idle = {}
+
+    async def parked():
         cpu0, t0 = server.cpu(), time.monotonic()
         await asyncio.sleep(idle_seconds)
-        idle = (server.cpu() - cpu0) / (time.monotonic() - t0)
-        rss, threads = server.status()
-        publisher = await longpoll.bench_publisher(target(server))
-        cpu0 = server.cpu()
-        start = time.monotonic()
-        give_up = start + messages / rate + drain  # (a drowning baseline must not take hours)
-        for index in range(messages):
-            await asyncio.sleep(max(0.0, start + index / rate - time.monotonic()))
-            try:
-                await asyncio.wait_for(publisher.publish(index), drain)
-            except asyncio.TimeoutError:
-                break  # it no longer answers a publish in time: the row shows what came
-            if time.monotonic() > give_up:
-                break  # nor fast enough to publish them all: the row shows what came
-        try:
-            await asyncio.wait_for(asyncio.shield(run.done), drain)
-        except asyncio.TimeoutError:
-            pass
-        cpu = server.cpu() - cpu0
-        close_all(subscribers + [publisher])
-        latencies = sorted(run.latencies) or [float("nan")]
-        return {
-            "server": name, "clients": clients, "delivered": run.delivered,
-            "expected": run.expected, "repeats": run.repeats, "gaps": run.gaps,
-            "p50": statistics.median(latencies),
-            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-            "max": latencies[-1],
-            "cpu_us": cpu / max(1, run.delivered) * 1e6,
-            "rss": rss, "threads": threads, "idle": idle,
-        }
+        idle["share"] = (server.cpu() - cpu0) / (time.monotonic() - t0)
+        idle["rss"], idle["threads"] = server.status()
+
+    try:
+        out = await longpoll.BenchRun(
+            target(server), "fanout", clients=clients, messages=messages, rate=rate,
+            transport="ws" if name.endswith("-ws") else "poll", drain=drain,
+            server_pid=server.pid, on_parked=parked).arun()
     finally:
-        close_all(subscribers)
         server.stop()
+    if not idle or not out["delivered"]:
+        raise RuntimeError(out.get("error") or f"{name}: not all {clients} subscribers parked")
+    if out.get("error"):  # (a drowning baseline: the row shows what came)
+        print(f"  {name} at N={clients}: {out['error']}", file=sys.stderr)
+    return {
+        "server": name, "clients": clients, "delivered": out["delivered"],
+        "expected": clients * messages, "repeats": out["duplicates"], "gaps": out["gaps"],
+        "p50": out["latency_p50_ms"] / 1000, "p99": out["latency_p99_ms"] / 1000,
+        "max": out["latency_max_ms"] / 1000, "cpu_us": out["server_cpu_us_per_delivery"],
+        "generator": out["generator_cpu"],
+        "rss": idle["rss"], "threads": idle["threads"], "idle": idle["share"],
+    }
 
 
 async def throughput(name, subscribers_count, publishes, drain):
@@ -264,12 +262,13 @@ async def throughput(name, subscribers_count, publishes, drain):
         server.stop()
 
 
-def _median_row(rows):
-    """Rounds of one throughput row as one: the median run by publishes/s,
-    with the range, and every round's deliveries counted."""
-    ordered = sorted(rows, key=lambda r: r["publishes_per_s"])
+def _median_row(rows, key="publishes_per_s"):
+    """Rounds of one row as one: the median run by *key* (publishes/s, or
+    a fan-out's median latency), with the range, and every round's
+    deliveries counted."""
+    ordered = sorted(rows, key=lambda r: r[key])
     row = dict(ordered[len(ordered) // 2])
-    row["range"] = (ordered[0]["publishes_per_s"], ordered[-1]["publishes_per_s"])
+    row["range"] = (ordered[0][key], ordered[-1][key])
     for name in ("delivered", "expected", "repeats", "gaps"):
         row[name] = sum(r[name] for r in rows)
     return row
@@ -283,8 +282,9 @@ def ms(seconds):
 
 def fanout_table(rows):
     out = ["| server | N | delivered | latency p50 / p99 / max (ms) | CPU µs per delivery "
-           "| vs floor | vs longpoll | vs tornado | RSS MB | threads | idle CPU % |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| vs floor | vs longpoll | vs tornado | RSS MB | threads | idle CPU % "
+           "| generator CPU % |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         peers = {r["server"]: r for r in rows if r["clients"] == row["clients"]}
 
@@ -297,10 +297,14 @@ def fanout_table(rows):
             delivered += f" ({row['repeats']} repeated)"
         if row["gaps"]:
             delivered += f" ({row['gaps']} gaps)"
+        latency = f"{ms(row['p50'])} / {ms(row['p99'])} / {ms(row['max'])}"
+        if "range" in row:  # rounds: the median row, and the range of the p50s
+            latency += f" ({ms(row['range'][0])}–{ms(row['range'][1])})"
         out.append(
-            f"| {row['server']} | {row['clients']:,} | {delivered} | {ms(row['p50'])} / "
-            f"{ms(row['p99'])} / {ms(row['max'])} | {row['cpu_us']:.1f} | {ratio('floor')} | "
-            f"{ratio('longpoll')} | {ratio('tornado')} | {row['rss']:.0f} | {row['threads']} | {row['idle'] * 100:.2f} |")
+            f"| {row['server']} | {row['clients']:,} | {delivered} | {latency} | "
+            f"{row['cpu_us']:.1f} | {ratio('floor')} | {ratio('longpoll')} | "
+            f"{ratio('tornado')} | {row['rss']:.0f} | {row['threads']} | "
+            f"{row['idle'] * 100:.2f} | {row['generator'] * 100:.0f} |")
     return "\n".join(out)
 
 
@@ -357,14 +361,22 @@ async def main_async(args):
             print(f"  warm-up failed: {exc!r}", file=sys.stderr)
     if not args.throughput_only:
         for clients in (int(n) for n in args.clients.split(",")):
-            for name in servers:
-                print(f"fan-out: {name}, N={clients} ...", file=sys.stderr, flush=True)
-                try:
-                    fanout_rows.append(await fanout(name, clients, args.messages, args.rate,
-                                                    args.idle_seconds, args.drain))
-                except Exception as exc:  # one server failing must not end the matrix
-                    print(f"  {name} failed at N={clients}: {exc!r}", file=sys.stderr)
-                    failed.append(f"{name} at N={clients}: {exc!r}")
+            # Latency at a full core swings with when each side gets the CPU:
+            # with --fanout-repeat, rounds of every server in turn, and the
+            # median row of each by its median latency.
+            runs = {name: [] for name in servers}
+            for round_ in range(args.fanout_repeat):
+                for name in servers:
+                    print(f"fan-out: {name}, N={clients} ({round_ + 1}/{args.fanout_repeat})"
+                          " ...", file=sys.stderr, flush=True)
+                    try:
+                        runs[name].append(await fanout(name, clients, args.messages, args.rate,
+                                                       args.idle_seconds, args.drain))
+                    except Exception as exc:  # one server failing must not end the matrix
+                        print(f"  {name} failed at N={clients}: {exc!r}", file=sys.stderr)
+                        failed.append(f"{name} at N={clients}: {exc!r}")
+            fanout_rows += [rows[0] if len(rows) == 1 else _median_row(rows, "p50")
+                            for rows in runs.values() if rows]
     if not args.fanout_only:
         for count in (int(k) for k in args.subscribers.split(",")):
             # A ping-pong between two processes swings with where the
@@ -386,8 +398,11 @@ async def main_async(args):
     report = [f"`{command.strip()}` — {os.cpu_count()} cores, Python "
               f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}\n"]
     if fanout_rows:
+        rounds = (f"; the median of {args.fanout_repeat} rounds by p50, each server in "
+                  "turn (the p50s' range in brackets)" if args.fanout_repeat > 1 else "")
         report.append(f"Fan-out: {args.messages} messages at {args.rate:g}/s to N parked "
-                      f"subscribers (idle CPU over {args.idle_seconds:g} s with all parked).\n")
+                      f"subscribers (idle CPU over {args.idle_seconds:g} s with all "
+                      f"parked){rounds}.\n")
         report.append(fanout_table(fanout_rows) + "\n")
     if throughput_rows:
         report.append(f"Throughput: {args.publishes} publishes back-to-back over one "
@@ -447,16 +462,22 @@ python3 bench/run.py --output docs/performance.md  # the whole matrix, about 20 
 - **threaded**: `bench/servers/threaded.py`, one blocked thread per waiting
   client (`ThreadingHTTPServer` + `Condition.notify_all`).
 
-Fan-out rows park N subscribers (raw keep-alive sockets), measure the
-server's CPU while all are parked, then publish messages at a fixed rate,
+Fan-out rows park N subscribers (raw keep-alive sockets, in a worker
+process of `longpoll bench`), measure the server's CPU while all are
+parked, then publish messages at a fixed rate from a process of their own,
 each carrying its send time: delivered/expected, latency, server CPU per
-delivered message (from `/proc`), memory and threads. Throughput rows
+delivered message (from `/proc`), memory and threads, and the share of a
+core the load generator's busiest worker used. Throughput rows
 publish back-to-back over one keep-alive connection from a separate
 process, with K subscribers parked: publishes/s, and deliveries/s.
 
 How to read it: CPU per delivery against the floor is the server's own
 cost per message; latency grows once the one core the loop runs on is full
-(then answers come in batches). Serving parked clients costs the same with
+(then answers come in batches). A subscriber costs its machine about what
+the server spends on it (the kernel's TCP work on both ends is most of
+it), so near 100 % in the generator column the latency is mostly the
+generator's own queue, for every server alike: on 2 cores, from about
+N=5,000 at 10 messages a second. Serving parked clients costs the same with
 every store, since reads come from memory; a publish costs one committed
 insert with sqlite, and one script call to Redis (on a worker thread, so
 the loop never waits). Run-to-run noise on a small machine is about ±20 %
@@ -490,6 +511,9 @@ def main():
                         help="seconds to wait for the last deliveries")
     parser.add_argument("--subscribers", default="0,100", help="K for the throughput rows")
     parser.add_argument("--publishes", type=int, default=5000)
+    parser.add_argument("--fanout-repeat", type=int, default=1,
+                        help="rounds of the fan-out rows (each server in turn); the row "
+                             "with the median p50 latency is reported, with the range")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of the throughput rows (each server in turn); the "
                              "median is reported, with the range")
