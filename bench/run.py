@@ -47,7 +47,6 @@ import os
 import re
 import resource
 import socket
-import statistics
 import shutil
 import subprocess
 import sys
