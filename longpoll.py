@@ -4758,7 +4758,7 @@ class Connection:
 
     __slots__ = ("sock", "address", "state", "deadline", "reader", "request", "output",
                  "queued", "timer", "entry", "linger", "group", "owner", "handed", "decided",
-                 "websocket", "form")
+                 "websocket", "form", "first")
 
     def __init__(self, sock: socket.socket, address: str) -> None:
         self.sock = sock
@@ -4778,6 +4778,7 @@ class Connection:
         self.decided: Any = None        # the HTTP layer's last decision, for a re-poll
         self.websocket: WebSocketReader | None = None  # once upgraded: its frames
         self.form: Form | None = None   # a stream's: how it is written
+        self.first = False              # read first in a turn (Loop.prefer: it publishes)
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} {self.state}>"
@@ -4937,6 +4938,7 @@ class _Epoll:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._table: dict[int, tuple[Any, int, Any]] = {}  # fd: (data, events, socket)
+        self._first: set[int] = set()  # fds whose events come first (prefer)
 
     def _fd(self, sock: Any) -> int:
         fd = sock.fileno()
@@ -4962,9 +4964,14 @@ class _Epoll:
             self._epoll.modify(fd, _EPOLL_EVENTS[events])
         self._table[fd] = (data, events, sock)
 
+    def prefer(self, sock: Any) -> None:
+        """Give *sock*'s events before the others' from now on."""
+        self._first.add(self._fd(sock))
+
     def unregister(self, sock: Any) -> None:
         fd = self._fd(sock)
         del self._table[fd]
+        self._first.discard(fd)
         try:
             self._epoll.unregister(fd)
         except OSError:  # closed already: epoll forgot it by itself
@@ -4973,15 +4980,25 @@ class _Epoll:
     def ready(self, timeout: float) -> list[tuple[Any, int]]:
         """What is ready within *timeout* seconds, as (data, mask); an error
         or hang-up counts as both readable and writable, as in selectors."""
-        ready = []
-        table = self._table
-        for fd, event in self._epoll.poll(timeout):
+        ready, early = [], []
+        table, first = self._table, self._first
+        # All that is ready, as selectors asks for (past 1,023 connections
+        # too): a publish behind thousands of re-polls is seen in this turn.
+        events = (self._epoll.poll(timeout) if len(table) < 1024
+                  else self._epoll.poll(timeout, len(table)))
+        for fd, event in events:
             entry = table.get(fd)
             if entry is not None:
                 if event != select.EPOLLIN:
                     event = (((event & ~select.EPOLLIN) and _WRITE)
                              | ((event & ~select.EPOLLOUT) and _READ)) & entry[1]
-                ready.append((entry[0], event))  # (EPOLLIN is EVENT_READ: 1)
+                if fd in first:
+                    early.append((entry[0], event))
+                else:
+                    ready.append((entry[0], event))  # (EPOLLIN is EVENT_READ: 1)
+        if early:
+            early += ready
+            return early
         return ready
 
     def close(self) -> None:
@@ -4991,17 +5008,27 @@ class _Epoll:
 
 class _Selector:
     """The loop's selector where there is no epoll: ``selectors``' best,
-    with ``_Epoll``'s ``ready``."""
+    with ``_Epoll``'s ``ready`` and ``prefer``."""
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self.register = self._selector.register
         self.modify = self._selector.modify
-        self.unregister = self._selector.unregister
         self.close = self._selector.close
+        self._first: set[Any] = set()  # sockets whose events come first (prefer)
+
+    def prefer(self, sock: Any) -> None:
+        self._first.add(sock)
+
+    def unregister(self, sock: Any) -> None:
+        self._first.discard(sock)
+        self._selector.unregister(sock)
 
     def ready(self, timeout: float) -> list[tuple[Any, int]]:
-        return [(key.data, mask) for key, mask in self._selector.select(timeout)]
+        ready = self._selector.select(timeout)
+        if self._first:
+            ready.sort(key=lambda event: event[0].fileobj not in self._first)  # (stable)
+        return [(key.data, mask) for key, mask in ready]
 
 
 if hasattr(select, "epoll"):
@@ -5162,6 +5189,17 @@ class Loop:
         for sock in (self.socket, self._wake_r, self._wake_w):
             sock.close()
         self._selector.close()
+
+    def prefer(self, conn: Connection) -> None:
+        """Read *conn* before the other ready connections in every turn
+        from now on. The protocol prefers a connection that publishes: in
+        a busy turn its publish then reaches the parked subscribers before
+        the re-polls queued with it are read (and those, read after it, are
+        answered at once)."""
+        try:
+            self._selector.prefer(conn.sock)
+        except (KeyError, ValueError):
+            pass  # (closed meanwhile)
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run *callback* on the loop; safe from any thread."""
@@ -5587,6 +5625,9 @@ class HTTPProtocol:
         if request.refusal is not None:
             self.respond(conn, request, _error_response(request.refusal))
         else:
+            if not conn.first and request.route in self.handler.publishing:
+                conn.first = True
+                self.loop.prefer(conn)  # its next publishes overtake re-polls
             where = self.handler.where(request)
             if where is None:
                 outcome = self.handler.handle(request)

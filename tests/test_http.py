@@ -2,6 +2,7 @@
 import http.client
 import json
 import select
+import selectors
 import socket
 import threading
 
@@ -433,6 +434,39 @@ def test_three_channels_interleaved_come_in_publish_order_and_resume_with_one_cu
     rest = poll(server, f"/channels/a3,b3,c3?since={first['cursor']}")
     assert [m["message"] for m in rest["messages"]] == [str(i) for i in range(4, 12)]
     assert [m["channel"] for m in rest["messages"]] == ["b3", "c3", "a3"] * 2 + ["b3", "c3"]
+
+
+@pytest.mark.parametrize("selector", ["_Epoll", "_Selector"])
+def test_a_preferred_socket_comes_first_in_a_turn(selector):
+    """A connection that publishes is read before the re-polls that were
+    ready before it (Loop.prefer), on epoll and on selectors; after it is
+    unregistered, its number can serve another socket unpreferred."""
+    if selector == "_Epoll" and not hasattr(select, "epoll"):
+        pytest.skip("no epoll on this system: the loop uses selectors")
+    chosen = getattr(longpoll, selector)()
+    pairs = [socket.socketpair() for _ in range(5)]
+    try:
+        for index, (ours, _) in enumerate(pairs):
+            chosen.register(ours, selectors.EVENT_READ, index)
+        chosen.prefer(pairs[3][0])
+        for _, theirs in pairs:  # all ready, the preferred one among the last
+            theirs.send(b"x")
+        ready = [data for data, _ in chosen.ready(5)]
+        assert ready[0] == 3 and sorted(ready) == [0, 1, 2, 3, 4]
+        for ours, _ in pairs:
+            ours.recv(1)
+        chosen.unregister(pairs[3][0])
+        pairs[3][0].close()
+        pairs[3] = socket.socketpair()  # (likely the same number again)
+        chosen.register(pairs[3][0], selectors.EVENT_READ, 5)
+        pairs[0][1].send(b"x")
+        pairs[3][1].send(b"x")
+        assert [data for data, _ in chosen.ready(5)] == [0, 5]  # in the order they came
+    finally:
+        chosen.close()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
 
 
 @pytest.mark.parametrize("selector", ["_Epoll", "_Selector"])
