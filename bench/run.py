@@ -48,6 +48,7 @@ import re
 import resource
 import socket
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -273,6 +274,18 @@ def _median_row(rows, key="publishes_per_s"):
     return row
 
 
+def _median_fanout(rows):
+    """Rounds of one fan-out row as one: the round with the median p50
+    latency (its p99 and max with it), the range of the p50s, and the
+    median of the rounds' CPU per delivery, each on its own."""
+    if len(rows) == 1:
+        return rows[0]
+    row = _median_row(rows, "p50")
+    for name in ("cpu_us", "idle", "generator"):
+        row[name] = statistics.median(r[name] for r in rows)
+    return row
+
+
 # -- the report ----------------------------------------------------------------------
 
 def ms(seconds):
@@ -374,8 +387,7 @@ async def main_async(args):
                     except Exception as exc:  # one server failing must not end the matrix
                         print(f"  {name} failed at N={clients}: {exc!r}", file=sys.stderr)
                         failed.append(f"{name} at N={clients}: {exc!r}")
-            fanout_rows += [rows[0] if len(rows) == 1 else _median_row(rows, "p50")
-                            for rows in runs.values() if rows]
+            fanout_rows += [_median_fanout(rows) for rows in runs.values() if rows]
     if not args.fanout_only:
         for count in (int(k) for k in args.subscribers.split(",")):
             # A ping-pong between two processes swings with where the
@@ -397,8 +409,9 @@ async def main_async(args):
     report = [f"`{command.strip()}` — {os.cpu_count()} cores, Python "
               f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}\n"]
     if fanout_rows:
-        rounds = (f"; the median of {args.fanout_repeat} rounds by p50, each server in "
-                  "turn (the p50s' range in brackets)" if args.fanout_repeat > 1 else "")
+        rounds = (f"; {args.fanout_repeat} rounds, each server in turn: the round with "
+                  "the median p50 (the p50s' range in brackets), and the median CPU"
+                  if args.fanout_repeat > 1 else "")
         report.append(f"Fan-out: {args.messages} messages at {args.rate:g}/s to N parked "
                       f"subscribers (idle CPU over {args.idle_seconds:g} s with all "
                       f"parked){rounds}.\n")
@@ -511,8 +524,9 @@ def main():
     parser.add_argument("--subscribers", default="0,100", help="K for the throughput rows")
     parser.add_argument("--publishes", type=int, default=5000)
     parser.add_argument("--fanout-repeat", type=int, default=1,
-                        help="rounds of the fan-out rows (each server in turn); the row "
-                             "with the median p50 latency is reported, with the range")
+                        help="rounds of the fan-out rows (each server in turn); the round "
+                             "with the median p50 latency is reported, with the range, and "
+                             "the median CPU per delivery")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of the throughput rows (each server in turn); the "
                              "median is reported, with the range")
