@@ -9482,11 +9482,11 @@ class BenchRun:
         busy = 0.0
         try:
             if await self._parked(workers, self.clients):
+                if self.on_parked is not None:
+                    await self.on_parked()
                 rss = self.server_rss() if self.server_rss else None
                 cpu0 = self.server_cpu() if self.server_cpu else None
                 publisher = await bench_publisher(self.target)
-                if self.on_parked is not None:
-                    await self.on_parked()
                 marks = workers.mark()
                 start = time.monotonic()
                 give_up = start + self.messages / self.rate + self.drain
