@@ -458,7 +458,7 @@ ratio is against a baseline measured in the same run on the same machine
 
 ```sh
 python3 -m pip install -r bench/requirements.txt   # tornado, for its baseline only
-python3 bench/run.py --output docs/performance.md  # the whole matrix, about 20 minutes
+python3 bench/run.py --output docs/performance.md  # the whole matrix, about 30 minutes
 ```
 
 - **longpoll**: `python3 -m longpoll serve`; **longpoll-sqlite** and
@@ -493,7 +493,11 @@ N=5,000 at 10 messages a second. Serving parked clients costs the same with
 every store, since reads come from memory; a publish costs one committed
 insert with sqlite, and one script call to Redis (on a worker thread, so
 the loop never waits). Run-to-run noise on a small machine is about ±20 %
-for fan-out rows. A throughput row is a ping-pong between two processes,
+for a fan-out row's CPU, and more for its latency once a core is full (the
+floor's own median at N=5,000 ranged from 55 to 215 ms over five rounds):
+`--fanout-repeat R` runs the fan-out rows in R rounds, every server in
+turn, and shows the round with the median latency, with the range, and
+the median CPU. A throughput row is a ping-pong between two processes,
 which swings by ±40 % between identical runs with where the scheduler puts
 them: it runs in rounds, every server in turn, and the median is shown
 with the range. The first row of a run measures slower than the same

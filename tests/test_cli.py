@@ -115,8 +115,11 @@ def test_publish_refuses_bad_json(server, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-def test_publish_to_a_dead_server_fails_with_one_clear_line(capsys):
+def test_publish_to_a_dead_server_fails_with_one_clear_line(capsys, monkeypatch):
     from test_client import dead_url
+    # Its five retries, without their 15-25 s of backoff (the client's
+    # retry tests time those).
+    monkeypatch.setattr(longpoll.Client, "_delay", lambda self, failures, retry_after=None: 0.0)
     assert main(["publish", "news", "x", "--url", dead_url()]) == 1
     err = capsys.readouterr().err
     assert "refused" in err.lower() and "Traceback" not in err
